@@ -1,0 +1,117 @@
+/* attention_fwd.c: CPU reference of dda_attention_fwd, fp32.
+ *
+ * q [B, Sq, H, D], k/v [B, Sk, H, D], o [B, Sq, H, D]: element strides per (b, s, h), D contiguous.
+ * lse [B, H, Sq] fp32 contiguous (optional). mask broadcast to [B, H, Sq, Sk] by its strides.
+ *
+ * Same algorithm as the GPU kernels: keys in blocks of DDA_ATTN_KEY_BLOCK, an online
+ * softmax (running max m, running sum l, rescaled accumulator), fp32 throughout, so
+ * the two agree up to summation order. A row with every key masked gives o = 0, lse = -inf.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "dda.h"
+
+static float half_to_float(uint16_t h) {
+  uint32_t sign = (uint32_t)(h >> 15) << 31;
+  int32_t exp = (h >> 10) & 0x1f;
+  uint32_t mant = h & 0x3ff;
+  uint32_t bits;
+  if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | (mant << 13);         /* inf / nan */
+  } else if (exp == 0) {
+    if (mant == 0) {
+      bits = sign;                                     /* zero */
+    } else {                                           /* subnormal: normalise */
+      exp = 1;
+      while (!(mant & 0x400)) { mant <<= 1; --exp; }
+      mant &= 0x3ff;
+      bits = sign | (uint32_t)(exp + 127 - 15) << 23 | (mant << 13);
+    }
+  } else {
+    bits = sign | (uint32_t)(exp + 127 - 15) << 23 | (mant << 13);
+  }
+  float f;
+  memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+static float bf16_to_float(uint16_t b) {
+  uint32_t bits = (uint32_t)b << 16;
+  float f;
+  memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+/* The additive bias for one score; -INFINITY for a masked-out key. */
+static float mask_value(const dda_attention_params *p, int64_t off) {
+  switch (p->mask_kind) {
+    case DDA_MASK_BOOL: return ((const uint8_t *)p->mask)[off] ? 0.0f : -INFINITY;
+    case DDA_MASK_ADD_F32: return ((const float *)p->mask)[off];
+    case DDA_MASK_ADD_F16: return half_to_float(((const uint16_t *)p->mask)[off]);
+    case DDA_MASK_ADD_BF16: return bf16_to_float(((const uint16_t *)p->mask)[off]);
+    default: return 0.0f;
+  }
+}
+
+dda_status dda_attention_fwd_cpu(const dda_attention_params *p) {
+  dda_status st = dda_attention_check(p);
+  if (st != DDA_OK) return st;
+  if (p->dtype != DDA_F32) return DDA_ERR_UNSUPPORTED_DTYPE;
+  const int D = p->D;
+  float *acc = (float *)malloc(sizeof(float) * (size_t)D);
+  float *s = (float *)malloc(sizeof(float) * DDA_ATTN_KEY_BLOCK);
+  if (!acc || !s) {
+    free(acc);
+    free(s);
+    return DDA_ERR_OUT_OF_MEMORY;
+  }
+  const float *qb = (const float *)p->q;
+  const float *kb = (const float *)p->k;
+  const float *vb = (const float *)p->v;
+  float *ob = (float *)p->o;
+  for (int b = 0; b < p->B; ++b) {
+    for (int h = 0; h < p->H; ++h) {
+      for (int i = 0; i < p->Sq; ++i) {
+        const float *q = qb + b * p->q_stride_b + i * p->q_stride_s + h * p->q_stride_h;
+        const int64_t mrow = b * p->mask_stride_b + h * p->mask_stride_h + i * p->mask_stride_q;
+        float m = -INFINITY, l = 0.0f;
+        for (int d = 0; d < D; ++d) acc[d] = 0.0f;
+        for (int j0 = 0; j0 < p->Sk; j0 += DDA_ATTN_KEY_BLOCK) {
+          const int nj = p->Sk - j0 < DDA_ATTN_KEY_BLOCK ? p->Sk - j0 : DDA_ATTN_KEY_BLOCK;
+          float bmax = -INFINITY;
+          for (int jj = 0; jj < nj; ++jj) {
+            const int j = j0 + jj;
+            const float *k = kb + b * p->k_stride_b + j * p->k_stride_s + h * p->k_stride_h;
+            float dot = 0.0f;
+            for (int d = 0; d < D; ++d) dot += q[d] * k[d];
+            float sc = dot * p->scale;
+            if (p->mask_kind != DDA_MASK_NONE) sc += mask_value(p, mrow + j * p->mask_stride_k);
+            s[jj] = sc;
+            if (sc > bmax) bmax = sc;
+          }
+          const float m_new = bmax > m ? bmax : m;
+          if (m_new == -INFINITY) continue; /* every key so far is masked out */
+          const float corr = expf(m - m_new); /* 0 when m was -inf */
+          l *= corr;
+          for (int d = 0; d < D; ++d) acc[d] *= corr;
+          for (int jj = 0; jj < nj; ++jj) {
+            const float pj = expf(s[jj] - m_new);
+            const float *v = vb + b * p->v_stride_b + (j0 + jj) * p->v_stride_s + h * p->v_stride_h;
+            l += pj;
+            for (int d = 0; d < D; ++d) acc[d] += pj * v[d];
+          }
+          m = m_new;
+        }
+        float *o = ob + b * p->o_stride_b + i * p->o_stride_s + h * p->o_stride_h;
+        const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+        for (int d = 0; d < D; ++d) o[d] = acc[d] * inv;
+        if (p->lse) p->lse[((int64_t)b * p->H + h) * p->Sq + i] = l > 0.0f ? m + logf(l) : -INFINITY;
+      }
+    }
+  }
+  free(acc);
+  free(s);
+  return DDA_OK;
+}

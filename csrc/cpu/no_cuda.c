@@ -1,0 +1,20 @@
+/* no_cuda.c: the CUDA entry points of a CPU-only build (DDA_CPU_ONLY=1 or no nvcc).
+ * Each says plainly that CUDA was not built, rather than failing to link. */
+#include "dda.h"
+
+dda_status dda_linear_cuda(const dda_linear_params *p, void *workspace, size_t workspace_bytes,
+                           cudaStream_t stream) {
+  (void)p; (void)workspace; (void)workspace_bytes; (void)stream;
+  return DDA_ERR_NOT_BUILT;
+}
+
+dda_status dda_attention_fwd_cuda(const dda_attention_params *p, cudaStream_t stream) {
+  (void)p; (void)stream;
+  return DDA_ERR_NOT_BUILT;
+}
+
+const char *dda_attention_kernel_name(int cc_major, int cc_minor, dda_dtype dtype, int head_dim,
+                                      int seq_k) {
+  (void)cc_major; (void)cc_minor; (void)dtype; (void)head_dim; (void)seq_k;
+  return "unsupported: deepspeed_diffusers_attn was built without CUDA";
+}

@@ -1,0 +1,158 @@
+/*
+ * dda.h: the C ABI of deepspeed_diffusers_attn.
+ *
+ * Torch-free. Every function takes raw pointers, sizes and element strides
+ * (all strides are in elements, not bytes), and returns a dda_status; nothing
+ * here prints, allocates behind the caller's back, synchronises, or exits.
+ *
+ * The three operations of a diffusers attention block:
+ *   1. projection:  qkv[M, 3*H*D] = x[M, C] . Wqkv[3*H*D, C]^T (+ b)      (dda_linear)
+ *      cross:       q[M, H*D] and kv[Mk, 2*H*D] likewise, on x and context
+ *   2. attention:   o[B, Sq, H, D] = softmax(scale * q k^T + mask) v       (dda_attention_fwd)
+ *      q/k/v are strided views of the packed projection output
+ *      ([B, S, 3, H, D] or [B, Sk, 2, H, D]); nothing is permuted or copied.
+ *   3. output:      y[M, C] = alpha * o[M, H*D] . Wo[C, H*D]^T + beta * residual + bias   (dda_linear)
+ *
+ * Compiled as C and as C++ (torch compiles .c as C++): keep to the common subset.
+ */
+#ifndef DDA_H
+#define DDA_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Identical to the CUDA runtime's own declaration, so both may be seen. */
+typedef struct CUstream_st *cudaStream_t;
+
+typedef enum {
+  DDA_F32 = 0,
+  DDA_F16 = 1,
+  DDA_BF16 = 2
+} dda_dtype;
+
+typedef enum {
+  DDA_OK = 0,
+  DDA_ERR_INVALID_ARGUMENT = 1,   /* a null pointer, a size < 1, a bad stride */
+  DDA_ERR_UNSUPPORTED_DTYPE = 2,  /* e.g. fp16 on the CPU reference */
+  DDA_ERR_UNSUPPORTED_HEAD_DIM = 3, /* head dim not a multiple of 8, or > 512 */
+  DDA_ERR_WORKSPACE_TOO_SMALL = 4,
+  DDA_ERR_OUT_OF_MEMORY = 5,      /* host allocation in a CPU reference failed */
+  DDA_ERR_CUDA = 6,               /* a CUDA runtime call or a launch failed */
+  DDA_ERR_CUBLAS = 7,             /* a cuBLASLt call failed or found no algorithm */
+  DDA_ERR_NOT_BUILT = 8           /* the library was built without CUDA */
+} dda_status;
+
+/* A static, human-readable name for a status. Never NULL. */
+const char *dda_status_string(dda_status s);
+
+/* The last CUDA / cuBLAS error code seen by this thread behind DDA_ERR_CUDA or
+ * DDA_ERR_CUBLAS (0 if none), so the glue can report it. */
+int dda_last_backend_error(void);
+/* Internal: the backends record that code here. */
+void dda_set_backend_error(int code);
+
+/* ---------------------------------------------------------------- linear --
+ * y[m, n] = alpha * sum_k x[m, k] * w[n, k] + beta * residual[m, n] + bias[n]
+ *
+ *   x        [M, K], row stride x_stride_m, elements contiguous along K
+ *   w        [N, K], torch Linear layout ([out, in]), contiguous (stride K)
+ *   bias     [N] or NULL
+ *   residual [M, N], row stride residual_stride_m, or NULL (then beta is ignored)
+ *   y        [M, N], row stride y_stride_m; must not overlap x or w
+ * All of x, w, bias, residual, y have the same dtype. Accumulation is fp32.
+ * Note that bias is not scaled by alpha: to get (x.w^T + b + r) / f, pass
+ * alpha = beta = 1/f and a bias already divided by f.
+ */
+typedef struct {
+  const void *x;
+  const void *w;
+  const void *bias;
+  const void *residual;
+  void *y;
+  int64_t x_stride_m;
+  int64_t residual_stride_m;
+  int64_t y_stride_m;
+  int64_t M, N, K;
+  float alpha, beta;
+  dda_dtype dtype;
+} dda_linear_params;
+
+/* ------------------------------------------------------------- attention --
+ * o[b, i, h, :] = sum_j p[b, h, i, j] v[b, j, h, :],
+ * p = softmax_j(scale * q[b, i, h, :] . k[b, j, h, :] + mask[b, h, i, j])
+ *
+ *   q    [B, Sq, H, D]  strides q_stride_b, q_stride_s, q_stride_h; D contiguous
+ *   k, v [B, Sk, H, D]  likewise
+ *   o    [B, Sq, H, D]  likewise (normally contiguous = [B, Sq, H*D])
+ *   lse  [B, H, Sq] fp32, contiguous, or NULL: log-sum-exp of the scaled,
+ *        masked scores of each row (natural log)
+ *   mask NULL, or broadcast to [B, H, Sq, Sk] through its four strides
+ *        (0 for a broadcast dimension). Kinds below.
+ *
+ * Scores, softmax and accumulation are fp32 whatever the dtype, so fp16 never
+ * overflows in q k^T (this is diffusers' upcast_attention / upcast_softmax).
+ * A row whose every key is masked out (bool false or -inf) gives o = 0 and
+ * lse = -inf.
+ * Requirements: B, H, Sq, Sk >= 1; 8 <= D <= 512 and D % 8 == 0.
+ */
+typedef enum {
+  DDA_MASK_NONE = 0,
+  DDA_MASK_BOOL = 1,     /* uint8: nonzero = attend, zero = masked out */
+  DDA_MASK_ADD_F32 = 2,  /* additive bias, fp32 */
+  DDA_MASK_ADD_F16 = 3,  /* additive bias, fp16 */
+  DDA_MASK_ADD_BF16 = 4  /* additive bias, bf16 */
+} dda_mask_kind;
+
+typedef struct {
+  const void *q;
+  const void *k;
+  const void *v;
+  void *o;
+  float *lse;
+  const void *mask;
+  dda_mask_kind mask_kind;
+  int64_t q_stride_b, q_stride_s, q_stride_h;
+  int64_t k_stride_b, k_stride_s, k_stride_h;
+  int64_t v_stride_b, v_stride_s, v_stride_h;
+  int64_t o_stride_b, o_stride_s, o_stride_h;
+  int64_t mask_stride_b, mask_stride_h, mask_stride_q, mask_stride_k;
+  int B, H, Sq, Sk, D;
+  float scale;
+  dda_dtype dtype;
+} dda_attention_params;
+
+/* Checks shared by every backend: pointers, sizes, head dim, strides. */
+dda_status dda_linear_check(const dda_linear_params *p);
+dda_status dda_attention_check(const dda_attention_params *p);
+
+/* CPU references (fp32 only; DDA_ERR_UNSUPPORTED_DTYPE otherwise). */
+dda_status dda_linear_cpu(const dda_linear_params *p);
+dda_status dda_attention_fwd_cpu(const dda_attention_params *p);
+
+/* The attention tile over keys that both the CPU reference and the generic
+ * CUDA kernel use for the online softmax. */
+#define DDA_ATTN_KEY_BLOCK 64
+
+/* CUDA (DDA_ERR_NOT_BUILT in a CPU-only build).
+ * dda_linear_cuda uses `workspace` (device memory, may be NULL with bytes 0)
+ * as cuBLASLt scratch; DDA_LINEAR_WORKSPACE_BYTES is what it can use best. */
+#define DDA_LINEAR_WORKSPACE_BYTES ((size_t)32 << 20)
+dda_status dda_linear_cuda(const dda_linear_params *p, void *workspace,
+                           size_t workspace_bytes, cudaStream_t stream);
+dda_status dda_attention_fwd_cuda(const dda_attention_params *p, cudaStream_t stream);
+
+/* The name of the attention kernel dda_attention_fwd_cuda runs for a device of
+ * compute capability cc_major.cc_minor, a dtype, a head dim and a key length.
+ * Static string; never NULL; "unsupported: <why>" where nothing runs. */
+const char *dda_attention_kernel_name(int cc_major, int cc_minor, dda_dtype dtype,
+                                      int head_dim, int seq_k);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* DDA_H */

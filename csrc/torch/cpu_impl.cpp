@@ -1,0 +1,84 @@
+// cpu_impl.cpp: the CPU impls of the dda ops: checks, then the C references,
+// split over rows (linear) or (batch, head) pairs (attention) with at::parallel_for.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "dda.h"
+#include "glue.h"
+
+namespace {
+
+void linear_out_cpu(const at::Tensor &x, const at::Tensor &weight,
+                    const std::optional<at::Tensor> &bias, const std::optional<at::Tensor> &residual,
+                    double alpha, double beta, at::Tensor &out) {
+  const dda_linear_params p = dda_glue::linear_params(x, weight, bias, residual, alpha, beta, out, true);
+  dda_glue::throw_on_error(dda_linear_check(&p), "dda.linear (cpu)");
+  dda_status status = DDA_OK;
+  at::parallel_for(0, p.M, 16, [&](int64_t begin, int64_t end) {
+    dda_linear_params part = p;
+    part.M = end - begin;
+    part.x = static_cast<const float *>(p.x) + begin * p.x_stride_m;
+    part.y = static_cast<float *>(p.y) + begin * p.y_stride_m;
+    if (p.residual) part.residual = static_cast<const float *>(p.residual) + begin * p.residual_stride_m;
+    const dda_status st = dda_linear_cpu(&part);
+    if (st != DDA_OK) status = st;
+  });
+  dda_glue::throw_on_error(status, "dda.linear (cpu)");
+}
+
+at::Tensor linear_cpu(const at::Tensor &x, const at::Tensor &weight,
+                      const std::optional<at::Tensor> &bias, const std::optional<at::Tensor> &residual,
+                      double alpha, double beta) {
+  at::Tensor out = dda_glue::linear_output(x, weight);
+  linear_out_cpu(x, weight, bias, residual, alpha, beta, out);
+  return out;
+}
+
+void attention_out_cpu(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
+                       const std::optional<at::Tensor> &mask, double scale, at::Tensor &out,
+                       const std::optional<at::Tensor> &lse) {
+  const dda_attention_params p = dda_glue::attention_params(q, k, v, mask, scale, out, lse, true);
+  dda_glue::throw_on_error(dda_attention_check(&p), "dda.attention (cpu)");
+  dda_status status = DDA_OK;
+  // One (b, h) pair per task: offset every pointer, keep the strides.
+  at::parallel_for(0, static_cast<int64_t>(p.B) * p.H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / p.H, h = bh % p.H;
+      dda_attention_params one = p;
+      one.B = 1;
+      one.H = 1;
+      one.q = static_cast<const float *>(p.q) + b * p.q_stride_b + h * p.q_stride_h;
+      one.k = static_cast<const float *>(p.k) + b * p.k_stride_b + h * p.k_stride_h;
+      one.v = static_cast<const float *>(p.v) + b * p.v_stride_b + h * p.v_stride_h;
+      one.o = static_cast<float *>(p.o) + b * p.o_stride_b + h * p.o_stride_h;
+      if (p.lse) one.lse = p.lse + bh * p.Sq;
+      if (p.mask_kind != DDA_MASK_NONE) {
+        const int64_t off = b * p.mask_stride_b + h * p.mask_stride_h;
+        const size_t esize = p.mask_kind == DDA_MASK_BOOL ? 1 : p.mask_kind == DDA_MASK_ADD_F32 ? 4 : 2;
+        one.mask = static_cast<const char *>(p.mask) + off * esize;
+      }
+      const dda_status st = dda_attention_fwd_cpu(&one);
+      if (st != DDA_OK) status = st;
+    }
+  });
+  dda_glue::throw_on_error(status, "dda.attention (cpu)");
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor &q, const at::Tensor &k,
+                                                 const at::Tensor &v,
+                                                 const std::optional<at::Tensor> &mask,
+                                                 double scale, bool return_lse) {
+  at::Tensor out = dda_glue::attention_output(q);
+  at::Tensor lse = dda_glue::attention_lse(q, return_lse);
+  attention_out_cpu(q, k, v, mask, scale, out, return_lse ? std::optional<at::Tensor>(lse) : std::nullopt);
+  return {out, lse};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dda, CPU, m) {
+  m.impl("linear", &linear_cpu);
+  m.impl("linear_out", &linear_out_cpu);
+  m.impl("attention", &attention_cpu);
+  m.impl("attention_out", &attention_out_cpu);
+}

@@ -1,0 +1,60 @@
+// cuda_impl.cpp: the CUDA impls of the dda ops: checks, device guard, the current
+// stream, then the C launchers. Never synchronises.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "dda.h"
+#include "glue.h"
+
+namespace {
+
+void linear_out_cuda(const at::Tensor &x, const at::Tensor &weight,
+                     const std::optional<at::Tensor> &bias,
+                     const std::optional<at::Tensor> &residual, double alpha, double beta,
+                     at::Tensor &out) {
+  const dda_linear_params p = dda_glue::linear_params(x, weight, bias, residual, alpha, beta, out, false);
+  const c10::cuda::CUDAGuard guard(x.device());
+  // cuBLASLt scratch from torch's caching allocator (also graph-capture safe).
+  at::Tensor workspace =
+      at::empty({static_cast<int64_t>(DDA_LINEAR_WORKSPACE_BYTES)}, x.options().dtype(at::kByte));
+  dda_glue::throw_on_error(dda_linear_cuda(&p, workspace.data_ptr(), DDA_LINEAR_WORKSPACE_BYTES,
+                                           at::cuda::getCurrentCUDAStream().stream()),
+                           "dda.linear (cuda)");
+}
+
+at::Tensor linear_cuda(const at::Tensor &x, const at::Tensor &weight,
+                       const std::optional<at::Tensor> &bias,
+                       const std::optional<at::Tensor> &residual, double alpha, double beta) {
+  at::Tensor out = dda_glue::linear_output(x, weight);
+  linear_out_cuda(x, weight, bias, residual, alpha, beta, out);
+  return out;
+}
+
+void attention_out_cuda(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
+                        const std::optional<at::Tensor> &mask, double scale, at::Tensor &out,
+                        const std::optional<at::Tensor> &lse) {
+  const dda_attention_params p = dda_glue::attention_params(q, k, v, mask, scale, out, lse, false);
+  const c10::cuda::CUDAGuard guard(q.device());
+  dda_glue::throw_on_error(dda_attention_fwd_cuda(&p, at::cuda::getCurrentCUDAStream().stream()),
+                           "dda.attention (cuda)");
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor &q, const at::Tensor &k,
+                                                  const at::Tensor &v,
+                                                  const std::optional<at::Tensor> &mask,
+                                                  double scale, bool return_lse) {
+  at::Tensor out = dda_glue::attention_output(q);
+  at::Tensor lse = dda_glue::attention_lse(q, return_lse);
+  attention_out_cuda(q, k, v, mask, scale, out, return_lse ? std::optional<at::Tensor>(lse) : std::nullopt);
+  return {out, lse};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dda, CUDA, m) {
+  m.impl("linear", &linear_cuda);
+  m.impl("linear_out", &linear_out_cuda);
+  m.impl("attention", &attention_cuda);
+  m.impl("attention_out", &attention_out_cuda);
+}

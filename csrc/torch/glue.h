@@ -1,0 +1,35 @@
+// glue.h: shared by the CPU and CUDA impls. Turns tensors into the C ABI's
+// params structs after checking them, and turns a dda_status into a torch error.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "dda.h"
+
+namespace dda_glue {
+
+// Raises a c10::Error naming the op, the status and the backend's own error code.
+void throw_on_error(dda_status st, const char *op);
+
+dda_dtype to_dda_dtype(at::ScalarType t);
+
+// Checks x [..., K], weight [N, K], bias [N]?, residual [..., N]?, out [..., N]
+// and fills the params (pointers and row strides). `cpu` restricts to fp32.
+dda_linear_params linear_params(const at::Tensor &x, const at::Tensor &weight,
+                                const std::optional<at::Tensor> &bias,
+                                const std::optional<at::Tensor> &residual, double alpha,
+                                double beta, const at::Tensor &out, bool cpu);
+
+// Checks q [B, Sq, H, D], k/v [B, Sk, H, D], mask (broadcastable to [B, H, Sq, Sk]),
+// out [B, Sq, H, D], lse [B, H, Sq] fp32 and fills the params.
+dda_attention_params attention_params(const at::Tensor &q, const at::Tensor &k,
+                                      const at::Tensor &v, const std::optional<at::Tensor> &mask,
+                                      double scale, const at::Tensor &out,
+                                      const std::optional<at::Tensor> &lse, bool cpu);
+
+// The fresh outputs of the functional ops.
+at::Tensor linear_output(const at::Tensor &x, const at::Tensor &weight);
+at::Tensor attention_output(const at::Tensor &q);
+at::Tensor attention_lse(const at::Tensor &q, bool return_lse);
+
+}  // namespace dda_glue

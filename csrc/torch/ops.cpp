@@ -1,0 +1,50 @@
+// ops.cpp: the one place the dda op schemas are declared, plus the Python module
+// stub that lets `import deepspeed_diffusers_attn._C` load this library.
+// Backend impls: cpu_impl.cpp (CPU), cuda_impl.cpp (CUDA). Fake impls: ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+#include <string>
+
+#include "dda.h"
+
+extern "C" {
+PyObject *PyInit__C(void) {
+  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&def);
+}
+}
+
+namespace {
+
+std::string attention_kernel_name(int64_t cc_major, int64_t cc_minor, at::ScalarType dtype,
+                                  int64_t head_dim, int64_t seq_k) {
+  dda_dtype dt = DDA_F32;
+  if (dtype == at::kHalf) dt = DDA_F16;
+  else if (dtype == at::kBFloat16) dt = DDA_BF16;
+  else if (dtype != at::kFloat) return std::string("unsupported: dtype ") + c10::toString(dtype);
+  return dda_attention_kernel_name(static_cast<int>(cc_major), static_cast<int>(cc_minor), dt,
+                                   static_cast<int>(head_dim), static_cast<int>(seq_k));
+}
+
+bool cuda_built() {
+#ifdef DDA_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY(dda, m) {
+  // y[..., N] = alpha * x[..., K] @ weight[N, K]^T + beta * residual[..., N] + bias[N]
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, float alpha, float beta) -> Tensor");
+  m.def("linear_out(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, float alpha, float beta, Tensor(a!) out) -> ()");
+  // out[B, Sq, H, D] = softmax(scale * q k^T + mask) v; lse [B, H, Sq] fp32 (empty unless asked)
+  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool return_lse) -> (Tensor, Tensor)");
+  m.def("attention_out(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, Tensor(a!) out, Tensor(b!)? lse) -> ()");
+  m.def("attention_kernel_name(int cc_major, int cc_minor, ScalarType dtype, int head_dim, int seq_k) -> str",
+        &attention_kernel_name);
+  m.def("cuda_built() -> bool", &cuda_built);
+}

@@ -1,0 +1,42 @@
+"""deepspeed_diffusers_attn: fast Stable Diffusion attention for Hugging Face diffusers.
+
+    import deepspeed_diffusers_attn as dda
+    report = dda.patch(pipe)      # swap every supported diffusers Attention
+    print(report)
+    dda.unpatch(pipe)             # exact restore
+
+Public names: :func:`patch`, :func:`unpatch`, :class:`PatchReport`,
+:class:`DeepSpeedDiffusersAttention`, :class:`DeepSpeedDiffusersAttentionConfig`,
+:class:`DeepSpeedDiffusersAttentionFunction`, and the raw ops in :mod:`.ops`
+(also ``torch.ops.dda.*``).
+"""
+import torch  # noqa: F401  (must load before the extension)
+
+try:
+    from . import _C  # noqa: F401
+except ImportError as e:  # pragma: no cover - only on a broken install
+    raise ImportError(
+        "deepspeed_diffusers_attn: the compiled extension _C is missing or does not match this "
+        f"torch ({torch.__version__}). Reinstall with `pip install --no-build-isolation -e .`. "
+        f"Cause: {e}"
+    ) from e
+
+from . import ops
+from .attention import (
+    DeepSpeedDiffusersAttention,
+    DeepSpeedDiffusersAttentionConfig,
+    DeepSpeedDiffusersAttentionFunction,
+)
+from .patch import PatchReport, patch, unpatch
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ops",
+    "patch",
+    "unpatch",
+    "PatchReport",
+    "DeepSpeedDiffusersAttention",
+    "DeepSpeedDiffusersAttentionConfig",
+    "DeepSpeedDiffusersAttentionFunction",
+]

@@ -1,0 +1,141 @@
+"""Typed wrappers over ``torch.ops.dda.*`` and their fake (meta) kernels.
+
+The ops are declared once in ``csrc/torch/ops.cpp``; the CPU impls are the fp32 C
+references, the CUDA impls run our kernels on the current stream. The fake kernels
+here give shapes and dtypes to ``torch.compile`` and fake-tensor tracing.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from . import _C  # noqa: F401  (loads the library, which registers torch.ops.dda)
+
+__all__ = [
+    "linear",
+    "linear_out",
+    "attention",
+    "attention_out",
+    "attention_kernel_name",
+    "cuda_built",
+]
+
+
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    residual: Optional[torch.Tensor] = None,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+) -> torch.Tensor:
+    """``alpha * x @ weight.T + beta * residual + bias`` in one GEMM (cuBLASLt on CUDA).
+
+    x: ``[..., K]``, last dim contiguous, leading dims collapsible into rows.
+    weight: ``[N, K]`` contiguous (torch ``Linear`` layout). bias: ``[N]`` (not scaled by alpha).
+    residual: ``[..., N]``; ignored terms may be ``None``. Returns a new ``[..., N]`` tensor.
+    """
+    return torch.ops.dda.linear(x, weight, bias, residual, float(alpha), float(beta))
+
+
+def linear_out(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    residual: Optional[torch.Tensor],
+    alpha: float,
+    beta: float,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`linear` written into ``out`` (``[..., N]``; its row stride may exceed N). Returns ``out``."""
+    torch.ops.dda.linear_out(x, weight, bias, residual, float(alpha), float(beta), out)
+    return out
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    return_lse: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Fused attention forward: ``softmax(scale * q k^T + mask) v``.
+
+    q: ``[B, Sq, H, D]``, k/v: ``[B, Sk, H, D]``, any strides with D contiguous (for example
+    ``qkv.unbind(2)`` of a packed ``[B, S, 3, H, D]``). mask: ``None``, bool (True = attend) or
+    additive float, broadcastable to ``[B, H, Sq, Sk]``. scale defaults to ``1/sqrt(D)``.
+    Scores and softmax are fp32 for every dtype. Returns ``(out [B, Sq, H, D], lse)``; lse is
+    ``[B, H, Sq]`` fp32 when ``return_lse`` else an empty tensor. A fully masked row gives 0.
+    """
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    return torch.ops.dda.attention(q, k, v, mask, float(scale), bool(return_lse))
+
+
+def attention_out(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    scale: Optional[float],
+    out: torch.Tensor,
+    lse: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """:func:`attention` written into ``out`` ``[B, Sq, H, D]`` (and ``lse``, if given). Returns ``out``."""
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    torch.ops.dda.attention_out(q, k, v, mask, float(scale), out, lse)
+    return out
+
+
+def attention_kernel_name(
+    device: torch.device | str | int, dtype: torch.dtype, head_dim: int, seq_k: int
+) -> str:
+    """The name of the attention kernel that runs on ``device`` for this dtype, head dim and
+    key length, or ``"cpu_reference"`` on the CPU. Starts with ``"unsupported: "`` (and a
+    reason) when no kernel can run it."""
+    device = torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+    if device.type == "cpu":
+        if dtype != torch.float32:
+            return "unsupported: the CPU reference supports float32 only"
+        if head_dim % 8 or not 8 <= head_dim <= 512:
+            return "unsupported: head dim must be a multiple of 8 in [8, 512]"
+        return "cpu_reference"
+    major, minor = torch.cuda.get_device_capability(device)
+    return torch.ops.dda.attention_kernel_name(major, minor, dtype, int(head_dim), int(seq_k))
+
+
+def cuda_built() -> bool:
+    """True when the extension was built with its CUDA kernels."""
+    return bool(torch.ops.dda.cuda_built())
+
+
+@torch.library.register_fake("dda::linear")
+def _linear_fake(x, weight, bias, residual, alpha, beta):
+    torch._check(weight.dim() == 2, lambda: "dda.linear: weight must be 2-D")
+    torch._check(x.shape[-1] == weight.shape[1], lambda: "dda.linear: x [..., K] must match weight [N, K]")
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.register_fake("dda::linear_out")
+def _linear_out_fake(x, weight, bias, residual, alpha, beta, out):
+    return None
+
+
+@torch.library.register_fake("dda::attention")
+def _attention_fake(q, k, v, mask, scale, return_lse):
+    torch._check(q.dim() == 4 and k.dim() == 4, lambda: "dda.attention: q, k must be 4-D")
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if return_lse:
+        lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+    else:
+        lse = q.new_empty((0,), dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.register_fake("dda::attention_out")
+def _attention_out_fake(q, k, v, mask, scale, out, lse):
+    return None
