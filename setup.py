@@ -11,11 +11,17 @@ build says so loudly. Options (environment):
 """
 import glob
 import os
+import shutil
 import sys
 
 from setuptools import setup
 
-import torch
+# torch derives CUDA_HOME from `which nvcc`; where nvcc is a wrapper script outside the
+# toolkit (/usr/local/bin/nvcc here), point it at the toolkit itself.
+if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")) and os.path.exists("/usr/local/cuda/bin/nvcc"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+import torch  # noqa: E402
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -38,7 +44,11 @@ def want_cuda():
 
 
 def find_cublaslt():
-    """Include and library dirs holding cublasLt.h / libcublasLt: the toolkit's, else the pip wheel's."""
+    """Include and library dirs holding cublasLt.h / libcublasLt: the toolkit's, else the pip wheel's.
+
+    The wheel's include dir also holds its own partial copy of the CUDA runtime headers,
+    which must not shadow the toolkit's: only the two cuBLAS headers are taken from it,
+    copied into build/cublas_include."""
     candidates = [(os.path.join(CUDA_HOME, "include"), os.path.join(CUDA_HOME, "lib64"))]
     try:
         import nvidia
@@ -54,6 +64,12 @@ def find_cublaslt():
             if libs:
                 plain = os.path.join(lib, "libcublasLt.so")
                 name = "cublasLt" if os.path.exists(plain) else ":" + os.path.basename(libs[0])
+                if inc != os.path.join(CUDA_HOME, "include"):
+                    shim = os.path.join(ROOT, "build", "cublas_include")
+                    os.makedirs(shim, exist_ok=True)
+                    for h in ("cublasLt.h", "cublas_api.h"):
+                        shutil.copy(os.path.join(inc, h), shim)
+                    inc = shim
                 return inc, lib, name
     sys.exit("deepspeed_diffusers_attn: cublasLt.h / libcublasLt not found in the CUDA toolkit "
              "or the nvidia-cublas wheel")

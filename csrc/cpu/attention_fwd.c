@@ -5,7 +5,9 @@
  *
  * Same algorithm as the GPU kernels: keys in blocks of DDA_ATTN_KEY_BLOCK, an online
  * softmax (running max m, running sum l, rescaled accumulator), fp32 throughout, so
- * the two agree up to summation order. A row with every key masked gives o = 0, lse = -inf.
+ * the two agree up to summation order. Each block's P.V is summed on its own before it is
+ * added to the running accumulator, which keeps the sum's rounding error near that of a
+ * pairwise sum at long key lengths. A row with every key masked gives o = 0, lse = -inf.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -60,13 +62,14 @@ dda_status dda_attention_fwd_cpu(const dda_attention_params *p) {
   if (st != DDA_OK) return st;
   if (p->dtype != DDA_F32) return DDA_ERR_UNSUPPORTED_DTYPE;
   const int D = p->D;
-  float *acc = (float *)malloc(sizeof(float) * (size_t)D);
+  float *acc = (float *)malloc(sizeof(float) * (size_t)D * 2);
   float *s = (float *)malloc(sizeof(float) * DDA_ATTN_KEY_BLOCK);
   if (!acc || !s) {
     free(acc);
     free(s);
     return DDA_ERR_OUT_OF_MEMORY;
   }
+  float *bacc = acc + D; /* one block's P.V */
   const float *qb = (const float *)p->q;
   const float *kb = (const float *)p->k;
   const float *vb = (const float *)p->v;
@@ -94,14 +97,16 @@ dda_status dda_attention_fwd_cpu(const dda_attention_params *p) {
           const float m_new = bmax > m ? bmax : m;
           if (m_new == -INFINITY) continue; /* every key so far is masked out */
           const float corr = expf(m - m_new); /* 0 when m was -inf */
-          l *= corr;
-          for (int d = 0; d < D; ++d) acc[d] *= corr;
+          float bl = 0.0f;
+          for (int d = 0; d < D; ++d) bacc[d] = 0.0f;
           for (int jj = 0; jj < nj; ++jj) {
             const float pj = expf(s[jj] - m_new);
             const float *v = vb + b * p->v_stride_b + (j0 + jj) * p->v_stride_s + h * p->v_stride_h;
-            l += pj;
-            for (int d = 0; d < D; ++d) acc[d] += pj * v[d];
+            bl += pj;
+            for (int d = 0; d < D; ++d) bacc[d] += pj * v[d];
           }
+          l = l * corr + bl;
+          for (int d = 0; d < D; ++d) acc[d] = acc[d] * corr + bacc[d];
           m = m_new;
         }
         float *o = ob + b * p->o_stride_b + i * p->o_stride_s + h * p->o_stride_h;

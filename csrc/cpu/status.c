@@ -19,6 +19,9 @@ const char *dda_status_string(dda_status s) {
     case DDA_ERR_CUDA: return "CUDA runtime error";
     case DDA_ERR_CUBLAS: return "cuBLASLt error";
     case DDA_ERR_NOT_BUILT: return "deepspeed_diffusers_attn was built without CUDA";
+    case DDA_ERR_UNPLANNED_IN_CAPTURE:
+      return "this GEMM shape was first seen during CUDA-graph capture; run the same call once "
+             "eagerly (warm-up) before capturing";
   }
   return "unknown status";
 }

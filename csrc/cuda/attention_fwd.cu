@@ -38,7 +38,6 @@
 
 #include "dda.h"
 
-extern "C" void dda_set_backend_error(int code);
 
 namespace {
 
@@ -158,7 +157,7 @@ __device__ __forceinline__ float mask_log2(const void *mask, int kind, int64_t o
 
 /* Query rows per warp for an element size and bucket NP = ceil(D / 64). */
 __host__ __device__ constexpr int rows_per_warp(int elem_bytes, int np) {
-  return np == 1 ? 16 : np <= 4 ? 8 : (elem_bytes == 4 ? 2 : 4);
+  return np <= 4 ? 8 : (elem_bytes == 4 ? 2 : 4);
 }
 
 /* Dynamic shared memory of one block:
@@ -178,10 +177,16 @@ __host__ __device__ constexpr bool has_tile(int elem_bytes, int np, int kb) {
          (kb == DDA_ATTN_KEY_BLOCK || smem_bytes(elem_bytes, np, 2 * kb) > kSmemSmall);
 }
 
-/* The largest compiled key tile that fits `limit` bytes, or 0. */
-int pick_tile(int elem_bytes, int np, size_t limit) {
+/* The key tile to run: the largest compiled one of which two blocks fit in
+ * one SM's shared memory (so barriers of one block overlap the other's work),
+ * else the largest that fits one block; 0 if none fits. */
+int pick_tile(int elem_bytes, int np, size_t block_limit, size_t sm_limit) {
   for (int kb = DDA_ATTN_KEY_BLOCK; kb >= 16; kb /= 2)
-    if (has_tile(elem_bytes, np, kb) && smem_bytes(elem_bytes, np, kb) <= limit) return kb;
+    if (has_tile(elem_bytes, np, kb) && smem_bytes(elem_bytes, np, kb) <= block_limit &&
+        2 * (smem_bytes(elem_bytes, np, kb) + 1024) <= sm_limit)
+      return kb;
+  for (int kb = DDA_ATTN_KEY_BLOCK; kb >= 16; kb /= 2)
+    if (has_tile(elem_bytes, np, kb) && smem_bytes(elem_bytes, np, kb) <= block_limit) return kb;
   return 0;
 }
 
@@ -369,13 +374,22 @@ attention_fwd_simt(const dda_attention_params p, const float scale_log2, const b
 
     const int kv = min(KB, Sk - k0);
     const T *vcol = v_s + 2 * lane;
-#pragma unroll 2
+    /* Unrolled only while the accumulator is small, so registers stay bounded. */
+#pragma unroll(NP <= 2 ? 2 : 1)
     for (int j = 0; j < kv; ++j) {
       float pr[R];
+      if constexpr (R % 4 == 0) {
 #pragma unroll
-      for (int r = 0; r < R; r += 2) {
-        const float2 t2 = *reinterpret_cast<const float2 *>(pw + j * R + r);
-        pr[r] = t2.x; pr[r + 1] = t2.y;
+        for (int r = 0; r < R; r += 4) {
+          const float4 t4 = *reinterpret_cast<const float4 *>(pw + j * R + r);
+          pr[r] = t4.x; pr[r + 1] = t4.y; pr[r + 2] = t4.z; pr[r + 3] = t4.w;
+        }
+      } else {
+#pragma unroll
+        for (int r = 0; r < R; r += 2) {
+          const float2 t2 = *reinterpret_cast<const float2 *>(pw + j * R + r);
+          pr[r] = t2.x; pr[r + 1] = t2.y;
+        }
       }
 #pragma unroll
       for (int n = 0; n < NP; ++n) {
@@ -448,9 +462,10 @@ dda_status launch(const dda_attention_params *p, cudaStream_t stream) {
 }
 
 template <typename T, int NP>
-dda_status launch_np(const dda_attention_params *p, size_t smem_limit, cudaStream_t stream) {
+dda_status launch_np(const dda_attention_params *p, size_t block_limit, size_t sm_limit,
+                     cudaStream_t stream) {
   constexpr int eb = static_cast<int>(sizeof(T));
-  switch (pick_tile(eb, NP, smem_limit)) {
+  switch (pick_tile(eb, NP, block_limit, sm_limit)) {
     case 64:
       if constexpr (has_tile(eb, NP, 64)) return launch<T, NP, 64>(p, stream);
       break;
@@ -473,26 +488,33 @@ int np_bucket(int D) {
 }
 
 template <typename T>
-dda_status launch_dtype(const dda_attention_params *p, size_t smem_limit, cudaStream_t stream) {
+dda_status launch_dtype(const dda_attention_params *p, size_t block_limit, size_t sm_limit,
+                        cudaStream_t stream) {
   switch (np_bucket(p->D)) {
-    case 1: return launch_np<T, 1>(p, smem_limit, stream);
-    case 2: return launch_np<T, 2>(p, smem_limit, stream);
-    case 3: return launch_np<T, 3>(p, smem_limit, stream);
-    case 4: return launch_np<T, 4>(p, smem_limit, stream);
-    default: return launch_np<T, 8>(p, smem_limit, stream);
+    case 1: return launch_np<T, 1>(p, block_limit, sm_limit, stream);
+    case 2: return launch_np<T, 2>(p, block_limit, sm_limit, stream);
+    case 3: return launch_np<T, 3>(p, block_limit, sm_limit, stream);
+    case 4: return launch_np<T, 4>(p, block_limit, sm_limit, stream);
+    default: return launch_np<T, 8>(p, block_limit, sm_limit, stream);
   }
 }
 
 int elem_bytes(dda_dtype t) { return t == DDA_F32 ? 4 : 2; }
 
-/* Opt-in shared memory per block by compute capability, for naming a kernel
- * without a device at hand (the launcher asks the device itself). */
-size_t smem_limit_for_cc(int major, int minor) {
-  if (major == 8 && (minor == 0 || minor == 7)) return 166912;
-  if (major == 9 || major == 10) return kSmemLarge;
-  if (major == 7 && minor == 5) return 65536;
-  if (major == 7) return 98304;
-  return kSmemSmall;
+/* Shared memory per block (opt-in) and per SM by compute capability, for
+ * naming a kernel without a device at hand (the launcher asks the device). */
+void smem_limits_for_cc(int major, int minor, size_t *block, size_t *sm) {
+  if (major == 8 && (minor == 0 || minor == 7)) {
+    *block = 166912; *sm = 167936;
+  } else if (major == 9 || major == 10) {
+    *block = kSmemLarge; *sm = 233472;
+  } else if (major == 7 && minor == 5) {
+    *block = 65536; *sm = 65536;
+  } else if (major == 7) {
+    *block = 98304; *sm = 98304;
+  } else {
+    *block = kSmemSmall; *sm = 102400;
+  }
 }
 
 }  // namespace
@@ -503,16 +525,17 @@ extern "C" dda_status dda_attention_fwd_cuda(const dda_attention_params *p, cuda
   if (p->dtype != DDA_F32 && p->dtype != DDA_F16 && p->dtype != DDA_BF16) return DDA_ERR_UNSUPPORTED_DTYPE;
   if (p->H > 65535 || p->B > 65535) return DDA_ERR_INVALID_ARGUMENT;  /* grid y / z limits */
 
-  int dev = 0, smem_optin = 0;
+  int dev = 0, block_smem = 0, sm_smem = 0;
   cudaError_t e = cudaGetDevice(&dev);
-  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&block_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sm_smem, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev);
   if (e != cudaSuccess) return cuda_fail(e);
-  const size_t limit = static_cast<size_t>(smem_optin);
+  const size_t bl = static_cast<size_t>(block_smem), sl = static_cast<size_t>(sm_smem);
 
   switch (p->dtype) {
-    case DDA_F32: return launch_dtype<float>(p, limit, stream);
-    case DDA_F16: return launch_dtype<__half>(p, limit, stream);
-    default: return launch_dtype<__nv_bfloat16>(p, limit, stream);
+    case DDA_F32: return launch_dtype<float>(p, bl, sl, stream);
+    case DDA_F16: return launch_dtype<__half>(p, bl, sl, stream);
+    default: return launch_dtype<__nv_bfloat16>(p, bl, sl, stream);
   }
 }
 
@@ -538,7 +561,9 @@ extern "C" const char *dda_attention_kernel_name(int cc_major, int cc_minor, dda
   if (seq_k < 1) return "unsupported: seq_k must be >= 1";
   if (cc_major < 7) return "unsupported: compute capability below 7.0";
   const int np = np_bucket(head_dim);
-  const int kb = pick_tile(elem_bytes(dtype), np, smem_limit_for_cc(cc_major, cc_minor));
+  size_t block_smem = 0, sm_smem = 0;
+  smem_limits_for_cc(cc_major, cc_minor, &block_smem, &sm_smem);
+  const int kb = pick_tile(elem_bytes(dtype), np, block_smem, sm_smem);
   if (kb == 0) return "unsupported: not enough shared memory per block on this device for this head dim";
   const int bucket = np <= 4 ? np - 1 : 4;
   const int tile = kb == 64 ? 0 : kb == 32 ? 1 : 2;

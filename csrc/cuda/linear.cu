@@ -51,7 +51,7 @@
 // handle or querying the heuristic during capture is not documented as safe, and on
 // CUDA 13 cuBLASLt's heuristic query is reported to fail inside capture. So a plan
 // must exist before capture: call each shape once outside capture (warm-up). A missing
-// plan during capture returns DDA_ERR_INVALID_ARGUMENT without calling cuBLASLt, so
+// plan during capture returns DDA_ERR_UNPLANNED_IN_CAPTURE without calling cuBLASLt, so
 // the capture itself stays valid and the glue can say "run this shape once before
 // capturing".
 //
@@ -68,7 +68,6 @@
 
 #include "dda.h"
 
-extern "C" void dda_set_backend_error(int code);
 
 namespace {
 
@@ -271,7 +270,7 @@ extern "C" dda_status dda_linear_cuda(const dda_linear_params *p, void *workspac
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
     ce = cudaStreamIsCapturing(stream, &capture);
     if (ce != cudaSuccess) return cuda_error(ce);
-    if (capture != cudaStreamCaptureStatusNone) return DDA_ERR_INVALID_ARGUMENT;
+    if (capture != cudaStreamCaptureStatusNone) return DDA_ERR_UNPLANNED_IN_CAPTURE;
 
     {
       std::lock_guard<std::mutex> lock(s.mutex);

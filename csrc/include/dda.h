@@ -43,7 +43,8 @@ typedef enum {
   DDA_ERR_OUT_OF_MEMORY = 5,      /* host allocation in a CPU reference failed */
   DDA_ERR_CUDA = 6,               /* a CUDA runtime call or a launch failed */
   DDA_ERR_CUBLAS = 7,             /* a cuBLASLt call failed or found no algorithm */
-  DDA_ERR_NOT_BUILT = 8           /* the library was built without CUDA */
+  DDA_ERR_NOT_BUILT = 8,          /* the library was built without CUDA */
+  DDA_ERR_UNPLANNED_IN_CAPTURE = 9 /* a GEMM shape first seen during CUDA-graph capture */
 } dda_status;
 
 /* A static, human-readable name for a status. Never NULL. */
@@ -62,7 +63,8 @@ void dda_set_backend_error(int code);
  *   w        [N, K], torch Linear layout ([out, in]), contiguous (stride K)
  *   bias     [N] or NULL
  *   residual [M, N], row stride residual_stride_m, or NULL (then beta is ignored)
- *   y        [M, N], row stride y_stride_m; must not overlap x or w
+ *   y        [M, N], row stride y_stride_m; must not overlap x or w. It may be the
+ *            residual itself (in place) only with the same row stride.
  * All of x, w, bias, residual, y have the same dtype. Accumulation is fp32.
  * Note that bias is not scaled by alpha: to get (x.w^T + b + r) / f, pass
  * alpha = beta = 1/f and a bias already divided by f.
@@ -139,7 +141,10 @@ dda_status dda_attention_fwd_cpu(const dda_attention_params *p);
 
 /* CUDA (DDA_ERR_NOT_BUILT in a CPU-only build).
  * dda_linear_cuda uses `workspace` (device memory, may be NULL with bytes 0)
- * as cuBLASLt scratch; DDA_LINEAR_WORKSPACE_BYTES is what it can use best. */
+ * as cuBLASLt scratch; DDA_LINEAR_WORKSPACE_BYTES is what it can use best.
+ * It plans each new (shape, strides, dtype, epilogue, alignment) once, outside
+ * CUDA-graph capture: a shape first seen during capture returns
+ * DDA_ERR_UNPLANNED_IN_CAPTURE and leaves the capture intact. */
 #define DDA_LINEAR_WORKSPACE_BYTES ((size_t)32 << 20)
 dda_status dda_linear_cuda(const dda_linear_params *p, void *workspace,
                            size_t workspace_bytes, cudaStream_t stream);

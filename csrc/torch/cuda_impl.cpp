@@ -1,6 +1,6 @@
 // cuda_impl.cpp: the CUDA impls of the dda ops: checks, device guard, the current
 // stream, then the C launchers. Never synchronises.
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -19,7 +19,7 @@ void linear_out_cuda(const at::Tensor &x, const at::Tensor &weight,
   at::Tensor workspace =
       at::empty({static_cast<int64_t>(DDA_LINEAR_WORKSPACE_BYTES)}, x.options().dtype(at::kByte));
   dda_glue::throw_on_error(dda_linear_cuda(&p, workspace.data_ptr(), DDA_LINEAR_WORKSPACE_BYTES,
-                                           at::cuda::getCurrentCUDAStream().stream()),
+                                           c10::cuda::getCurrentCUDAStream().stream()),
                            "dda.linear (cuda)");
 }
 
@@ -36,7 +36,7 @@ void attention_out_cuda(const at::Tensor &q, const at::Tensor &k, const at::Tens
                         const std::optional<at::Tensor> &lse) {
   const dda_attention_params p = dda_glue::attention_params(q, k, v, mask, scale, out, lse, false);
   const c10::cuda::CUDAGuard guard(q.device());
-  dda_glue::throw_on_error(dda_attention_fwd_cuda(&p, at::cuda::getCurrentCUDAStream().stream()),
+  dda_glue::throw_on_error(dda_attention_fwd_cuda(&p, c10::cuda::getCurrentCUDAStream().stream()),
                            "dda.attention (cuda)");
 }
 

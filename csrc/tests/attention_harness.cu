@@ -1,0 +1,503 @@
+// attention_harness.cu: standalone test and benchmark of dda_attention_fwd_cuda (no torch).
+//
+// Checks dda_attention_fwd_cuda in fp32 / fp16 / bf16 against the fp32 C reference
+// dda_attention_fwd_cpu on odd shapes (Sq, Sk in {1, 77, 97, 257}, D in {40, 64, 80, 128,
+// 160, 512}), self-attention on a packed qkv [B, S, 3, H, D] and cross-attention on q
+// [B, Sq, H, D] with kv [B, Sk, 2, H, D]; masks: none, additive fp32 [B,1,1,Sk] with -inf
+// keys, bool [B,1,Sq,Sk] with fully masked rows, additive fp16 [B,H,Sq,Sk], additive bf16
+// [1,1,Sq,Sk]; with and without lse; some cases with k/v/q/o not 16-byte aligned.
+// o has a padded row stride (H*D + 8) and starts poisoned (all-ones bytes: NaN in every
+// dtype); every element of o must be written and finite and the padding must stay poison.
+// lse starts poisoned too. --big adds S = 4097 cases (a subset of query rows checked
+// against the reference) and times the Stable Diffusion shapes in fp16.
+//
+// Build:
+//   nvcc -std=c++17 -O2 -I csrc/include -gencode=arch=compute_90a,code=sm_90a
+//     csrc/tests/attention_harness.cu csrc/cuda/attention_fwd.cu csrc/cpu/attention_fwd.c
+//     csrc/cpu/check.c csrc/cpu/status.c -o /tmp/attn_harness
+// Run: /tmp/attn_harness [--big] [--iters N]   (exit status 0 = all checks passed)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "dda.h"
+
+#define CUDA_CHECK(call)                                                                   \
+  do {                                                                                     \
+    cudaError_t e_ = (call);                                                               \
+    if (e_ != cudaSuccess) {                                                               \
+      fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
+      exit(2);                                                                             \
+    }                                                                                      \
+  } while (0)
+
+// ------------------------------------------------------------------ helpers --
+
+struct Rng {
+  uint64_t s;
+  uint32_t next() {
+    s = s * 6364136223846793005ULL + 1442695040888963407ULL;
+    return (uint32_t)(s >> 33);
+  }
+  int below(int n) { return (int)(next() % (uint32_t)n); }
+  // A multiple of 1/256 in (-1, 1): at most 8 significant bits, so exact in bf16, fp16
+  // and fp32. Every dtype then sees the same inputs and one fp32 reference serves all.
+  float grid() { return (float)(below(511) - 255) / 256.0f; }
+};
+
+static size_t esize(dda_dtype t) { return t == DDA_F32 ? 4 : 2; }
+static const char *dname(dda_dtype t) { return t == DDA_F32 ? "fp32" : t == DDA_F16 ? "fp16" : "bf16"; }
+
+static void store(void *dst, size_t i, float v, dda_dtype t) {
+  if (t == DDA_F32) ((float *)dst)[i] = v;
+  else if (t == DDA_F16) ((__half *)dst)[i] = __float2half_rn(v);
+  else ((__nv_bfloat16 *)dst)[i] = __float2bfloat16_rn(v);
+}
+
+static float load(const void *src, size_t i, dda_dtype t) {
+  if (t == DDA_F32) return ((const float *)src)[i];
+  if (t == DDA_F16) return __half2float(((const __half *)src)[i]);
+  return __bfloat162float(((const __nv_bfloat16 *)src)[i]);
+}
+
+static std::vector<unsigned char> convert(const std::vector<float> &x, dda_dtype t) {
+  std::vector<unsigned char> raw(x.size() * esize(t));
+  for (size_t i = 0; i < x.size(); ++i) store(raw.data(), i, x[i], t);
+  return raw;
+}
+
+static void *to_device(const void *src, size_t bytes) {
+  void *d = nullptr;
+  CUDA_CHECK(cudaMalloc(&d, bytes));
+  CUDA_CHECK(cudaMemcpy(d, src, bytes, cudaMemcpyHostToDevice));
+  return d;
+}
+
+// Relative L2 tolerances. The inputs are exact in every dtype and the reference is fp32,
+// so the kernel's error is summation order plus the rounding of o to its dtype:
+//  - fp32: order and exp2f vs expf, ~1e-6 relative; 1e-5 still catches any fp16/tf32
+//    rounding inside the kernel (~5e-4).
+//  - fp16: one rounding of o, <= u = 2^-11 ~ 4.9e-4 relative per element; 2e-3 (~4u)
+//    leaves room for order effects but fails fp16 scores or an fp16 P (~1e-2 here).
+//  - bf16: u = 2^-8 ~ 3.9e-3; 1.5e-2 (~4u) likewise.
+// Max abs error: |o| <= 1 (a convex combination of v in (-1, 1)), so the same bounds
+// serve as absolute limits per element, doubled.
+static double tolerance(dda_dtype t) { return t == DDA_F32 ? 1e-5 : t == DDA_F16 ? 2e-3 : 1.5e-2; }
+static double lse_tolerance() { return 1e-4; }  // lse is fp32 in every dtype: same inputs
+
+enum MaskMode { M_NONE, M_ADD_F32_KEY, M_BOOL_ROWS, M_ADD_F16_FULL, M_ADD_BF16_QK, M_COUNT };
+static const char *mask_name(int m) {
+  static const char *n[] = {"none", "add-f32[B,1,1,Sk]", "bool[B,1,Sq,Sk]", "add-f16[B,H,Sq,Sk]",
+                            "add-bf16[1,1,Sq,Sk]"};
+  return n[m];
+}
+
+struct Case {
+  int B, H, Sq, Sk, D;
+  bool cross;   // q [B,Sq,H,D] + kv [B,Sk,2,H,D]; else packed qkv [B,S,3,H,D] (Sq == Sk)
+  int mask;     // MaskMode
+  bool lse;
+  bool misalign;  // every tensor starts 2 elements past a 16-byte boundary
+};
+
+static int g_failures = 0;
+
+// Host-side copy of one case: fp32 inputs (exact in every dtype) and the mask.
+struct Inputs {
+  std::vector<float> qbuf, kvbuf;  // kvbuf empty for self-attention (k, v inside qbuf)
+  std::vector<unsigned char> mask;
+  dda_mask_kind mask_kind = DDA_MASK_NONE;
+  int64_t ms[4] = {0, 0, 0, 0};    // mask strides b, h, q, k
+  int64_t mis = 0;
+  int64_t q_off = 0, k_off = 0, v_off = 0;  // element offsets of q, k, v in their buffers
+  int64_t qs[3], ks[3];                     // strides b, s, h (v has k's)
+  int64_t os[3];
+  size_t o_elems = 0;
+};
+
+static Inputs make_inputs(const Case &c, Rng &rng) {
+  Inputs in;
+  const int64_t HD = (int64_t)c.H * c.D;
+  in.mis = c.misalign ? 2 : 0;
+  if (c.cross) {
+    in.qbuf.resize((size_t)(in.mis + (int64_t)c.B * c.Sq * HD));
+    in.kvbuf.resize((size_t)(in.mis + (int64_t)c.B * c.Sk * 2 * HD));
+    in.q_off = in.mis;
+    in.k_off = in.mis;
+    in.v_off = in.mis + HD;
+    in.qs[0] = (int64_t)c.Sq * HD; in.qs[1] = HD; in.qs[2] = c.D;
+    in.ks[0] = (int64_t)c.Sk * 2 * HD; in.ks[1] = 2 * HD; in.ks[2] = c.D;
+  } else {
+    in.qbuf.resize((size_t)(in.mis + (int64_t)c.B * c.Sq * 3 * HD));
+    in.q_off = in.mis;
+    in.k_off = in.mis + HD;
+    in.v_off = in.mis + 2 * HD;
+    in.qs[0] = (int64_t)c.Sq * 3 * HD; in.qs[1] = 3 * HD; in.qs[2] = c.D;
+    in.ks[0] = in.qs[0]; in.ks[1] = in.qs[1]; in.ks[2] = in.qs[2];
+  }
+  for (float &x : in.qbuf) x = rng.grid();
+  for (float &x : in.kvbuf) x = rng.grid();
+  // o: [B, Sq, H, D] with 8 elements of padding after each row of H*D.
+  in.os[2] = c.D; in.os[1] = HD + 8; in.os[0] = (int64_t)c.Sq * (HD + 8);
+  in.o_elems = (size_t)(in.mis + (int64_t)c.B * c.Sq * (HD + 8));
+
+  const int64_t B = c.B, H = c.H, Sq = c.Sq, Sk = c.Sk;
+  switch (c.mask) {
+    case M_ADD_F32_KEY: {  // [B,1,1,Sk], values in [-4, 0], every 7th key -inf
+      in.mask_kind = DDA_MASK_ADD_F32;
+      in.ms[0] = Sk; in.ms[1] = 0; in.ms[2] = 0; in.ms[3] = 1;
+      std::vector<float> m((size_t)(B * Sk));
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t j = 0; j < Sk; ++j)
+          m[b * Sk + j] = j % 7 == 3 ? -INFINITY : -(float)rng.below(65) / 16.0f;
+      in.mask = convert(m, DDA_F32);
+      break;
+    }
+    case M_BOOL_ROWS: {  // [B,1,Sq,Sk], ~30% masked, every 5th row fully masked
+      in.mask_kind = DDA_MASK_BOOL;
+      in.ms[0] = Sq * Sk; in.ms[1] = 0; in.ms[2] = Sk; in.ms[3] = 1;
+      in.mask.resize((size_t)(B * Sq * Sk));
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t i = 0; i < Sq; ++i)
+          for (int64_t j = 0; j < Sk; ++j)
+            in.mask[(b * Sq + i) * Sk + j] = i % 5 == 2 ? 0 : (rng.below(10) >= 3);
+      break;
+    }
+    case M_ADD_F16_FULL: {  // [B,H,Sq,Sk], values in [-2, 2]
+      in.mask_kind = DDA_MASK_ADD_F16;
+      in.ms[0] = H * Sq * Sk; in.ms[1] = Sq * Sk; in.ms[2] = Sk; in.ms[3] = 1;
+      std::vector<float> m((size_t)(B * H * Sq * Sk));
+      for (float &x : m) x = (float)(rng.below(65) - 32) / 16.0f;
+      in.mask = convert(m, DDA_F16);
+      break;
+    }
+    case M_ADD_BF16_QK: {  // [1,1,Sq,Sk] broadcast over b and h, values in [-4, 0]
+      in.mask_kind = DDA_MASK_ADD_BF16;
+      in.ms[0] = 0; in.ms[1] = 0; in.ms[2] = Sk; in.ms[3] = 1;
+      std::vector<float> m((size_t)(Sq * Sk));
+      for (float &x : m) x = -(float)rng.below(65) / 16.0f;
+      in.mask = convert(m, DDA_BF16);
+      break;
+    }
+    default:
+      break;
+  }
+  return in;
+}
+
+static dda_attention_params params_for(const Case &c, const Inputs &in, const void *qbase,
+                                       const void *kvbase, void *o, float *lse, const void *mask,
+                                       dda_dtype t) {
+  const size_t es = esize(t);
+  dda_attention_params p;
+  memset(&p, 0, sizeof(p));
+  p.q = (const unsigned char *)qbase + in.q_off * es;
+  p.k = (const unsigned char *)kvbase + in.k_off * es;
+  p.v = (const unsigned char *)kvbase + in.v_off * es;
+  p.o = (unsigned char *)o + in.mis * es;
+  p.lse = lse;
+  p.mask = mask;
+  p.mask_kind = in.mask_kind;
+  p.q_stride_b = in.qs[0]; p.q_stride_s = in.qs[1]; p.q_stride_h = in.qs[2];
+  p.k_stride_b = in.ks[0]; p.k_stride_s = in.ks[1]; p.k_stride_h = in.ks[2];
+  p.v_stride_b = in.ks[0]; p.v_stride_s = in.ks[1]; p.v_stride_h = in.ks[2];
+  p.o_stride_b = in.os[0]; p.o_stride_s = in.os[1]; p.o_stride_h = in.os[2];
+  p.mask_stride_b = in.ms[0]; p.mask_stride_h = in.ms[1];
+  p.mask_stride_q = in.ms[2]; p.mask_stride_k = in.ms[3];
+  p.B = c.B; p.H = c.H; p.Sq = c.Sq; p.Sk = c.Sk; p.D = c.D;
+  p.scale = 1.0f / sqrtf((float)c.D);
+  p.dtype = t;
+  return p;
+}
+
+// Query rows compared with the reference: all for small Sq, else the edges of the
+// 64-row tiles at both ends, the middle and a few random rows, so the naive C
+// reference stays fast. Every row is checked for unwritten / non-finite output.
+static std::vector<int> checked_rows(int Sq, Rng &rng) {
+  std::vector<int> rows;
+  if (Sq <= 512) {
+    for (int i = 0; i < Sq; ++i) rows.push_back(i);
+    return rows;
+  }
+  const int fixed[] = {0, 1, 2, 7, 31, 32, 63, 64, 65, Sq / 2, Sq - 65, Sq - 64, Sq - 2, Sq - 1};
+  for (int i : fixed) rows.push_back(i);
+  for (int k = 0; k < 10; ++k) rows.push_back(rng.below(Sq));
+  std::sort(rows.begin(), rows.end());
+  rows.erase(std::unique(rows.begin(), rows.end()), rows.end());
+  return rows;
+}
+
+// fp32 reference of the given rows: ref_o [B, Sq, H, D] and ref_lse [B, H, Sq] at those rows.
+static bool reference(const Case &c, const Inputs &in, const std::vector<int> &rows,
+                      std::vector<float> &ref_o, std::vector<float> &ref_lse) {
+  const int64_t HD = (int64_t)c.H * c.D;
+  ref_o.assign((size_t)c.B * c.Sq * HD, 0.0f);
+  ref_lse.assign((size_t)c.B * c.H * c.Sq, 0.0f);
+  std::vector<float> o1((size_t)(c.B * HD)), lse1((size_t)(c.B * c.H));
+  const float *kvbase = c.cross ? in.kvbuf.data() : in.qbuf.data();
+  for (int i : rows) {
+    // One query row: q, o and the mask start at row i; Sq = 1.
+    dda_attention_params p = params_for(c, in, in.qbuf.data(), kvbase, o1.data(), lse1.data(),
+                                        in.mask.empty() ? nullptr : in.mask.data(), DDA_F32);
+    p.q = in.qbuf.data() + in.q_off + (int64_t)i * in.qs[1];
+    p.o = o1.data();
+    p.o_stride_b = HD; p.o_stride_s = HD; p.o_stride_h = c.D;
+    if (p.mask) {
+      const unsigned char *m = (const unsigned char *)p.mask;
+      const size_t mes = in.mask_kind == DDA_MASK_BOOL ? 1 : in.mask_kind == DDA_MASK_ADD_F32 ? 4 : 2;
+      p.mask = m + (size_t)((int64_t)i * in.ms[2]) * mes;
+    }
+    p.Sq = 1;
+    const dda_status st = dda_attention_fwd_cpu(&p);
+    if (st != DDA_OK) {
+      printf("FAIL: dda_attention_fwd_cpu: %s\n", dda_status_string(st));
+      return false;
+    }
+    for (int b = 0; b < c.B; ++b)
+      for (int64_t e = 0; e < HD; ++e) ref_o[((size_t)b * c.Sq + i) * HD + e] = o1[b * HD + e];
+    for (int b = 0; b < c.B; ++b)
+      for (int h = 0; h < c.H; ++h) ref_lse[((size_t)b * c.H + h) * c.Sq + i] = lse1[b * c.H + h];
+  }
+  return true;
+}
+
+static void run_case(const Case &c, Rng &rng) {
+  const Inputs in = make_inputs(c, rng);
+  const std::vector<int> rows = checked_rows(c.Sq, rng);
+  std::vector<float> ref_o, ref_lse;
+  if (!reference(c, in, rows, ref_o, ref_lse)) {
+    ++g_failures;
+    return;
+  }
+  const int64_t HD = (int64_t)c.H * c.D;
+  void *dmask = in.mask.empty() ? nullptr : to_device(in.mask.data(), in.mask.size());
+  const size_t lse_n = (size_t)c.B * c.H * c.Sq;
+  float *dlse = nullptr;
+  CUDA_CHECK(cudaMalloc(&dlse, lse_n * sizeof(float)));
+
+  for (int ti = 0; ti < 3; ++ti) {
+    const dda_dtype t = (dda_dtype)ti;
+    const size_t es = esize(t);
+    std::vector<unsigned char> qraw = convert(in.qbuf, t), kvraw = convert(in.kvbuf, t);
+    void *dq = to_device(qraw.data(), qraw.size());
+    void *dkv = c.cross ? to_device(kvraw.data(), kvraw.size()) : dq;
+    void *dout = nullptr;
+    CUDA_CHECK(cudaMalloc(&dout, in.o_elems * es));
+    CUDA_CHECK(cudaMemset(dout, 0xFF, in.o_elems * es));
+    CUDA_CHECK(cudaMemset(dlse, 0xFF, lse_n * sizeof(float)));
+
+    const dda_attention_params p =
+        params_for(c, in, dq, dkv, dout, c.lse ? dlse : nullptr, dmask, t);
+    const dda_status st = dda_attention_fwd_cuda(&p, 0);
+    CUDA_CHECK(cudaGetLastError());
+    CUDA_CHECK(cudaDeviceSynchronize());
+
+    char label[256];
+    snprintf(label, sizeof label, "%s B=%d H=%d Sq=%d Sk=%d D=%d %s mask=%s%s%s", dname(t), c.B, c.H,
+             c.Sq, c.Sk, c.D, c.cross ? "cross" : "self", mask_name(c.mask), c.lse ? " lse" : "",
+             c.misalign ? " misaligned" : "");
+    if (st != DDA_OK) {
+      printf("FAIL %s: status %s (backend %d)\n", label, dda_status_string(st), dda_last_backend_error());
+      ++g_failures;
+    } else {
+      std::vector<unsigned char> out(in.o_elems * es);
+      std::vector<float> lse(lse_n);
+      CUDA_CHECK(cudaMemcpy(out.data(), dout, out.size(), cudaMemcpyDeviceToHost));
+      CUDA_CHECK(cudaMemcpy(lse.data(), dlse, lse_n * sizeof(float), cudaMemcpyDeviceToHost));
+
+      // Every element of o written and finite; padding and the leading gap still poison.
+      bool poison_ok = true, finite_ok = true;
+      for (size_t e = 0; e < in.o_elems; ++e) {
+        const int64_t off = (int64_t)e - in.mis;
+        const bool inside = off >= 0 && off % (HD + 8) < HD;
+        if (inside) {
+          finite_ok &= std::isfinite(load(out.data(), e, t));
+        } else {
+          for (size_t k = 0; k < es; ++k) poison_ok &= out[e * es + k] == 0xFF;
+        }
+      }
+      // lse: written for every row (finite, or -inf exactly where the reference is -inf).
+      bool lse_ok = true;
+      double lse_err = 0.0;
+      if (c.lse) {
+        for (size_t e = 0; e < lse_n; ++e) lse_ok &= !std::isnan(lse[e]) && lse[e] != INFINITY;
+        for (int i : rows)
+          for (int bh = 0; bh < c.B * c.H; ++bh) {
+            const float g = lse[(size_t)bh * c.Sq + i], r = ref_lse[(size_t)bh * c.Sq + i];
+            if (std::isinf(r) || std::isinf(g)) {
+              lse_ok &= g == r;
+            } else {
+              lse_err = std::max(lse_err, fabs((double)g - r) / std::max(1.0, fabs((double)r)));
+            }
+          }
+        lse_ok &= lse_err <= lse_tolerance();
+      }
+
+      double err2 = 0.0, ref2 = 0.0, max_abs = 0.0;
+      for (int b = 0; b < c.B; ++b)
+        for (int i : rows)
+          for (int64_t e = 0; e < HD; ++e) {
+            const double g = load(out.data(), (size_t)(in.mis + b * in.os[0] + i * in.os[1] + e), t);
+            const double r = ref_o[((size_t)b * c.Sq + i) * HD + e];
+            const double d = std::isnan(g) ? INFINITY : fabs(g - r);
+            err2 += d * d;
+            ref2 += r * r;
+            max_abs = std::max(max_abs, d);
+          }
+      const double rel = ref2 > 0.0 ? sqrt(err2 / ref2) : sqrt(err2);
+      const bool pass = poison_ok && finite_ok && lse_ok && rel <= tolerance(t) &&
+                        max_abs <= 2.0 * tolerance(t);
+      printf("%s %s: max_abs=%.3g rel_l2=%.3g (tol %.3g)%s%s%s%s\n", pass ? "ok  " : "FAIL", label,
+             max_abs, rel, tolerance(t), poison_ok ? "" : " WROTE-OUTSIDE-O",
+             finite_ok ? "" : " UNWRITTEN-OR-NONFINITE", lse_ok ? "" : " LSE-WRONG",
+             rows.size() < (size_t)c.Sq ? " (sampled rows)" : "");
+      if (c.lse && !lse_ok) printf("     lse max rel err %.3g\n", lse_err);
+      if (!pass) ++g_failures;
+    }
+    if (c.cross) CUDA_CHECK(cudaFree(dkv));
+    CUDA_CHECK(cudaFree(dq));
+    CUDA_CHECK(cudaFree(dout));
+  }
+  CUDA_CHECK(cudaFree(dlse));
+  if (dmask) CUDA_CHECK(cudaFree(dmask));
+}
+
+static void run_small(Rng &rng) {
+  const int Ds[] = {40, 64, 80, 128, 160, 512};
+  const int pairs[][2] = {{1, 1}, {77, 77}, {97, 97}, {257, 257}, {1, 77}, {97, 257}, {257, 1}, {77, 97}};
+  int n = 0;
+  for (int D : Ds)
+    for (const auto &sk : pairs) {
+      Case c;
+      c.B = 2; c.H = 3; c.Sq = sk[0]; c.Sk = sk[1]; c.D = D;
+      c.cross = c.Sq != c.Sk || n % 4 == 3;
+      c.mask = n % M_COUNT;
+      c.lse = n % 4 != 1;
+      c.misalign = n % 6 == 5;
+      ++n;
+      run_case(c, rng);
+    }
+}
+
+static void run_big_checks(Rng &rng) {
+  //      B  H  Sq    Sk    D    cross  mask            lse   misalign
+  const Case cases[] = {
+      {1, 2, 4097, 4097, 64, false, M_BOOL_ROWS, true, false},
+      {1, 2, 4097, 4097, 40, false, M_NONE, true, false},
+      {2, 2, 4097, 77, 80, true, M_ADD_F32_KEY, true, false},
+      {1, 2, 77, 4097, 160, true, M_ADD_BF16_QK, true, true},
+      {1, 1, 4097, 4097, 512, false, M_NONE, true, false},
+  };
+  for (const Case &c : cases) run_case(c, rng);
+}
+
+// Argument errors are returned before any launch; kernel names are static strings.
+static void run_errors() {
+  float dummy[8] = {0};
+  Case c = {1, 1, 1, 1, 8, false, M_NONE, false, false};
+  Inputs in;
+  in.q_off = in.k_off = in.v_off = 0;
+  for (int k = 0; k < 3; ++k) in.qs[k] = in.ks[k] = in.os[k] = 8;
+  dda_attention_params p = params_for(c, in, dummy, dummy, dummy, nullptr, nullptr, DDA_F16);
+  p.D = 36;
+  if (dda_attention_fwd_cuda(&p, 0) != DDA_ERR_UNSUPPORTED_HEAD_DIM) { printf("FAIL: D=36 accepted\n"); ++g_failures; }
+  p.D = 8;
+  p.Sk = 0;
+  if (dda_attention_fwd_cuda(&p, 0) != DDA_ERR_INVALID_ARGUMENT) { printf("FAIL: Sk=0 accepted\n"); ++g_failures; }
+  p.Sk = 1;
+  p.mask_kind = DDA_MASK_BOOL;
+  if (dda_attention_fwd_cuda(&p, 0) != DDA_ERR_INVALID_ARGUMENT) { printf("FAIL: null mask accepted\n"); ++g_failures; }
+  const char *bad = dda_attention_kernel_name(9, 0, DDA_F16, 36, 77);
+  if (strncmp(bad, "unsupported: ", 13) != 0) { printf("FAIL: kernel name for D=36: %s\n", bad); ++g_failures; }
+  printf("ok   argument errors; D=36 -> \"%s\"\n", bad);
+  printf("     kernel names sm_90: d40 f16 %s, d512 f16 %s, d512 f32 %s; sm_86 d512 f32 %s\n",
+         dda_attention_kernel_name(9, 0, DDA_F16, 40, 4096), dda_attention_kernel_name(9, 0, DDA_F16, 512, 4096),
+         dda_attention_kernel_name(9, 0, DDA_F32, 512, 4096), dda_attention_kernel_name(8, 6, DDA_F32, 512, 4096));
+}
+
+// --------------------------------------------------------------- benchmark --
+
+// Median time of `iters` launches (after 3 warm-ups), each between its own events.
+static void bench(int B, int H, int Sq, int Sk, int D, int iters, int cc_major, int cc_minor) {
+  const dda_dtype t = DDA_F16;
+  Case c = {B, H, Sq, Sk, D, Sq != Sk, M_NONE, false, false};
+  Rng rng{0xbe4c4ULL + (uint64_t)D};
+  const Inputs in = make_inputs(c, rng);
+  std::vector<unsigned char> qraw = convert(in.qbuf, t), kvraw = convert(in.kvbuf, t);
+  void *dq = to_device(qraw.data(), qraw.size());
+  void *dkv = c.cross ? to_device(kvraw.data(), kvraw.size()) : dq;
+  void *dout = nullptr;
+  CUDA_CHECK(cudaMalloc(&dout, in.o_elems * esize(t)));
+  const dda_attention_params p = params_for(c, in, dq, dkv, dout, nullptr, nullptr, t);
+
+  cudaStream_t s;
+  CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  std::vector<cudaEvent_t> ev(2 * (size_t)iters);
+  for (cudaEvent_t &e : ev) CUDA_CHECK(cudaEventCreate(&e));
+  bool ok = true;
+  for (int w = 0; w < 3; ++w) ok &= dda_attention_fwd_cuda(&p, s) == DDA_OK;
+  for (int k = 0; k < iters; ++k) {
+    CUDA_CHECK(cudaEventRecord(ev[2 * k], s));
+    ok &= dda_attention_fwd_cuda(&p, s) == DDA_OK;
+    CUDA_CHECK(cudaEventRecord(ev[2 * k + 1], s));
+  }
+  CUDA_CHECK(cudaStreamSynchronize(s));
+  std::vector<float> ms((size_t)iters);
+  for (int k = 0; k < iters; ++k) CUDA_CHECK(cudaEventElapsedTime(&ms[k], ev[2 * k], ev[2 * k + 1]));
+  std::sort(ms.begin(), ms.end());
+  const double med = ms[(size_t)iters / 2];
+  const double flop = 4.0 * B * H * (double)Sq * Sk * D;
+  printf("%s fp16 %dx%dx%dx%d d%d %s: %.4f ms  %.2f TFLOP/s  [%s]\n", ok ? "    " : "FAIL", B, H, Sq, Sk, D,
+         c.cross ? "cross" : "self ", med, flop / (med * 1e-3) / 1e12,
+         dda_attention_kernel_name(cc_major, cc_minor, t, D, Sk));
+  if (!ok) ++g_failures;
+  for (cudaEvent_t &e : ev) CUDA_CHECK(cudaEventDestroy(e));
+  CUDA_CHECK(cudaStreamDestroy(s));
+  if (c.cross) CUDA_CHECK(cudaFree(dkv));
+  CUDA_CHECK(cudaFree(dq));
+  CUDA_CHECK(cudaFree(dout));
+}
+
+int main(int argc, char **argv) {
+  bool big = false;
+  int iters = 20;
+  for (int a = 1; a < argc; ++a) {
+    if (!strcmp(argv[a], "--big")) big = true;
+    else if (!strcmp(argv[a], "--iters") && a + 1 < argc) iters = std::max(1, atoi(argv[++a]));
+    else {
+      fprintf(stderr, "usage: %s [--big] [--iters N]\n", argv[0]);
+      return 2;
+    }
+  }
+  int dev = 0, rt = 0;
+  cudaDeviceProp prop;
+  CUDA_CHECK(cudaGetDevice(&dev));
+  CUDA_CHECK(cudaGetDeviceProperties(&prop, dev));
+  CUDA_CHECK(cudaRuntimeGetVersion(&rt));
+  printf("device: %s (sm_%d%d, %d SMs), CUDA runtime %d\n", prop.name, prop.major, prop.minor,
+         prop.multiProcessorCount, rt);
+
+  Rng rng{0x5eedULL};
+  run_errors();
+  run_small(rng);
+  if (big) {
+    run_big_checks(rng);
+    printf("timing: FLOP = 4*B*H*Sq*Sk*D, median of %d after 3 warm-ups, CUDA events\n", iters);
+    bench(2, 8, 4096, 4096, 40, iters, prop.major, prop.minor);
+    bench(2, 8, 1024, 1024, 80, iters, prop.major, prop.minor);
+    bench(2, 8, 256, 256, 160, iters, prop.major, prop.minor);
+    bench(2, 8, 4096, 77, 40, iters, prop.major, prop.minor);
+    bench(2, 10, 4096, 4096, 64, iters, prop.major, prop.minor);
+    bench(1, 1, 4096, 4096, 512, iters, prop.major, prop.minor);
+  }
+  printf("%s: %d failure(s)\n", g_failures ? "FAILED" : "PASSED", g_failures);
+  return g_failures ? 1 : 0;
+}

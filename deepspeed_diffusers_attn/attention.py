@@ -1,0 +1,680 @@
+"""DeepSpeedDiffusersAttention: a diffusers ``Attention`` (AttnProcessor2_0 semantics)
+run as three fused ops: projection GEMM -> attention -> output GEMM.
+
+Self-attention:   x [B,S,C] -> qkv [B,S,3,H,D] (one GEMM) -> attention on qkv.unbind(2)
+                  -> o [B,S,H*D] -> y [B,S,C] = (o Wo^T + bo + residual) / rescale_output_factor
+Cross-attention:  q [B,Sq,H,D] from x, kv [B,Sk,2,H,D] from the context (one GEMM).
+
+Inference only: the backward raises.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .workspace import Workspace, get_workspace
+
+__all__ = [
+    "DeepSpeedDiffusersAttentionConfig",
+    "DeepSpeedDiffusersAttentionFunction",
+    "DeepSpeedDiffusersAttention",
+]
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass
+class DeepSpeedDiffusersAttentionConfig:
+    """Shape and options of one attention block (diffusers ``Attention`` names in brackets).
+
+    hidden_size: channels C of the input [query_dim].
+    heads, dim_head: H and D; inner = H * D. D must be a multiple of 8 in [8, 512].
+    cross_attention_dim: channels of the context; None for self-attention, whose
+        K/V weights are packed with Q in one ``attn_qkvw``.
+    qkv_bias / out_bias: whether the Q/K/V projections / the output projection have a bias.
+    scale: the softmax scale; None means 1/sqrt(dim_head).
+    norm_num_groups: GroupNorm groups applied to the input first [group_norm], or None;
+        norm_eps and norm_affine are its eps and affine.
+    residual_connection: add the (un-normalised) input to the output.
+    rescale_output_factor: divide the output (after the residual) by this.
+    dtype: the parameters' dtype.
+    """
+
+    hidden_size: int
+    heads: int
+    dim_head: int
+    cross_attention_dim: Optional[int] = None
+    qkv_bias: bool = False
+    out_bias: bool = True
+    scale: Optional[float] = None
+    norm_num_groups: Optional[int] = None
+    norm_eps: float = 1e-5
+    norm_affine: bool = True
+    residual_connection: bool = False
+    rescale_output_factor: float = 1.0
+    dtype: torch.dtype = torch.float32
+
+    def __post_init__(self):
+        problems = []
+        if self.hidden_size < 1 or self.heads < 1:
+            problems.append(f"hidden_size ({self.hidden_size}) and heads ({self.heads}) must be >= 1")
+        if self.dim_head % 8 or not 8 <= self.dim_head <= 512:
+            problems.append(f"dim_head must be a multiple of 8 in [8, 512], got {self.dim_head}")
+        if self.cross_attention_dim is not None and self.cross_attention_dim < 1:
+            problems.append(f"cross_attention_dim must be >= 1 or None, got {self.cross_attention_dim}")
+        if self.norm_num_groups is not None and (
+            self.norm_num_groups < 1 or self.hidden_size % self.norm_num_groups
+        ):
+            problems.append(
+                f"norm_num_groups ({self.norm_num_groups}) must divide hidden_size ({self.hidden_size})"
+            )
+        if self.rescale_output_factor == 0:
+            problems.append("rescale_output_factor must not be 0")
+        if self.dtype not in _DTYPES:
+            problems.append(f"dtype must be float32, float16 or bfloat16, got {self.dtype}")
+        if problems:
+            raise ValueError("DeepSpeedDiffusersAttentionConfig: " + "; ".join(problems))
+
+    @property
+    def inner_dim(self) -> int:
+        """heads * dim_head."""
+        return self.heads * self.dim_head
+
+    @property
+    def is_cross_attention(self) -> bool:
+        """True when the block has its own K/V input width (separate Q and KV weights)."""
+        return self.cross_attention_dim is not None
+
+    @property
+    def softmax_scale(self) -> float:
+        """The scale actually used: ``scale``, or 1/sqrt(dim_head)."""
+        return self.scale if self.scale is not None else 1.0 / math.sqrt(self.dim_head)
+
+
+class DeepSpeedDiffusersAttentionFunction(torch.autograd.Function):
+    """The fused forward as an autograd node, so that a backward through it fails loudly.
+
+    ``apply(module, input, context, input_mask, *weights)``: ``weights`` are the module's
+    parameters, passed only so that autograd sees them; the forward reads them from
+    ``module``. The module calls this only when autograd is recording; otherwise it runs
+    the same forward directly.
+    """
+
+    @staticmethod
+    def forward(ctx, module, input, context, input_mask, *weights):
+        """Run ``module``'s fused forward (see DeepSpeedDiffusersAttention.forward)."""
+        return module._fused_forward(input, context, input_mask)
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        """Always raises: the kernels have no backward."""
+        raise RuntimeError(
+            "DeepSpeedDiffusersAttention is inference-only and has no backward. Run it under "
+            "torch.no_grad() or torch.inference_mode(), or keep diffusers' Attention "
+            "(dda.unpatch) to train."
+        )
+
+
+class DeepSpeedDiffusersAttention(nn.Module):
+    """A diffusers ``Attention`` block on fused kernels (inference only).
+
+    Parameters (torch ``Linear`` layout, ``[out, in]``; only those used are allocated):
+      self-attention:  ``attn_qkvw`` [3*inner, C] (rows: Q, K, V)
+      cross-attention: ``attn_qw`` [inner, C]; ``attn_kw``, ``attn_vw`` [inner, Cctx], two
+                       halves of one [2*inner, Cctx] storage so that one GEMM yields K and V
+      ``attn_qkvb`` [3*inner] if the Q/K/V projections have a bias
+      ``attn_ow`` [C, inner], ``attn_ob`` [C] if the output projection has a bias
+      ``norm_w``, ``norm_b`` [C] if group_norm is used with affine
+    Parameters do not require grad.
+
+    Each instance takes the next ``layer_id`` from a class counter;
+    :meth:`reset_layer_ids` restarts it at 0. Intermediates live in the workspace shared
+    by all layers of a device and stream (see :mod:`.workspace`).
+    """
+
+    _next_layer_id = 0
+
+    def __init__(self, config: DeepSpeedDiffusersAttentionConfig, device=None):
+        super().__init__()
+        self.config = config
+        self.layer_id = DeepSpeedDiffusersAttention._next_layer_id
+        DeepSpeedDiffusersAttention._next_layer_id += 1
+
+        C, inner = config.hidden_size, config.inner_dim
+        factory = dict(device=device, dtype=config.dtype)
+
+        def param(*shape):
+            return nn.Parameter(torch.empty(*shape, **factory), requires_grad=False)
+
+        if config.is_cross_attention:
+            self.attn_qw = param(inner, C)
+            kv = torch.empty(2 * inner, config.cross_attention_dim, **factory)
+            self.attn_kw = nn.Parameter(kv[:inner], requires_grad=False)
+            self.attn_vw = nn.Parameter(kv[inner:], requires_grad=False)
+        else:
+            self.attn_qkvw = param(3 * inner, C)
+        self.attn_qkvb = param(3 * inner) if config.qkv_bias else None
+        self.attn_ow = param(C, inner)
+        self.attn_ob = param(C) if config.out_bias else None
+        affine = config.norm_num_groups is not None and config.norm_affine
+        self.norm_w = param(C) if affine else None
+        self.norm_b = param(C) if affine else None
+
+        self._ob_cache = None  # (key, attn_ob / rescale_output_factor)
+        self._warned_split_kv = False
+        self.reset_parameters()
+
+    @classmethod
+    def reset_layer_ids(cls) -> None:
+        """Restart the layer-ID counter, so the next instance gets ``layer_id`` 0."""
+        DeepSpeedDiffusersAttention._next_layer_id = 0
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialise like ``nn.Linear`` (uniform +-1/sqrt(fan_in)) and GroupNorm (1, 0)."""
+        for w, b in self._linears():
+            bound = 1.0 / math.sqrt(w.shape[1])
+            w.uniform_(-bound, bound)
+            if b is not None:
+                b.uniform_(-bound, bound)
+        if self.norm_w is not None:
+            self.norm_w.fill_(1.0)
+            self.norm_b.zero_()
+
+    def _linears(self):
+        inner = self.config.inner_dim
+        qkvb = self.attn_qkvb
+        b = (None, None, None) if qkvb is None else (qkvb[:inner], qkvb[inner : 2 * inner], qkvb[2 * inner :])
+        if self.config.is_cross_attention:
+            pairs = [(self.attn_qw, b[0]), (self.attn_kw, b[1]), (self.attn_vw, b[2])]
+        else:
+            w = self.attn_qkvw
+            pairs = [(w[:inner], b[0]), (w[inner : 2 * inner], b[1]), (w[2 * inner :], b[2])]
+        return pairs + [(self.attn_ow, self.attn_ob)]
+
+    # ------------------------------------------------------------------ diffusers
+    @staticmethod
+    def supports(attn) -> list[str]:
+        """Every reason the diffusers ``Attention`` ``attn`` cannot be converted; empty if it can.
+
+        Only diffusers' public attributes are read (with defaults, for older versions).
+        """
+        try:
+            from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+        except ImportError as e:  # pragma: no cover - diffusers is a test dependency
+            return [f"diffusers is not importable ({e})"]
+        if not isinstance(attn, Attention):
+            return [f"{type(attn).__name__} is not a diffusers Attention"]
+
+        def get(name, default=None):
+            return getattr(attn, name, default)
+
+        reasons = []
+        if get("spatial_norm") is not None:
+            reasons.append("spatial_norm (spatial_norm_dim) is not supported")
+        if get("norm_q") is not None or get("norm_k") is not None:
+            reasons.append("qk_norm (norm_q / norm_k) is not supported")
+        if get("added_kv_proj_dim") is not None or any(
+            get(n) is not None for n in ("add_q_proj", "add_k_proj", "add_v_proj")
+        ):
+            reasons.append("added_kv_proj_dim (add_k_proj / add_v_proj) is not supported")
+        if get("only_cross_attention", False):
+            reasons.append("only_cross_attention is not supported")
+        if get("norm_cross") is not None:
+            reasons.append("cross_attention_norm (norm_cross) is not supported")
+        if get("to_add_out") is not None or get("context_pre_only") is not None:
+            reasons.append("joint attention (context_pre_only / to_add_out) is not supported")
+        if get("is_causal", False):
+            reasons.append("is_causal is not supported")
+        processor = get("processor")
+        if type(processor) not in (AttnProcessor2_0, AttnProcessor):
+            reasons.append(
+                f"processor {type(processor).__name__} is custom; only AttnProcessor2_0 and "
+                "AttnProcessor are reproduced"
+            )
+        if _has_hooks(attn):
+            reasons.append("forward hooks on the Attention module would be bypassed")
+
+        to_out = get("to_out")
+        projections = {
+            "to_q": get("to_q"),
+            "to_k": get("to_k"),
+            "to_v": get("to_v"),
+            "to_out[0]": to_out[0] if to_out is not None and len(to_out) > 0 else None,
+        }
+        bad = False
+        for name, m in projections.items():
+            if m is None:
+                reasons.append(f"{name} is missing (pre_only or only_cross_attention)")
+                bad = True
+            elif not _is_plain_linear(m):
+                reasons.append(
+                    f"{name} is a {type(m).__name__}, not a plain nn.Linear "
+                    "(PEFT/LoRA-wrapped or custom projection)"
+                )
+                bad = True
+            elif _has_hooks(m):
+                reasons.append(f"forward hooks on {name} would be bypassed")
+        if bad:
+            return reasons
+
+        to_q, to_k, to_v, out0 = projections.values()
+        heads = int(get("heads", 0) or 0)
+        inner = to_q.out_features
+        if heads < 1 or inner % heads:
+            reasons.append(f"inner dim {inner} is not divisible by heads {heads}")
+            head_dim = None
+        else:
+            head_dim = inner // heads
+            if head_dim % 8 or not 8 <= head_dim <= 512:
+                reasons.append(f"head_dim {head_dim} is not a multiple of 8 in [8, 512]")
+        if to_k.out_features != inner or to_v.out_features != inner:
+            reasons.append(
+                f"K/V width {to_k.out_features}/{to_v.out_features} differs from Q's {inner} "
+                "(kv_heads / grouped-query attention is not supported)"
+            )
+        if to_k.in_features != to_v.in_features:
+            reasons.append("to_k and to_v take different input widths")
+        if out0.in_features != inner or out0.out_features != to_q.in_features:
+            reasons.append(
+                f"to_out[0] maps {out0.in_features} -> {out0.out_features}; expected "
+                f"{inner} -> {to_q.in_features} (out_dim != query_dim is not supported)"
+            )
+        for m in list(to_out)[1:]:
+            p = getattr(m, "p", 0.0)
+            if isinstance(m, nn.Dropout) and p > 0 and (m.training or attn.training):
+                reasons.append(f"to_out dropout p={p} is active in training mode (call .eval())")
+            elif not isinstance(m, nn.Dropout):
+                reasons.append(f"to_out holds an extra {type(m).__name__}")
+
+        group_norm = get("group_norm")
+        if group_norm is not None and (
+            type(group_norm) is not nn.GroupNorm or group_norm.num_channels != to_q.in_features
+        ):
+            reasons.append("group_norm is not an nn.GroupNorm over query_dim channels")
+
+        params = list(attn.parameters())
+        dtypes = {p.dtype for p in params}
+        devices = {p.device for p in params}
+        if len(dtypes) > 1 or not dtypes <= set(_DTYPES):
+            reasons.append(f"parameter dtypes {sorted(map(str, dtypes))}: need one of float32/float16/bfloat16")
+        if len(devices) > 1 or any(d.type not in ("cpu", "cuda") for d in devices):
+            reasons.append(f"parameters on {sorted(map(str, devices))}: need one CPU or CUDA device")
+
+        if (
+            head_dim is not None
+            and type(processor) is AttnProcessor2_0
+            and not math.isclose(float(get("scale", head_dim**-0.5)), head_dim**-0.5, rel_tol=1e-6)
+        ):
+            reasons.append(
+                f"attn.scale = {get('scale')} but AttnProcessor2_0 ignores it and uses "
+                f"1/sqrt({head_dim}); set AttnProcessor() to apply attn.scale"
+            )
+        return reasons
+
+    @classmethod
+    def from_diffusers(cls, attn) -> "DeepSpeedDiffusersAttention":
+        """A new module computing what ``attn`` computes, on ``attn``'s device and dtype.
+
+        ``attn`` is not modified: the weights are copied into new fused storage. Honoured:
+        heads, dim_head (inner_dim / heads), Q/K/V and output biases, the scale (``attn.scale``
+        under AttnProcessor, 1/sqrt(dim_head) under AttnProcessor2_0, as diffusers does),
+        group_norm, residual_connection, rescale_output_factor and cross-attention.
+        ``upcast_attention`` / ``upcast_softmax`` hold by construction: our scores, softmax
+        and accumulation are always fp32. Raises ValueError listing the reasons when
+        :meth:`supports` is non-empty.
+        """
+        from diffusers.models.attention_processor import AttnProcessor
+
+        reasons = cls.supports(attn)
+        if reasons:
+            raise ValueError(
+                f"cannot convert this {type(attn).__name__} to DeepSpeedDiffusersAttention: "
+                + "; ".join(reasons)
+            )
+        to_q, to_k, to_v, out0 = attn.to_q, attn.to_k, attn.to_v, attn.to_out[0]
+        heads = int(attn.heads)
+        inner = to_q.out_features
+        cross = bool(getattr(attn, "is_cross_attention", to_k.in_features != to_q.in_features))
+        has_qkv_bias = any(m.bias is not None for m in (to_q, to_k, to_v))
+        gn = getattr(attn, "group_norm", None)
+        config = DeepSpeedDiffusersAttentionConfig(
+            hidden_size=to_q.in_features,
+            heads=heads,
+            dim_head=inner // heads,
+            cross_attention_dim=to_k.in_features if cross else None,
+            qkv_bias=has_qkv_bias,
+            out_bias=out0.bias is not None,
+            scale=float(attn.scale) if type(attn.processor) is AttnProcessor else None,
+            norm_num_groups=gn.num_groups if gn is not None else None,
+            norm_eps=gn.eps if gn is not None else 1e-5,
+            norm_affine=gn.affine if gn is not None else True,
+            residual_connection=bool(getattr(attn, "residual_connection", False)),
+            rescale_output_factor=float(getattr(attn, "rescale_output_factor", 1.0)),
+            dtype=to_q.weight.dtype,
+        )
+        module = cls(config, device=to_q.weight.device)
+        with torch.no_grad():
+            for (w, b), src in zip(module._linears(), (to_q, to_k, to_v, out0)):
+                w.copy_(src.weight)
+                if b is not None and src.bias is not None:
+                    b.copy_(src.bias)
+                elif b is not None:
+                    b.zero_()  # e.g. to_q has a bias but to_k has none
+            if module.norm_w is not None:
+                module.norm_w.copy_(gn.weight)
+                module.norm_b.copy_(gn.bias)
+        module.train(attn.training)
+        return module
+
+    # ------------------------------------------------------------------ storage
+    def _apply(self, fn, recurse=True):
+        # .to()/.half()/.cuda() give every parameter its own storage; put K and V back
+        # into one, so the KV projection stays a single GEMM.
+        super()._apply(fn, recurse)
+        self._fuse_kv()
+        return self
+
+    @torch.no_grad()
+    def _fuse_kv(self) -> None:
+        if not self.config.is_cross_attention or self._kv_weight() is not None:
+            return
+        kv = torch.cat([self.attn_kw, self.attn_vw])
+        inner = self.config.inner_dim
+        self.attn_kw.data = kv[:inner]
+        self.attn_vw.data = kv[inner:]
+
+    def _kv_weight(self) -> Optional[torch.Tensor]:
+        """attn_kw and attn_vw as one [2*inner, Cctx] weight, or None if not adjacent."""
+        kw, vw = self.attn_kw, self.attn_vw
+        if not (
+            kw.is_contiguous()
+            and vw.is_contiguous()
+            and kw.shape == vw.shape
+            and kw.dtype == vw.dtype
+            and kw.device == vw.device
+            and kw.untyped_storage().data_ptr() == vw.untyped_storage().data_ptr()
+            and vw.storage_offset() == kw.storage_offset() + kw.numel()
+        ):
+            return None
+        return kw.as_strided((2 * kw.shape[0], kw.shape[1]), (kw.shape[1], 1))
+
+    def _out_bias(self, compiling: bool) -> Optional[torch.Tensor]:
+        """attn_ob / rescale_output_factor, cached until attn_ob changes."""
+        b, f = self.attn_ob, self.config.rescale_output_factor
+        if b is None or f == 1.0:
+            return b
+        if compiling:
+            return b / f
+        key = (b.data_ptr(), b._version, b.dtype, b.device)
+        if self._ob_cache is None or self._ob_cache[0] != key:
+            with torch.no_grad():
+                self._ob_cache = (key, b / f)
+        return self._ob_cache[1]
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input: torch.Tensor,
+        context: Optional[torch.Tensor] = None,
+        input_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Attention of ``input`` over itself, or over ``context``.
+
+        input: [B, S, C], or [B, C, H, W] (flattened to [B, H*W, C] and returned as
+            [B, C, H, W] in the input's memory format, like diffusers).
+        context: [B, Sk, Cctx] or None (then K/V come from the normalised input).
+        input_mask: diffusers' ``attention_mask``: additive float (float32 or the module
+            dtype) or bool (True = attend), shaped [B, Sk], [B, 1|Sq, Sk],
+            [B*H, 1|Sq, Sk] (diffusers' convention: the same mask for every head unless
+            given per head), or 4-D broadcastable to [B, H, Sq, Sk]. Never copied.
+        float32 input / context to a float16/bfloat16 module is cast; the output has the
+        module's dtype and is a fresh tensor. Bad inputs raise TypeError (dtype) or
+        ValueError (shape, device).
+        """
+        if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+            return self._fused_forward(input, context, input_mask)
+        weights = tuple(self.parameters())
+        if any(isinstance(t, torch.Tensor) and t.requires_grad for t in (input, context, *weights)):
+            return DeepSpeedDiffusersAttentionFunction.apply(self, input, context, input_mask, *weights)
+        return self._fused_forward(input, context, input_mask)
+
+    def _fused_forward(self, input, context, input_mask) -> torch.Tensor:
+        cfg = self.config
+        dtype, device = self.attn_ow.dtype, self.attn_ow.device
+        compiling = torch.compiler.is_compiling()
+        x = _check_input(input, "input", dtype, device)
+        if x.dim() == 4:
+            B, C, Hi, Wi = x.shape
+            channels_last = x.is_contiguous(memory_format=torch.channels_last)
+            x3 = x.flatten(2).transpose(1, 2)  # [B, H*W, C], a view
+        elif x.dim() == 3:
+            B, _, C = x.shape
+            x3 = x
+        else:
+            raise ValueError(f"input must be [B, S, C] or [B, C, H, W], got shape {tuple(x.shape)}")
+        if C != cfg.hidden_size:
+            raise ValueError(
+                f"input has {C} channels but the module expects hidden_size {cfg.hidden_size} "
+                f"(input shape {tuple(x.shape)})"
+            )
+        Sq = x3.shape[1]
+        if B == 0 or Sq == 0:
+            raise ValueError(f"input is empty (shape {tuple(x.shape)}): batch and sequence must be >= 1")
+
+        if cfg.norm_num_groups is None:
+            h = x3 = _rows(x3)  # [B, Sq, C]
+        else:
+            # GroupNorm normalises over (channels of a group) x positions: run it on [B, C, ...].
+            src = x if x.dim() == 4 else x3.transpose(1, 2)
+            h = F.group_norm(src, cfg.norm_num_groups, self.norm_w, self.norm_b, cfg.norm_eps)
+            h = _rows(h.flatten(2).transpose(1, 2))  # [B, Sq, C]
+
+        ctx = None
+        if context is not None:
+            ctx = _check_input(context, "context", dtype, device)
+            want = cfg.cross_attention_dim or cfg.hidden_size
+            if ctx.dim() != 3 or ctx.shape[0] != B or ctx.shape[2] != want:
+                raise ValueError(
+                    f"context must be [B={B}, Sk, {want}], got shape {tuple(ctx.shape)}"
+                )
+            if ctx.shape[1] == 0:
+                raise ValueError(f"context is empty (shape {tuple(ctx.shape)})")
+            ctx = _rows(ctx)
+        elif cfg.is_cross_attention:
+            if cfg.cross_attention_dim != cfg.hidden_size:
+                raise ValueError(
+                    f"this cross-attention module needs a context [B, Sk, {cfg.cross_attention_dim}]"
+                )
+            ctx = h  # diffusers: encoder_hidden_states defaults to the normalised input
+        Sk = Sq if ctx is None else ctx.shape[1]
+        H, D, inner = cfg.heads, cfg.dim_head, cfg.inner_dim
+        mask = _attention_mask(input_mask, B, H, Sq, Sk, dtype, device)
+
+        residual = _rows(x3) if cfg.residual_connection else None
+        f = cfg.rescale_output_factor
+        ob = self._out_bias(compiling)
+
+        if compiling:
+            o = self._attend_functional(h, ctx, mask, B, Sq, Sk)
+        else:
+            o = self._attend_workspace(h, ctx, mask, B, Sq, Sk)
+        # y = (o Wo^T + bo + r) / f = (1/f) o Wo^T + (1/f) r + bo/f: one GEMM epilogue.
+        y = ops.linear(o.view(B, Sq, inner), self.attn_ow, ob, residual, 1.0 / f, 1.0 / f)
+
+        if x.dim() == 4:
+            y = y.view(B, Hi, Wi, C).permute(0, 3, 1, 2)  # channels-last strides
+            if not channels_last:
+                y = y.contiguous()
+        return y
+
+    def _qkv_weights(self, fused: bool = True):
+        """(wq [inner, C], bq, wkv [2*inner, Cctx] or None, (wk, wv), bkv); wkv is None
+        when K and V are not adjacent, or when not ``fused`` (no storage inspection)."""
+        inner = self.config.inner_dim
+        b = self.attn_qkvb
+        bq, bkv = (None, None) if b is None else (b[:inner], b[inner:])
+        if self.config.is_cross_attention:
+            wkv = self._kv_weight() if fused else None
+            return self.attn_qw, bq, wkv, (self.attn_kw, self.attn_vw), bkv
+        w = self.attn_qkvw
+        return w[:inner], bq, w[inner:], (w[inner : 2 * inner], w[2 * inner :]), bkv
+
+    def _attend_workspace(self, h, ctx, mask, B, Sq, Sk) -> torch.Tensor:
+        """Projections and attention through the shared workspace; returns o [B, Sq, H, D]."""
+        H, D, inner = self.config.heads, self.config.dim_head, self.config.inner_dim
+        dtype = h.dtype
+        ws = get_workspace(h.device)
+        scale = self.config.softmax_scale
+        if ctx is None:
+            shapes = [(B, Sq, 3, H, D), (B, Sq, H, D)]
+            ws.reserve(Workspace.bytes_for(shapes, dtype))
+            qkv = ws.take(shapes[0], dtype)
+            o = ws.take(shapes[1], dtype)
+            ops.linear_out(h, self.attn_qkvw, self.attn_qkvb, None, 1.0, 1.0, qkv.view(B, Sq, 3 * inner))
+            q, k, v = qkv.unbind(2)  # [B, Sq, H, D] views with row stride 3*inner
+            ops.attention_out(q, k, v, mask, scale, o)
+            return o
+
+        shapes = [(B, Sq, H, D), (B, Sk, 2, H, D), (B, Sq, H, D)]
+        ws.reserve(Workspace.bytes_for(shapes, dtype))
+        q = ws.take(shapes[0], dtype)
+        kv = ws.take(shapes[1], dtype)
+        o = ws.take(shapes[2], dtype)
+        wq, bq, wkv, (wk, wv), bkv = self._qkv_weights()
+        ops.linear_out(h, wq, bq, None, 1.0, 1.0, q.view(B, Sq, inner))
+        if wkv is not None:
+            ops.linear_out(ctx, wkv, bkv, None, 1.0, 1.0, kv.view(B, Sk, 2 * inner))
+        else:
+            self._warn_split_kv()
+            kv3 = kv.view(B, Sk, 2, inner)
+            bk, bv = (None, None) if bkv is None else (bkv[:inner], bkv[inner:])
+            ops.linear_out(ctx, wk, bk, None, 1.0, 1.0, kv3[:, :, 0])
+            ops.linear_out(ctx, wv, bv, None, 1.0, 1.0, kv3[:, :, 1])
+        k, v = kv.unbind(2)
+        ops.attention_out(q, k, v, mask, scale, o)
+        return o
+
+    def _attend_functional(self, h, ctx, mask, B, Sq, Sk) -> torch.Tensor:
+        """The same with fresh outputs (no workspace), for torch.compile tracing."""
+        H, D = self.config.heads, self.config.dim_head
+        scale = self.config.softmax_scale
+        if ctx is None:
+            qkv = ops.linear(h, self.attn_qkvw, self.attn_qkvb).view(B, Sq, 3, H, D)
+            q, k, v = qkv.unbind(2)
+        else:
+            inner = self.config.inner_dim
+            wq, bq, _, (wk, wv), bkv = self._qkv_weights(fused=False)
+            bk, bv = (None, None) if bkv is None else (bkv[:inner], bkv[inner:])
+            q = ops.linear(h, wq, bq).view(B, Sq, H, D)
+            k = ops.linear(ctx, wk, bk).view(B, Sk, H, D)
+            v = ops.linear(ctx, wv, bv).view(B, Sk, H, D)
+        o, _ = ops.attention(q, k, v, mask, scale)
+        return o
+
+    def _warn_split_kv(self) -> None:
+        if not self._warned_split_kv:
+            self._warned_split_kv = True
+            warnings.warn(
+                f"DeepSpeedDiffusersAttention layer {self.layer_id}: attn_kw and attn_vw are not "
+                "two adjacent halves of one storage (was one of them reassigned?), so K and V "
+                "take two GEMMs instead of one. Call module.float()/.to() or reassign both from "
+                "one [2*inner, Cctx] tensor to fuse them again.",
+                stacklevel=3,
+            )
+
+    def extra_repr(self) -> str:
+        """A one-line summary of the config."""
+        c = self.config
+        kind = f"cross({c.cross_attention_dim})" if c.is_cross_attention else "self"
+        return (
+            f"layer_id={self.layer_id}, {kind}, hidden_size={c.hidden_size}, heads={c.heads}, "
+            f"dim_head={c.dim_head}, dtype={c.dtype}"
+        )
+
+
+# ---------------------------------------------------------------------- helpers
+def _is_plain_linear(m) -> bool:
+    if type(m) is nn.Linear:
+        return True
+    # diffusers' LoRACompatibleLinear without a LoRA layer is a plain Linear.
+    return type(m).__name__ == "LoRACompatibleLinear" and getattr(m, "lora_layer", None) is None
+
+
+def _has_hooks(m) -> bool:
+    return bool(
+        getattr(m, "_forward_hooks", None)
+        or getattr(m, "_forward_pre_hooks", None)
+        or getattr(m, "_hf_hook", None) is not None
+    )
+
+
+def _check_input(t, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """t cast to the module dtype (only float32 -> float16/bfloat16), on the module device."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the module is on {device}")
+    if t.dtype != dtype:
+        if t.dtype == torch.float32 and dtype in (torch.float16, torch.bfloat16):
+            return t.to(dtype)
+        raise TypeError(
+            f"{name} has dtype {t.dtype} but the module is {dtype}; pass {dtype}"
+            + (" (float32 is cast)" if dtype != torch.float32 else "")
+        )
+    return t
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t [B, S, C] as the ops need it: contiguous (copied only if it is not)."""
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def _attention_mask(mask, B, H, Sq, Sk, dtype, device) -> Optional[torch.Tensor]:
+    """diffusers' attention_mask as a view broadcastable to [B, H, Sq, Sk].
+
+    diffusers (prepare_attention_mask + AttnProcessor2_0) repeats a [N, ..., Sk] mask
+    with N < B*H over heads (repeat_interleave) and views it as [B, H, -1, Sk]; for N == B
+    that is the same mask for every head, which a size-1 head dim expresses without a copy.
+    """
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"input_mask must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool and mask.dtype not in (torch.float32, dtype):
+        raise TypeError(
+            f"input_mask must be bool (True = attend) or an additive float mask "
+            f"(float32 or {dtype}), got {mask.dtype}"
+        )
+    if mask.device != device:
+        raise ValueError(f"input_mask is on {mask.device} but the module is on {device}")
+    shape = tuple(mask.shape)
+    bad = ValueError(
+        f"input_mask of shape {shape} does not fit attention of batch {B}, {H} heads, "
+        f"{Sq} queries and {Sk} keys: expected [B, Sk], [B or B*H, 1 or Sq, Sk], or 4-D "
+        f"broadcastable to [B, H, Sq, Sk] = [{B}, {H}, {Sq}, {Sk}]"
+    )
+    if mask.dim() not in (2, 3, 4) or shape[-1] != Sk:
+        raise bad
+    if mask.dim() == 4:
+        m = mask
+    else:
+        m = mask if mask.dim() == 3 else mask.unsqueeze(1)  # [N, 1|Sq, Sk]
+        N = m.shape[0]
+        if N == B:
+            m = m.unsqueeze(1)  # [B, 1, 1|Sq, Sk]
+        elif N == B * H:
+            m = m.unflatten(0, (B, H))  # [B, H, 1|Sq, Sk]
+        else:
+            raise bad
+    for have, want in zip(m.shape, (B, H, Sq, Sk)):
+        if have not in (1, want):
+            raise bad
+    return m

@@ -1,0 +1,328 @@
+"""Swap diffusers ``Attention`` modules for :class:`DeepSpeedDiffusersAttention`, and back.
+
+    report = patch(pipe)      # or patch(unet), or any nn.Module tree
+    print(report)             # one row per Attention: patched / declined / already patched
+    unpatch(pipe)             # puts the very same Attention objects back, bit-exactly
+
+What a patched model looks like:
+
+* Each supported ``Attention`` is replaced, in every parent that holds it, by a
+  :class:`PatchedAttention`. It has one child, ``dda`` (the fused module), and keeps
+  the original ``Attention`` unregistered in ``.original``, so nothing is counted twice
+  by ``parameters()`` or ``state_dict()``.
+* No weight memory is duplicated: the original's parameters (``to_q``, ``to_k``,
+  ``to_v``, ``to_out[0]``, ``group_norm``) keep their Parameter objects, but their
+  ``.data`` become views into the fused storage (values bit-identical, checked).
+  ``model.to(...)`` / ``.half()`` move the fused tensors and re-point the views.
+* ``state_dict()`` of a patched model holds the fused tensors, e.g.
+  ``...attn1.dda.attn_qkvw`` instead of ``...attn1.to_q.weight`` (same numbers, fused
+  layout; ``load_state_dict`` of such a dict works and updates the views too). Save
+  diffusers checkpoints after :func:`unpatch`: its ``state_dict()`` equals the unpatched
+  model's bit for bit (keys, values, dtypes).
+* A patched module refuses to change attention processors (``set_processor`` raises;
+  ``unet.set_attn_processor``, ``set_default_attn_processor``, IP-Adapter loading and,
+  in recent diffusers, ``fuse_qkv_projections`` go through it), and refuses ``cross_attention_kwargs`` that
+  could change the result. Modules with LoRA layers or custom processors are declined:
+  fuse and unload LoRA (``pipe.fuse_lora(); pipe.unload_lora_weights()``) before patching,
+  or load LoRA / IP-Adapter weights after :func:`unpatch` (PEFT does not find the
+  projections of a patched module).
+
+Uses only public attributes of diffusers (``Attention``, its ``to_q/to_k/to_v/to_out``,
+``group_norm``, ``heads``, ``processor``, and a pipeline's ``components``); these exist
+from diffusers 0.25 on, the oldest version supported.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator
+
+import torch
+from torch import nn
+from diffusers.models.attention_processor import Attention
+
+from .attention import DeepSpeedDiffusersAttention
+
+__all__ = ["patch", "unpatch", "PatchReport", "PatchRow", "PatchedAttention"]
+
+PATCHED = "patched"
+DECLINED = "declined"
+ALREADY_PATCHED = "already patched"
+RESTORED = "restored"
+
+_UNPATCH_HINT = "call deepspeed_diffusers_attn.unpatch(model) first"
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchRow:
+    """One Attention module: its qualified name, what happened to it, and why."""
+
+    name: str
+    status: str
+    reasons: tuple[str, ...] = ()
+
+
+class PatchSummary(dict):
+    """Counts per status (a dict); ``str()`` gives the one-line form."""
+
+    def __str__(self) -> str:
+        return ", ".join(f"{n} {status}" for status, n in self.items())
+
+
+class PatchReport:
+    """What :func:`patch` or :func:`unpatch` did, one row per Attention module."""
+
+    def __init__(self, action: str, statuses: tuple[str, ...], rows: list[PatchRow], options: dict):
+        self.action = action
+        self.statuses = statuses
+        self.rows = rows
+        self.options = options
+
+    def summary(self) -> PatchSummary:
+        """Counts per status, e.g. ``{'patched': 140, 'declined': 0, 'already patched': 0}``."""
+        counts = PatchSummary((s, 0) for s in self.statuses)
+        for row in self.rows:
+            counts[row.status] += 1
+        return counts
+
+    def names(self, status: str) -> list[str]:
+        """The qualified names of the modules with this status."""
+        return [row.name for row in self.rows if row.status == status]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self) -> Iterator[PatchRow]:
+        return iter(self.rows)
+
+    def __repr__(self) -> str:
+        return f"PatchReport({self.action}: {self.summary()})"
+
+    def __str__(self) -> str:
+        head = f"deepspeed_diffusers_attn.{self.action}: {self.summary()}"
+        if self.options:
+            head += "  (" + ", ".join(f"{k}={v}" for k, v in self.options.items()) + ")"
+        if not self.rows:
+            return head + "\n(no diffusers Attention modules " + (
+                "found)" if self.action == "patch" else "to restore)")
+        status_w = max(len("status"), *(len(r.status) for r in self.rows))
+        name_w = max(len("module"), *(len(r.name) for r in self.rows))
+        lines = [head, f"{'status':<{status_w}}  {'module':<{name_w}}  reasons"]
+        for r in self.rows:
+            lines.append(f"{r.status:<{status_w}}  {r.name:<{name_w}}  {'; '.join(r.reasons)}".rstrip())
+        return "\n".join(lines)
+
+
+class PatchedAttention(nn.Module):
+    """Stands in for one diffusers ``Attention``, with its call signature, running ``dda``.
+
+    ``dda`` is the fused :class:`DeepSpeedDiffusersAttention` (the only child);
+    ``original`` is the replaced ``Attention``, kept unregistered for :func:`unpatch`.
+    """
+
+    def __init__(self, original: Attention, fused: DeepSpeedDiffusersAttention):
+        super().__init__()
+        self.dda = fused
+        object.__setattr__(self, "_original", original)  # bypasses nn.Module registration
+        self.train(original.training)
+
+    @property
+    def original(self) -> Attention:
+        return self._original
+
+    @property
+    def heads(self) -> int:
+        return self._original.heads
+
+    def get_processor(self, return_deprecated_lora: bool = False):
+        """The original's processor, so ``model.attn_processors`` keeps working (it is not used)."""
+        return self._original.processor
+
+    def set_processor(self, processor, *args, **kwargs) -> None:
+        raise RuntimeError(
+            f"this Attention is patched by deepspeed_diffusers_attn and ignores processors; to set "
+            f"{type(processor).__name__}, {_UNPATCH_HINT}")
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, **cross_attention_kwargs) -> torch.Tensor:
+        # hidden_states [B, S, C] or [B, C, H, W]; encoder_hidden_states [B, Sk, Cctx];
+        # attention_mask: diffusers' mask (bool or additive), e.g. [B, 1, Sk] from the UNet.
+        _check_cross_attention_kwargs(cross_attention_kwargs)
+        if isinstance(encoder_hidden_states, (tuple, list)):
+            raise ValueError(
+                "encoder_hidden_states is a tuple (IP-Adapter image embeddings); a patched attention "
+                f"cannot apply IP-Adapter: {_UNPATCH_HINT}, then load the IP-Adapter")
+        return self.dda(hidden_states, context=encoder_hidden_states, input_mask=attention_mask)
+
+    def _apply(self, fn, recurse=True):
+        # .to() / .half() / .cuda(): move the fused tensors, then re-point the original's views.
+        super()._apply(fn, recurse)
+        for param, fused in _fused_sources(self._original, self.dda):
+            param.data = fused
+        return self
+
+    def extra_repr(self) -> str:
+        return f"original={type(self._original).__name__}(heads={self._original.heads})"
+
+
+def _check_cross_attention_kwargs(kwargs: dict) -> None:
+    for key, value in kwargs.items():
+        if key == "temb":
+            continue  # stock processors use temb only through spatial_norm, which is never patched
+        if key == "scale" and (value is None or (isinstance(value, (int, float)) and value == 1)):
+            continue
+        if key in ("ip_adapter_masks", "ip_hidden_states") and value is None:
+            continue
+        raise ValueError(
+            f"cross_attention_kwargs[{key!r}] = {value!r} would change the attention result, and a "
+            f"patched attention cannot apply it ('scale' is the LoRA scale, 'ip_*' are IP-Adapter "
+            f"inputs; others are unknown to deepspeed_diffusers_attn); {_UNPATCH_HINT}")
+
+
+def _fused_sources(attn: Attention, fused: DeepSpeedDiffusersAttention):
+    """(original parameter, the fused tensor holding its values) for each tensor the fused module copied.
+
+    The fused tensors are detached views: ``attn_qkvw [3*inner, C]`` splits into q, k, v
+    along dim 0; ``attn_qkvb [3*inner]`` likewise. A fused bias slice whose original is
+    None (the fused module zero-fills it) has no pair.
+    """
+    pairs = []
+    if getattr(fused, "attn_qkvw", None) is not None:
+        q, k, v = fused.attn_qkvw.data.chunk(3, dim=0)
+    else:
+        q, k, v = fused.attn_qw.data, fused.attn_kw.data, fused.attn_vw.data
+    pairs += [(attn.to_q.weight, q), (attn.to_k.weight, k), (attn.to_v.weight, v)]
+    if getattr(fused, "attn_qkvb", None) is not None:
+        qb, kb, vb = fused.attn_qkvb.data.chunk(3, dim=0)
+        pairs += [(attn.to_q.bias, qb), (attn.to_k.bias, kb), (attn.to_v.bias, vb)]
+    pairs.append((attn.to_out[0].weight, fused.attn_ow.data))
+    if getattr(fused, "attn_ob", None) is not None:
+        pairs.append((attn.to_out[0].bias, fused.attn_ob.data))
+    if getattr(fused, "norm_w", None) is not None:
+        pairs += [(attn.group_norm.weight, fused.norm_w.data), (attn.group_norm.bias, fused.norm_b.data)]
+    return [(p, t) for p, t in pairs if p is not None]
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bits as integers of the same width, for bit-exact comparison."""
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    return t.detach().view(ints[t.element_size()])
+
+
+def _share_reasons(attn: Attention, pairs) -> list[str]:
+    """Why the original's parameters cannot become views of the fused tensors (empty if they can)."""
+    covered = {id(p) for p, _ in pairs}
+    reasons = [f"parameter {name} is not used by the fused module"
+               for name, p in attn.named_parameters() if id(p) not in covered]
+    reasons += [f"buffer {name} is not used by the fused module" for name, _ in attn.named_buffers()]
+    for p, t in pairs:
+        if (p.shape, p.dtype, p.device) != (t.shape, t.dtype, t.device) or not torch.equal(_bits(p), _bits(t)):
+            reasons.append(f"internal: fused copy of a {tuple(p.shape)} {p.dtype} parameter differs from the original")
+    return reasons
+
+
+def _roots(obj) -> list[tuple[str, nn.Module]]:
+    """(prefix, module) for an nn.Module, or for each nn.Module component of a diffusers pipeline."""
+    if isinstance(obj, nn.Module):
+        return [("", obj)]
+    components = getattr(obj, "components", None)
+    if isinstance(components, dict):
+        return [(name, m) for name, m in components.items() if isinstance(m, nn.Module)]
+    raise TypeError(f"expected a diffusers pipeline or a torch.nn.Module, got {type(obj).__name__}")
+
+
+def _sites(obj, kinds) -> dict[int, list[tuple[str, nn.Module, str, nn.Module]]]:
+    """Every place a module of ``kinds`` is held: id -> [(qualified name, parent, attribute, module)].
+
+    Does not descend into such modules. A module held twice (shared) is listed with every parent.
+    """
+    found: dict[int, list] = {}
+    seen: set[int] = set()
+
+    def walk(prefix: str, parent: nn.Module) -> None:
+        if id(parent) in seen:
+            return
+        seen.add(id(parent))
+        for attr, child in parent.named_children():
+            name = f"{prefix}.{attr}" if prefix else attr
+            if isinstance(child, kinds):
+                found.setdefault(id(child), []).append((name, parent, attr, child))
+            else:
+                walk(name, child)
+
+    for prefix, root in _roots(obj):
+        if isinstance(root, kinds):
+            found.setdefault(id(root), []).append((prefix or type(root).__name__, None, None, root))
+        else:
+            walk(prefix, root)
+    return found
+
+
+def _patch_one(attn: Attention) -> tuple[PatchedAttention | None, list[str]]:
+    reasons = DeepSpeedDiffusersAttention.supports(attn)
+    if reasons:
+        return None, reasons
+    fused = DeepSpeedDiffusersAttention.from_diffusers(attn)
+    pairs = _fused_sources(attn, fused)
+    reasons = _share_reasons(attn, pairs)
+    if reasons:
+        return None, reasons
+    for param, view in pairs:
+        param.data = view  # frees the original storage; values are bit-identical (checked above)
+    return PatchedAttention(attn, fused), []
+
+
+@torch.no_grad()
+def patch(obj, *, cuda_graph: bool = False, channels_last: bool = False, kv_cache: bool = False) -> PatchReport:
+    """Replace every supported diffusers ``Attention`` in ``obj`` by a :class:`PatchedAttention`.
+
+    ``obj``: a diffusers pipeline (each nn.Module component is searched: unet, vae,
+    transformer...; text encoders have no diffusers Attention) or any nn.Module.
+    Unsupported modules stay as they are and are listed as declined, with reasons.
+    Patching a patched model is a no-op ("already patched" rows).
+    """
+    options = {"cuda_graph": cuda_graph, "channels_last": channels_last, "kv_cache": kv_cache}
+    for key, value in options.items():
+        if value:
+            raise NotImplementedError(f"patch({key}=True) is not implemented yet; use {key}=False")
+    DeepSpeedDiffusersAttention.reset_layer_ids()  # this call's new layers are numbered from 0
+    rows = []
+    for places in _sites(obj, (Attention, PatchedAttention)).values():
+        name, _, _, module = places[0]
+        if isinstance(module, PatchedAttention):
+            rows.append(PatchRow(name, ALREADY_PATCHED))
+            continue
+        if places[0][1] is None:
+            rows.append(PatchRow(name, DECLINED, ("it is the object passed to patch(); pass its parent",)))
+            continue
+        wrapper, reasons = _patch_one(module)
+        if wrapper is None:
+            rows.append(PatchRow(name, DECLINED, tuple(reasons)))
+            continue
+        for _, parent, attr, _ in places:
+            setattr(parent, attr, wrapper)
+        rows.append(PatchRow(name, PATCHED))
+    return PatchReport("patch", (PATCHED, DECLINED, ALREADY_PATCHED), rows, options)
+
+
+@torch.no_grad()
+def unpatch(obj) -> PatchReport:
+    """Put back the original ``Attention`` objects that :func:`patch` replaced in ``obj``.
+
+    Their parameters get independent storage again, with the fused tensors' current
+    values (bit-identical to before patching unless the model was changed meanwhile),
+    on the fused tensors' current device and dtype. A model with nothing patched is
+    left alone (the report has no rows).
+    """
+    rows = []
+    for places in _sites(obj, (PatchedAttention,)).values():
+        name, _, _, wrapper = places[0]
+        original = wrapper.original
+        for param, fused in _fused_sources(original, wrapper.dda):
+            param.data = fused.clone()
+        original.train(wrapper.training)
+        for _, parent, attr, _ in places:
+            if parent is not None:
+                setattr(parent, attr, original)
+        reasons = ("it is the object passed to unpatch(); use its .original",) if places[0][1] is None else ()
+        rows.append(PatchRow(name, RESTORED, reasons))
+    return PatchReport("unpatch", (RESTORED,), rows, {})

@@ -1,0 +1,90 @@
+"""Shared test helpers: seeding, a CUDA skip marker, seeded diffusers Attention blocks,
+and the upcast-reference error check."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import deepspeed_diffusers_attn  # noqa: F401  (loads the extension: torch.ops.dda)
+from deepspeed_diffusers_attn.attention import DeepSpeedDiffusersAttention
+from deepspeed_diffusers_attn.workspace import release_workspaces
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_state():
+    """Every test starts from seed 0, layer id 0 and no workspace."""
+    torch.manual_seed(0)
+    DeepSpeedDiffusersAttention.reset_layer_ids()
+    release_workspaces()
+    yield
+    release_workspaces()
+
+
+def make_attention(
+    query_dim: int,
+    heads: int,
+    dim_head: int,
+    *,
+    seed: int = 0,
+    device="cpu",
+    dtype=torch.float32,
+    processor=None,
+    **kwargs,
+):
+    """A diffusers ``Attention`` in eval mode with seeded random weights.
+
+    Every parameter is redrawn (biases and GroupNorm affine included, which default to
+    constants), so a wrong bias or a missing norm affine shows up in the output.
+    """
+    from diffusers.models.attention_processor import Attention
+
+    attn = Attention(query_dim, heads=heads, dim_head=dim_head, processor=processor, **kwargs)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in attn.named_parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5)
+            elif "norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+    return attn.eval().to(device=device, dtype=dtype)
+
+
+def as_dtype(t, dtype):
+    """t cast to dtype if it is a floating tensor; other values unchanged."""
+    if isinstance(t, torch.Tensor) and t.is_floating_point():
+        return t.to(dtype)
+    return t
+
+
+def run_diffusers(attn, x, context=None, mask=None, dtype=None):
+    """attn (a copy cast to ``dtype``, if given) on the inputs cast likewise."""
+    if dtype is not None:
+        attn = copy.deepcopy(attn).to(dtype)
+        x, context, mask = (as_dtype(t, dtype) for t in (x, context, mask))
+    with torch.no_grad():
+        return attn(x, encoder_hidden_states=context, attention_mask=mask)
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The largest absolute difference, computed in float64."""
+    return (a.double() - b.double()).abs().max().item()
+
+
+def assert_upcast_close(ours, attn, x, context=None, mask=None, same_dtype=None, factor=2.0, floor=1e-6):
+    """Our error against a float64 run of ``attn`` is at most ``factor`` times diffusers'
+    own error at ``same_dtype`` (default: ours' dtype), plus ``floor`` times the output's
+    magnitude."""
+    ref = run_diffusers(attn, x, context, mask, dtype=torch.float64)
+    theirs = run_diffusers(attn, x, context, mask, dtype=same_dtype or ours.dtype)
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    assert torch.isfinite(ours).all()
+    ours_err, their_err = max_err(ours, ref), max_err(theirs, ref)
+    bound = factor * their_err + floor * max(1.0, ref.abs().max().item())
+    assert ours_err <= bound, f"error {ours_err:.3g} > {factor} x diffusers' {their_err:.3g} + floor"
+    return ours_err, their_err

@@ -1,0 +1,322 @@
+"""The raw ops (torch.ops.dda.*) against float64 references, on CPU and (when present) CUDA.
+
+Tolerances come from the error of PyTorch's own computation in the same precision
+against the same float64 reference: ours may be at most twice that (STYLE.md 7),
+with a floor of a few units of rounding for the cases where PyTorch happens to be exact.
+"""
+import math
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from deepspeed_diffusers_attn import ops
+
+CUDA = torch.cuda.is_available()
+requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+EPS = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+
+
+def rel_err(a, ref):
+    a, ref = a.double(), ref.double()
+    return ((a - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def sdpa_ref(q, k, v, mask, scale):
+    """q [B,Sq,H,D], k/v [B,Sk,H,D] → [B,Sq,H,D], computed by torch in q's dtype (math path)."""
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.to(q.dtype)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale
+    )
+    return out.transpose(1, 2)
+
+
+def packed_qkv(B, Sq, Sk, H, D, dtype, device, gen, cross):
+    """q/k/v as the projection leaves them: views of packed [B,S,3,H,D] or [B,Sq,H,D]+[B,Sk,2,H,D]."""
+    if not cross:
+        qkv = torch.randn(B, Sq, 3, H, D, generator=gen, dtype=torch.float64).to(device, dtype)
+        return qkv.unbind(2)
+    q = torch.randn(B, Sq, H, D, generator=gen, dtype=torch.float64).to(device, dtype)
+    kv = torch.randn(B, Sk, 2, H, D, generator=gen, dtype=torch.float64).to(device, dtype)
+    k, v = kv.unbind(2)
+    return q, k, v
+
+
+def make_mask(kind, B, H, Sq, Sk, gen, device):
+    if kind is None:
+        return None
+    if kind == "add_b1k":  # what the UNet builds from an encoder attention mask: (B, 1, Sk)
+        keep = torch.rand(B, 1, 1, Sk, generator=gen) > 0.3
+        keep[..., 0] = True
+        return ((~keep).double() * -10000.0).float().to(device)
+    if kind == "add_full":
+        return torch.randn(B, H, Sq, Sk, generator=gen).float().to(device)
+    if kind == "bool_q":
+        keep = torch.rand(B, 1, Sq, Sk, generator=gen) > 0.5
+        keep[..., 0] = True
+        return keep.to(device)
+    raise ValueError(kind)
+
+
+CPU_CASES = [
+    # B, H, Sq, Sk, D, cross, mask
+    (1, 1, 1, 1, 8, False, None),
+    (2, 3, 77, 77, 40, False, None),
+    (2, 2, 97, 77, 64, True, "add_b1k"),
+    (1, 2, 65, 130, 80, True, "bool_q"),
+    (2, 1, 33, 33, 128, False, "add_full"),
+    (1, 2, 17, 77, 160, True, None),
+    (1, 1, 70, 70, 512, False, "add_b1k"),
+]
+
+
+@pytest.mark.parametrize("B,H,Sq,Sk,D,cross,mask_kind", CPU_CASES)
+def test_attention_cpu_matches_float64(B, H, Sq, Sk, D, cross, mask_kind):
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((B, H, Sq, Sk, D, cross, mask_kind)).encode()))
+    q, k, v = packed_qkv(B, Sq, Sk, H, D, torch.float32, "cpu", gen, cross)
+    mask = make_mask(mask_kind, B, H, Sq, Sk, gen, "cpu")
+    scale = 1.0 / math.sqrt(D)
+    out = torch.full((B, Sq, H, D), float("nan"))
+    lse = torch.full((B, H, Sq), float("nan"))
+    ops.attention_out(q, k, v, mask, scale, out, lse)
+    ref = sdpa_ref(q.double(), k.double(), v.double(), mask if mask is None or mask.dtype == torch.bool else mask.double(), scale)
+    torch_err = rel_err(sdpa_ref(q, k, v, mask, scale), ref)
+    assert torch.isfinite(out).all(), "some outputs were not written"
+    assert rel_err(out, ref) <= max(2 * torch_err, 8 * EPS[torch.float32])
+    s = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.double()
+    torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), rtol=1e-5, atol=1e-5)
+
+
+def test_attention_fully_masked_rows_give_zero():
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = packed_qkv(2, 9, 9, 2, 16, torch.float32, "cpu", gen, False)
+    keep = torch.ones(2, 1, 9, 9, dtype=torch.bool)
+    keep[0, 0, 3] = False  # row 3 of batch 0 attends nothing
+    out, lse = ops.attention(q, k, v, keep, None, return_lse=True)
+    assert torch.equal(out[0, 3], torch.zeros_like(out[0, 3]))
+    assert torch.isneginf(lse[0, :, 3]).all()
+    assert torch.isfinite(out).all()
+    additive = torch.zeros(2, 1, 1, 9)
+    additive[1] = float("-inf")
+    out2, _ = ops.attention(q, k, v, additive, None)
+    assert torch.equal(out2[1], torch.zeros_like(out2[1]))
+    assert torch.isfinite(out2[0]).all() and out2[0].abs().sum() > 0
+
+
+def test_attention_default_scale_and_lse_shape():
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = packed_qkv(1, 5, 7, 2, 24, torch.float32, "cpu", gen, True)
+    out, lse = ops.attention(q, k, v)
+    assert out.shape == (1, 5, 2, 24) and out.is_contiguous()
+    assert lse.numel() == 0
+    ref = sdpa_ref(q.double(), k.double(), v.double(), None, 24**-0.5)
+    assert rel_err(out, ref) < 1e-5
+
+
+LINEAR_CASES = [
+    # M-shape, K, N, bias, residual, alpha, beta
+    ((1, 1), 8, 8, False, False, 1.0, 1.0),
+    ((2, 77), 320, 960, True, False, 1.0, 1.0),
+    ((3, 5, 7), 40, 24, True, True, 0.5, 2.0),
+    ((2, 33), 768, 640, False, True, 1.0, 1.0),
+]
+
+
+@pytest.mark.parametrize("lead,K,N,has_bias,has_res,alpha,beta", LINEAR_CASES)
+def test_linear_cpu_matches_float64(lead, K, N, has_bias, has_res, alpha, beta):
+    gen = torch.Generator().manual_seed(K * 1000 + N)
+    x = torch.randn(*lead, K, generator=gen)
+    w = torch.randn(N, K, generator=gen) / math.sqrt(K)
+    b = torch.randn(N, generator=gen) if has_bias else None
+    r = torch.randn(*lead, N, generator=gen) if has_res else None
+    y = ops.linear(x, w, b, r, alpha, beta)
+    ref = alpha * (x.double() @ w.double().T)
+    if r is not None:
+        ref = ref + beta * r.double()
+    if b is not None:
+        ref = ref + b.double()
+    mine = alpha * (x @ w.T) + (beta * r if r is not None else 0) + (b if b is not None else 0)
+    assert y.shape == (*lead, N)
+    assert rel_err(y, ref) <= max(2 * rel_err(mine, ref), 8 * EPS[torch.float32])
+
+
+def test_linear_out_writes_a_strided_slice_only():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 11, 32, generator=gen)
+    w = torch.randn(48, 32, generator=gen)
+    packed = torch.full((2, 11, 2, 48), float("nan"))
+    ops.linear_out(x, w, None, None, 1.0, 0.0, packed[:, :, 1])
+    assert torch.isnan(packed[:, :, 0]).all(), "wrote outside the slice"
+    torch.testing.assert_close(packed[:, :, 1], x @ w.T, rtol=1e-5, atol=1e-5)
+
+
+def _opcheck_samples(device, dtype):
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = packed_qkv(2, 13, 9, 2, 16, dtype, device, gen, True)
+    mask = torch.zeros(2, 1, 1, 9, device=device, dtype=torch.float32)
+    x = torch.randn(2, 7, 16, generator=gen).to(device, dtype)
+    w = torch.randn(24, 16, generator=gen).to(device, dtype)
+    b = torch.randn(24, generator=gen).to(device, dtype)
+    r = torch.randn(2, 7, 24, generator=gen).to(device, dtype)
+    return [
+        (torch.ops.dda.linear.default, (x, w, b, r, 0.5, 1.0)),
+        (torch.ops.dda.linear.default, (x, w, None, None, 1.0, 0.0)),
+        (torch.ops.dda.linear_out.default, (x, w, b, None, 1.0, 0.0, torch.empty(2, 7, 24, device=device, dtype=dtype))),
+        (torch.ops.dda.attention.default, (q, k, v, mask, 0.25, True)),
+        (torch.ops.dda.attention.default, (q, k, v, None, 0.25, False)),
+        (
+            torch.ops.dda.attention_out.default,
+            (q, k, v, None, 0.25, torch.empty(2, 13, 2, 16, device=device, dtype=dtype),
+             torch.empty(2, 2, 13, device=device)),
+        ),
+    ]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+def test_opcheck(device):
+    dtype = torch.float32 if device == "cpu" else torch.float16
+    for op, args in _opcheck_samples(device, dtype):
+        torch.library.opcheck(op, args)
+
+
+def test_torch_compile_fullgraph_cpu():
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 10, 32, generator=gen)
+    w = torch.randn(96, 32, generator=gen)
+    wo = torch.randn(32, 32, generator=gen)
+
+    def block(x):
+        qkv = ops.linear(x, w).view(2, 10, 3, 4, 8)
+        q, k, v = qkv.unbind(2)
+        o, _ = ops.attention(q, k, v, None, 0.3)
+        return ops.linear(o.view(2, 10, 32), wo, None, x, 1.0, 1.0)
+
+    compiled = torch.compile(block, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), block(x))
+
+
+def test_attention_kernel_name_cpu():
+    assert ops.attention_kernel_name("cpu", torch.float32, 40, 77) == "cpu_reference"
+    assert ops.attention_kernel_name("cpu", torch.float16, 40, 77).startswith("unsupported")
+    assert ops.attention_kernel_name("cpu", torch.float32, 44, 77).startswith("unsupported")
+    assert isinstance(ops.cuda_built(), bool)
+
+
+# ---------------------------------------------------------------- CUDA ----
+
+GPU_ATTN_CASES = [
+    # B, H, Sq, Sk, D, cross, mask
+    (2, 8, 77, 77, 40, False, None),
+    (2, 3, 97, 77, 40, True, "add_b1k"),
+    (1, 2, 4097, 4097, 64, False, None),
+    (2, 2, 1, 77, 80, True, None),
+    (2, 2, 257, 1, 80, True, None),
+    (1, 2, 300, 300, 128, False, "bool_q"),
+    (2, 2, 256, 256, 160, False, "add_full"),
+    (2, 1, 4097, 77, 160, True, "add_b1k"),
+    (1, 1, 1000, 1000, 512, False, None),
+    (1, 1, 77, 4097, 512, True, None),
+]
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("B,H,Sq,Sk,D,cross,mask_kind", GPU_ATTN_CASES)
+def test_attention_cuda_matches_float64(B, H, Sq, Sk, D, cross, mask_kind, dtype):
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((B, H, Sq, Sk, D, cross, mask_kind, dtype)).encode()))
+    q, k, v = packed_qkv(B, Sq, Sk, H, D, dtype, "cuda", gen, cross)
+    mask = make_mask(mask_kind, B, H, Sq, Sk, gen, "cuda")
+    if mask is not None and mask.dtype != torch.bool and dtype != torch.float32:
+        mask = mask.to(dtype)  # also exercises the fp16/bf16 additive-mask path
+    scale = 1.0 / math.sqrt(D)
+    out = torch.full((B, Sq, H, D), float("nan"), device="cuda", dtype=dtype)
+    lse = torch.full((B, H, Sq), float("nan"), device="cuda")
+    ops.attention_out(q, k, v, mask, scale, out, lse)
+    torch.cuda.synchronize()
+    m64 = None if mask is None else (mask if mask.dtype == torch.bool else mask.double())
+    ref = sdpa_ref(q.double(), k.double(), v.double(), m64, scale)
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        torch_err = rel_err(sdpa_ref(q, k, v, mask, scale), ref)
+    assert torch.isfinite(out).all(), "some outputs were not written"
+    assert rel_err(out, ref) <= max(2 * torch_err, 4 * EPS[dtype])
+    s = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * scale
+    if m64 is not None:
+        s = s.masked_fill(~m64, float("-inf")) if m64.dtype == torch.bool else s + m64
+    torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), rtol=1e-4, atol=1e-3)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("lead,K,N,has_bias,has_res,alpha,beta", LINEAR_CASES + [((2, 4096), 320, 960, True, True, 1.0, 1.0)])
+def test_linear_cuda_matches_float64(lead, K, N, has_bias, has_res, alpha, beta, dtype):
+    gen = torch.Generator().manual_seed(K * 7 + N)
+    x = torch.randn(*lead, K, generator=gen).to("cuda", dtype)
+    w = (torch.randn(N, K, generator=gen) / math.sqrt(K)).to("cuda", dtype)
+    b = torch.randn(N, generator=gen).to("cuda", dtype) if has_bias else None
+    r = torch.randn(*lead, N, generator=gen).to("cuda", dtype) if has_res else None
+    y = torch.full((*lead, N), float("nan"), device="cuda", dtype=dtype)
+    ops.linear_out(x, w, b, r, alpha, beta, y)
+    ref = alpha * (x.double() @ w.double().T)
+    if r is not None:
+        ref = ref + beta * r.double()
+    if b is not None:
+        ref = ref + b.double()
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        mine = alpha * F.linear(x, w) + (beta * r if r is not None else 0) + (b if b is not None else 0)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    assert torch.isfinite(y).all()
+    assert rel_err(y, ref) <= max(2 * rel_err(mine, ref), 4 * EPS[dtype])
+
+
+@requires_cuda
+def test_cuda_kernel_name_reported():
+    name = ops.attention_kernel_name("cuda", torch.float16, 40, 4096)
+    assert name and not name.startswith("unsupported"), name
+    assert ops.attention_kernel_name("cuda", torch.float16, 44, 77).startswith("unsupported")
+
+
+@requires_cuda
+def test_cuda_graph_capture_of_ops():
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 64, 32, generator=gen).cuda().half()
+    w = torch.randn(96, 32, generator=gen).cuda().half()
+
+    def step():
+        q, k, v = ops.linear(x, w).view(2, 64, 3, 4, 8).unbind(2)
+        return ops.attention(q, k, v)[0]
+
+    eager = step()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()  # warm-up outside capture (plans, allocator)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        captured = step()
+    x.copy_(torch.randn(2, 64, 32, generator=gen).half())
+    g.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(captured, step())
+    assert not torch.equal(captured, eager)
+
+
+@requires_cuda
+def test_torch_compile_fullgraph_cuda():
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 64, 32, generator=gen).cuda().half()
+    w = torch.randn(96, 32, generator=gen).cuda().half()
+
+    def block(x):
+        q, k, v = ops.linear(x, w).view(2, 64, 3, 4, 8).unbind(2)
+        return ops.attention(q, k, v)[0]
+
+    compiled = torch.compile(block, fullgraph=True)
+    torch.testing.assert_close(compiled(x), block(x))

@@ -1,0 +1,376 @@
+"""patch() / unpatch() on scaled-down real models, on the CPU in fp32.
+
+Patched outputs must match stock diffusers within 1e-5 (relative L2 and relative max);
+after unpatch, outputs, parameters and state_dict must be bit-identical to stock.
+"""
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from torch import nn
+from diffusers import AutoencoderKL, Transformer2DModel, UNet2DConditionModel
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+import deepspeed_diffusers_attn as dda
+from deepspeed_diffusers_attn.patch import PatchedAttention
+
+from deepspeed_diffusers_attn.configs import SD15_UNET, SD21_UNET, SDXL_UNET, SD_VAE, scaled_down, sdxl_added_cond_shapes
+
+TOL = 1e-5
+UNETS = {"sd15": SD15_UNET, "sd21": SD21_UNET, "sdxl": SDXL_UNET}
+
+
+def rel_errors(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """(relative L2 error, max abs error / max abs reference)."""
+    diff = (out.double() - ref.double())
+    return (diff.norm() / ref.double().norm()).item(), (diff.abs().max() / ref.double().abs().max()).item()
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, tol: float = TOL) -> None:
+    l2, mx = rel_errors(out, ref)
+    assert l2 <= tol and mx <= tol, f"rel L2 {l2:.3g}, rel max {mx:.3g} > {tol}"
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def assert_bit_equal(a: torch.Tensor, b: torch.Tensor) -> None:
+    assert a.dtype == b.dtype and a.shape == b.shape
+    assert torch.equal(bits(a), bits(b))
+
+
+def clone_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_state_equal(a: dict, b: dict) -> None:
+    assert list(a) == list(b)
+    for k in a:
+        assert_bit_equal(a[k], b[k])
+
+
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind these tensors."""
+    storages = {}
+    for t in tensors:
+        s = t.untyped_storage()
+        storages[s.data_ptr()] = s.nbytes()
+    return sum(storages.values())
+
+
+def make_unet(kind: str) -> tuple[UNet2DConditionModel, dict]:
+    torch.manual_seed(0)
+    config = scaled_down(UNETS[kind])
+    unet = UNet2DConditionModel.from_config(config).eval()
+    batch, size = 2, config["sample_size"]
+    inputs = {
+        "sample": torch.randn(batch, 4, size, size),
+        "timestep": torch.tensor([10, 500]),
+        "encoder_hidden_states": torch.randn(batch, 77, config["cross_attention_dim"]),
+    }
+    if kind == "sdxl":
+        inputs["added_cond_kwargs"] = {k: torch.randn(s) for k, s in sdxl_added_cond_shapes(config, batch).items()}
+    return unet, inputs
+
+
+def run_unet(unet, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return unet(**inputs).sample
+
+
+def make_vae() -> AutoencoderKL:
+    torch.manual_seed(0)
+    return AutoencoderKL.from_config(scaled_down(SD_VAE)).eval()
+
+
+def encoder_mask() -> torch.Tensor:
+    """diffusers' encoder_attention_mask [B, 77] (1 = keep): batch 0 sees 20 tokens, batch 1 all."""
+    mask = torch.ones(2, 77)
+    mask[0, 20:] = 0
+    return mask
+
+
+@pytest.mark.parametrize("kind", list(UNETS))
+def test_unet_parity_and_exact_restore(kind):
+    unet, inputs = make_unet(kind)
+    masked_inputs = {**inputs, "encoder_attention_mask": encoder_mask()}
+    n_attn = sum(isinstance(m, Attention) for m in unet.modules())
+    stock = run_unet(unet, inputs)
+    stock_masked = run_unet(unet, masked_inputs)
+    state = clone_state(unet)
+
+    report = dda.patch(unet)
+    assert report.summary() == {"patched": n_attn, "declined": 0, "already patched": 0}, str(report)
+    assert not any(isinstance(m, Attention) for m in unet.modules())
+    assert_close(run_unet(unet, inputs), stock)
+    assert_close(run_unet(unet, masked_inputs), stock_masked)
+
+    assert dda.unpatch(unet).summary() == {"restored": n_attn}
+    assert_bit_equal(run_unet(unet, inputs), stock)
+    assert_state_equal(clone_state(unet), state)
+
+
+def test_sd21_uses_upcast_attention():
+    unet, _ = make_unet("sd21")
+    assert all(m.upcast_attention for m in unet.modules() if isinstance(m, Attention))
+
+
+def test_masking_matters():
+    """The encoder mask must change the output, so the masked parity test is not vacuous."""
+    unet, inputs = make_unet("sd15")
+    dda.patch(unet)
+    plain = run_unet(unet, inputs)
+    masked = run_unet(unet, {**inputs, "encoder_attention_mask": encoder_mask()})
+    assert rel_errors(masked[0], plain[0])[0] > 1e-3
+    assert_close(masked[1], plain[1])
+
+
+def test_vae_parity_and_exact_restore():
+    vae = make_vae()
+    torch.manual_seed(1)
+    z = torch.randn(1, 4, 16, 16)
+    image = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        stock_dec = vae.decode(z).sample
+        stock_enc = vae.encode(image).latent_dist.mean
+    state = clone_state(vae)
+
+    report = dda.patch(vae)
+    assert report.summary()["patched"] == 2, str(report)  # encoder and decoder mid-block
+    assert report.names("patched") == ["encoder.mid_block.attentions.0", "decoder.mid_block.attentions.0"]
+    with torch.no_grad():
+        assert_close(vae.decode(z).sample, stock_dec)
+        assert_close(vae.encode(image).latent_dist.mean, stock_enc)
+
+    dda.unpatch(vae)
+    with torch.no_grad():
+        assert_bit_equal(vae.decode(z).sample, stock_dec)
+    assert_state_equal(clone_state(vae), state)
+
+
+def test_storage_not_duplicated_and_state_dict_while_patched():
+    unet, _ = make_unet("sdxl")
+    before = storage_bytes(unet.parameters())
+    numel = sum(p.numel() for p in unet.parameters())
+    report = dda.patch(unet)
+
+    wrappers = [m for m in unet.modules() if isinstance(m, PatchedAttention)]
+    assert len(wrappers) == report.summary()["patched"]
+    originals = [p for w in wrappers for p in w.original.parameters()]
+    assert storage_bytes(list(unet.parameters()) + originals) == before
+    assert sum(p.numel() for p in unet.parameters()) == numel
+
+    keys = list(unet.state_dict())
+    assert not any(".to_q." in k for k in keys)
+    assert "mid_block.attentions.0.transformer_blocks.0.attn1.dda.attn_qkvw" in keys
+    assert "mid_block.attentions.0.transformer_blocks.0.attn2.dda.attn_qw" in keys
+    assert sum(v.numel() for v in unet.state_dict().values()) == numel
+
+
+def test_to_dtype_keeps_views_and_unpatch_follows():
+    unet, _ = make_unet("sd15")
+    stock64 = clone_state(unet.double())
+    unet.float()
+    dda.patch(unet)
+    unet.double()
+    wrappers = [m for m in unet.modules() if isinstance(m, PatchedAttention)]
+    originals = [p for w in wrappers for p in w.original.parameters()]
+    assert all(p.dtype == torch.float64 for p in originals)
+    assert storage_bytes(list(unet.parameters()) + originals) == storage_bytes(unet.parameters())
+    dda.unpatch(unet)
+    assert_state_equal(clone_state(unet), stock64)
+
+
+def tiny_pipeline():
+    """A StableDiffusionPipeline of scaled-down SD1.5 parts and a tiny CLIP, built offline."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    unet, _ = make_unet("sd15")
+    vae = make_vae()
+    torch.manual_seed(2)
+    hidden = scaled_down(SD15_UNET)["cross_attention_dim"]
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=64, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz":
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def test_pipeline_images_and_progress_bar(capsys):
+    pipe = tiny_pipeline()
+
+    def generate():
+        return pipe("a photo of a cat", num_inference_steps=3, height=64, width=64, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    stock = generate()
+    capsys.readouterr()
+    n_attn = sum(isinstance(m, Attention) for c in (pipe.unet, pipe.vae) for m in c.modules())
+    report = dda.patch(pipe)
+    assert report.summary() == {"patched": n_attn, "declined": 0, "already patched": 0}, str(report)
+    assert not any(row.name.startswith("text_encoder") for row in report)
+    assert {row.name.split(".")[0] for row in report} == {"unet", "vae"}
+    patched = generate()
+    assert "3/3" in capsys.readouterr().err
+    assert abs(patched - stock).max() <= 1e-4
+
+    dda.unpatch(pipe)
+    assert (generate() == stock).all()
+
+
+def test_report_rows_and_format():
+    unet, _ = make_unet("sdxl")
+    report = dda.patch(unet)
+    counts = report.summary()
+    assert counts == {"patched": len(report), "declined": 0, "already patched": 0}
+    assert str(counts) == f"{len(report)} patched, 0 declined, 0 already patched"
+    assert report.rows[0].name == "down_blocks.1.attentions.0.transformer_blocks.0.attn1"
+    text = str(report)
+    assert text.splitlines()[0].startswith(f"deepspeed_diffusers_attn.patch: {len(report)} patched")
+    assert "down_blocks.1.attentions.0.transformer_blocks.0.attn2" in text
+    assert report.options == {"cuda_graph": False, "channels_last": False, "kv_cache": False}
+
+
+class OwnProcessor:
+    """A user's processor: stock math, but the patcher cannot know that."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        return AttnProcessor2_0()(attn, hidden_states, encoder_hidden_states, attention_mask)
+
+
+def test_declined_modules_keep_working():
+    torch.manual_seed(0)
+    declined = {
+        "norm_cross": dict(cross_attention_dim=64, cross_attention_norm="layer_norm"),
+        "added_kv": dict(added_kv_proj_dim=16),
+        "own_processor": dict(processor=OwnProcessor()),
+        "hooked": {},
+    }
+    if "qk_norm" in inspect.signature(Attention.__init__).parameters:  # diffusers >= 0.26
+        declined["qk_norm"] = dict(qk_norm="layer_norm")
+    model = nn.ModuleDict({"plain": Attention(64, heads=2, dim_head=32)})
+    for name, kwargs in declined.items():
+        model[name] = Attention(64, heads=2, dim_head=32, **kwargs)
+    model.eval()
+    model["hooked"].register_forward_hook(lambda *args: None)
+    x = torch.randn(2, 10, 64)
+    with torch.no_grad():
+        stock = {k: m(x) for k, m in model.items()}
+    originals = dict(model.items())
+
+    report = dda.patch(model)
+    status = {row.name: row for row in report}
+    assert status["plain"].status == "patched"
+    for name in declined:
+        assert status[name].status == "declined" and status[name].reasons, str(report)
+        assert model[name] is originals[name]
+    assert "forward hooks" in " ".join(status["hooked"].reasons)
+    assert report.summary() == {"patched": 1, "declined": len(declined), "already patched": 0}
+    with torch.no_grad():
+        for k, m in model.items():
+            assert_close(m(x), stock[k])
+    assert "declined  added_kv" in str(report)
+
+
+def test_patch_twice_is_a_no_op():
+    unet, inputs = make_unet("sd15")
+    first = dda.patch(unet)
+    modules = list(unet.modules())
+    out = run_unet(unet, inputs)
+    second = dda.patch(unet)
+    assert second.summary() == {"patched": 0, "declined": 0, "already patched": len(first)}
+    assert second.names("already patched") == first.names("patched")
+    assert list(unet.modules()) == modules
+    assert_bit_equal(run_unet(unet, inputs), out)
+
+
+def test_unpatch_unpatched_is_a_no_op():
+    unet, inputs = make_unet("sd15")
+    state = clone_state(unet)
+    report = dda.unpatch(unet)
+    assert len(report) == 0 and report.summary() == {"restored": 0}
+    assert "no diffusers Attention modules to restore" in str(report)
+    assert_state_equal(clone_state(unet), state)
+
+
+def test_unpatch_restores_the_same_objects():
+    unet, _ = make_unet("sd15")
+    attns = {n: m for n, m in unet.named_modules() if isinstance(m, Attention)}
+    params = {n: p for n, p in unet.named_parameters()}
+    dda.patch(unet)
+    dda.unpatch(unet)
+    assert {n: m for n, m in unet.named_modules() if isinstance(m, Attention)} == attns
+    now = dict(unet.named_parameters())
+    assert list(now) == list(params) and all(now[n] is params[n] for n in params)
+    # independent storage again: one storage per parameter
+    assert len({p.untyped_storage().data_ptr() for p in now.values()}) == len(now)
+
+
+def test_shared_attention_is_patched_everywhere():
+    torch.manual_seed(0)
+    attn = Attention(64, heads=2, dim_head=32)
+    model = nn.ModuleDict({"a": nn.ModuleList([attn]), "b": nn.ModuleList([attn])})
+    report = dda.patch(model)
+    assert report.names("patched") == ["a.0"]
+    assert model["a"][0] is model["b"][0] and isinstance(model["a"][0], PatchedAttention)
+    dda.unpatch(model)
+    assert model["a"][0] is attn and model["b"][0] is attn
+
+
+def test_cross_attention_kwargs_that_change_the_math_raise():
+    torch.manual_seed(0)
+    block = Transformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=32,
+                               cross_attention_dim=24, norm_num_groups=8).eval()
+    x, ctx = torch.randn(1, 32, 4, 4), torch.randn(1, 7, 24)
+    with torch.no_grad():
+        stock = block(x, encoder_hidden_states=ctx).sample
+    dda.patch(block)
+    with torch.no_grad():
+        assert_close(block(x, encoder_hidden_states=ctx, cross_attention_kwargs={"scale": 1.0}).sample, stock)
+        with pytest.raises(ValueError, match="'scale'"):
+            block(x, encoder_hidden_states=ctx, cross_attention_kwargs={"scale": 0.5})
+        with pytest.raises(ValueError, match="'ip_adapter_masks'"):
+            block(x, encoder_hidden_states=ctx, cross_attention_kwargs={"ip_adapter_masks": torch.ones(1)})
+        with pytest.raises(ValueError, match="'foo'"):
+            block(x, encoder_hidden_states=ctx, cross_attention_kwargs={"foo": 1})
+        wrapper = block.transformer_blocks[0].attn1
+        h = torch.randn(1, 16, 32)
+        assert_bit_equal(wrapper(h, temb=torch.randn(1, 8)), wrapper(h))
+        with pytest.raises(ValueError, match="IP-Adapter"):
+            block.transformer_blocks[0].attn2(h, encoder_hidden_states=(ctx, ctx))
+
+
+def test_processor_changes_are_refused_while_patched():
+    unet, _ = make_unet("sd15")
+    n = len(unet.attn_processors)
+    dda.patch(unet)
+    assert len(unet.attn_processors) == n
+    with pytest.raises(RuntimeError, match="unpatch"):
+        unet.set_attn_processor(AttnProcessor2_0())
+    if "set_attn_processor" in inspect.getsource(type(unet).fuse_qkv_projections):  # newer diffusers
+        with pytest.raises(RuntimeError, match="unpatch"):
+            unet.fuse_qkv_projections()
+
+
+def test_options():
+    unet, _ = make_unet("sd15")
+    for option in ("cuda_graph", "channels_last", "kv_cache"):
+        with pytest.raises(NotImplementedError, match=option):
+            dda.patch(unet, **{option: True})
+    with pytest.raises(TypeError):
+        dda.patch(unet, fast=True)
+    with pytest.raises(TypeError):
+        dda.patch(object())
+    assert not any(isinstance(m, PatchedAttention) for m in unet.modules())
