@@ -1,31 +1,40 @@
 #!/usr/bin/env bash
 # One device call: build the extension and the C harnesses, run them, the sanitizers and
-# the test suite. Logs go to $OUT. Usage (on the GPU machine, repo root): bash benchmarks/device_check.sh [pytest args]
+# the test suite. Logs go to $OUT (6 files). Usage (on the GPU machine, repo root):
+#   bash benchmarks/device_check.sh [extra pytest args]
+# Env: SANITIZE=0 skips compute-sanitizer; MAIN=1 also runs the main job; PYTEST_TIMEOUT (s).
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/build.log"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}" MAX_JOBS=16 FORCE_CUDA=1
 t0=$(date +%s)
-python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+python3 setup.py build_ext --inplace >> "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 echo "extension build: $(( $(date +%s) - t0 )) s"
 CU=/usr/local/cuda
 NV="nvcc -std=c++17 -O2 -lineinfo -I csrc/include -gencode=arch=compute_90a,code=sm_90a"
-$NV csrc/tests/attention_harness.cu csrc/cuda/attention_fwd.cu csrc/cpu/attention_fwd.c csrc/cpu/check.c csrc/cpu/status.c -o /tmp/attn_harness 2>&1 | tail -5
-$NV -I $CU/include csrc/tests/linear_harness.cu csrc/cuda/linear.cu csrc/cpu/linear.c csrc/cpu/check.c csrc/cpu/status.c -L $CU/lib64 -lcublasLt -o /tmp/lin_harness 2>&1 | tail -5
-echo "== attention harness"; /tmp/attn_harness --big > "$OUT/attn_harness.log" 2>&1; echo "rc=$?"; tail -15 "$OUT/attn_harness.log"
-echo "== linear harness"; /tmp/lin_harness > "$OUT/lin_harness.log" 2>&1; echo "rc=$?"; tail -8 "$OUT/lin_harness.log"
+CPU_SRC="csrc/cpu/check.c csrc/cpu/status.c"
+$NV csrc/tests/attention_harness.cu csrc/cuda/attention_fwd*.cu csrc/cpu/attention_fwd.c $CPU_SRC -o /tmp/attn_harness 2>&1 | tail -5
+$NV -I $CU/include csrc/tests/linear_harness.cu csrc/cuda/linear.cu csrc/cpu/linear.c $CPU_SRC -L $CU/lib64 -lcublasLt -o /tmp/lin_harness 2>&1 | tail -5
+H="$OUT/harness.log"
+echo "== attention harness"; /tmp/attn_harness --big > "$H" 2>&1; echo "rc=$?"; grep -v "^ok " "$H" | tail -14
+echo "== linear harness"; /tmp/lin_harness >> "$H" 2>&1; echo "rc=$?"; tail -3 "$H"
 if [ "${SANITIZE:-1}" = 1 ]; then
+  S="$OUT/sanitizer.log"; : > "$S"
   for tool in memcheck racecheck; do
-    echo "== compute-sanitizer $tool (attention, small odd sizes)"
-    timeout 240 compute-sanitizer --tool $tool --error-exitcode 9 /tmp/attn_harness > "$OUT/san_attn_$tool.log" 2>&1; echo "rc=$?"; tail -3 "$OUT/san_attn_$tool.log"
+    echo "== compute-sanitizer $tool (attention harness, small odd sizes)" | tee -a "$S"
+    timeout 240 compute-sanitizer --tool $tool --error-exitcode 9 /tmp/attn_harness >> "$S" 2>&1; echo "rc=$?" | tee -a "$S"; tail -2 "$S"
   done
-  echo "== compute-sanitizer memcheck (linear)"
-  timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 /tmp/lin_harness --no-bench > "$OUT/san_lin.log" 2>&1; echo "rc=$?"; tail -3 "$OUT/san_lin.log"
+  echo "== compute-sanitizer memcheck (linear harness)" | tee -a "$S"
+  timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 /tmp/lin_harness --no-bench >> "$S" 2>&1; echo "rc=$?" | tee -a "$S"; tail -2 "$S"
 fi
 echo "== pytest"
-timeout ${PYTEST_TIMEOUT:-300} python3 -m pytest -q -rs "$@" tests > "$OUT/pytest.log" 2>&1 || true
-tail -25 "$OUT/pytest.log"
+timeout ${PYTEST_TIMEOUT:-300} python3 -m pytest -q -rs -p no:cacheprovider "$@" tests > "$OUT/pytest.log" 2>&1
+echo "pytest rc=$?"; grep -E "passed|failed|FAILED|Error|error" "$OUT/pytest.log" | tail -25
+if [ "${MAIN:-0}" = 1 ]; then
+  echo "== main job"; timeout 300 python3 -m deepspeed_diffusers_attn --out /tmp/main_out > "$OUT/main.log" 2>&1; echo "rc=$?"
+  grep -v "it/s\]" "$OUT/main.log" | tail -8
+fi

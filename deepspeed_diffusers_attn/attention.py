@@ -3,7 +3,8 @@ run as three fused ops: projection GEMM -> attention -> output GEMM.
 
 Self-attention:   x [B,S,C] -> qkv [B,S,3,H,D] (one GEMM) -> attention on qkv.unbind(2)
                   -> o [B,S,H*D] -> y [B,S,C] = (o Wo^T + bo + residual) / rescale_output_factor
-Cross-attention:  q [B,Sq,H,D] from x, kv [B,Sk,2,H,D] from the context (one GEMM).
+Cross-attention:  q [B,Sq,H,D] from x, kv [B,Sk,2,H,D] from the context (one GEMM),
+                  optionally cached across calls (see DeepSpeedDiffusersAttention.kv_cache).
 
 Inference only: the backward raises.
 """
@@ -11,8 +12,9 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -137,11 +139,53 @@ class DeepSpeedDiffusersAttention(nn.Module):
     Each instance takes the next ``layer_id`` from a class counter;
     :meth:`reset_layer_ids` restarts it at 0. Intermediates live in the workspace shared
     by all layers of a device and stream (see :mod:`.workspace`).
+
+    K/V cache (opt-in: ``kv_cache=True`` in the constructor or :meth:`from_diffusers`,
+    ``module.kv_cache = True`` or ``module.enable_kv_cache()``). A text-conditioned UNet
+    gets the same context (``encoder_hidden_states``) at every denoising step, so the KV
+    GEMM on it can run once and its result ``kv [B, Sk, 2, H, D]`` be reused. The cached
+    ``kv`` is a tensor of this module (not in the shared workspace, so it survives other
+    layers' calls); it is reused only while all of these are unchanged, and recomputed
+    otherwise:
+
+    * the context: the same tensor object (held by a weak reference, so a freed tensor
+      whose memory is reused by a new one at the same address never hits), its
+      ``data_ptr``, its version counter (``ctx.add_(1)``, ``ctx.copy_(other)`` and any
+      in-place write through it or its views increments it), shape, strides, dtype and
+      device;
+    * the K/V weights (``attn_kw``/``attn_vw``, or ``attn_qkvw`` for a self-attention
+      block given a context) and ``attn_qkvb``: the same Parameter objects, ``data_ptr``,
+      version, shape, strides, dtype and device (in-place updates, ``load_state_dict``,
+      reassignment and ``.data =`` all invalidate; ``.to()``/``.half()`` drop the cache);
+    * on CUDA, the current stream (the cached kv is only read on the stream that wrote it).
+
+    Not tracked, so call :meth:`clear_kv_cache` after them: writes through a ``.data``
+    alias (``t.data.copy_(...)``; ``.data`` has its own version counter), including
+    writes to a patched diffusers ``Attention``'s original parameters, which are
+    ``.data`` views of this module's weights. The cache is bypassed (the KV GEMM runs
+    through the workspace as without it; nothing is read or stored) when there is no
+    context (K/V come from the input), under ``torch.compile`` tracing (the traced path
+    never reads Python-side state), during CUDA-graph capture (a captured graph would
+    freeze whichever branch ran; the graph always recomputes K/V, and its static context
+    buffer is refilled with ``copy_`` between replays), and for inference tensors
+    (created under ``torch.inference_mode()``: they have no version counter, so an
+    in-place update could not be seen; a warning says so once; use ``torch.no_grad()``).
+    Because the object is part of the key, pass the same context tensor at every step:
+    a new view or copy of it recomputes (correct, but no saving). A float32 context to a
+    float16/bfloat16 module is keyed before the cast, so the cast is cached too.
+
+    Memory: ``B * Sk * 2 * inner * element_size`` bytes per cross-attention layer, held
+    until the cache is disabled or cleared, e.g. SD1.5 / SD2.1 at batch 2 (classifier-free
+    guidance), Sk = 77, float16: 197,120 B (inner 320) / 394,240 B (640) / 788,480 B
+    (1280) per layer, 7,687,680 B (7.3 MiB) for all 16 cross-attention layers
+    (sum of inner = 12,480); SDXL (70 layers, sum of inner = 83,200): 51,251,200 B
+    (48.9 MiB). ``kv_cache_hits`` and ``kv_cache_misses`` count lookups (plain ints;
+    assign 0 to reset); :attr:`kv_cache_nbytes` is what is held now.
     """
 
     _next_layer_id = 0
 
-    def __init__(self, config: DeepSpeedDiffusersAttentionConfig, device=None):
+    def __init__(self, config: DeepSpeedDiffusersAttentionConfig, device=None, *, kv_cache: bool = False):
         super().__init__()
         self.config = config
         self.layer_id = DeepSpeedDiffusersAttention._next_layer_id
@@ -169,6 +213,11 @@ class DeepSpeedDiffusersAttention(nn.Module):
 
         self._ob_cache = None  # (key, attn_ob / rescale_output_factor)
         self._warned_split_kv = False
+        self._kv_cache_on = bool(kv_cache)
+        self._kv_entry: Optional[_KVEntry] = None
+        self._warned_kv_inference = False
+        self.kv_cache_hits = 0
+        self.kv_cache_misses = 0
         self.reset_parameters()
 
     @classmethod
@@ -320,7 +369,7 @@ class DeepSpeedDiffusersAttention(nn.Module):
         return reasons
 
     @classmethod
-    def from_diffusers(cls, attn) -> "DeepSpeedDiffusersAttention":
+    def from_diffusers(cls, attn, *, kv_cache: bool = False) -> "DeepSpeedDiffusersAttention":
         """A new module computing what ``attn`` computes, on ``attn``'s device and dtype.
 
         ``attn`` is not modified: the weights are copied into new fused storage. Honoured:
@@ -328,8 +377,9 @@ class DeepSpeedDiffusersAttention(nn.Module):
         under AttnProcessor, 1/sqrt(dim_head) under AttnProcessor2_0, as diffusers does),
         group_norm, residual_connection, rescale_output_factor and cross-attention.
         ``upcast_attention`` / ``upcast_softmax`` hold by construction: our scores, softmax
-        and accumulation are always fp32. Raises ValueError listing the reasons when
-        :meth:`supports` is non-empty.
+        and accumulation are always fp32. ``kv_cache`` turns on the K/V cache (see the
+        class docstring). Raises ValueError listing the reasons when :meth:`supports` is
+        non-empty.
         """
         from diffusers.models.attention_processor import AttnProcessor
 
@@ -360,7 +410,7 @@ class DeepSpeedDiffusersAttention(nn.Module):
             rescale_output_factor=float(getattr(attn, "rescale_output_factor", 1.0)),
             dtype=to_q.weight.dtype,
         )
-        module = cls(config, device=to_q.weight.device)
+        module = cls(config, device=to_q.weight.device, kv_cache=kv_cache)
         with torch.no_grad():
             for (w, b), src in zip(module._linears(), (to_q, to_k, to_v, out0)):
                 w.copy_(src.weight)
@@ -380,7 +430,21 @@ class DeepSpeedDiffusersAttention(nn.Module):
         # into one, so the KV projection stays a single GEMM.
         super()._apply(fn, recurse)
         self._fuse_kv()
+        self.clear_kv_cache()  # it would hold memory on the old device / in the old dtype
         return self
+
+    def __getstate__(self):
+        # For pickle and copy.deepcopy: the K/V cache holds weak references (which cannot be
+        # pickled) to the original's tensors, so a copy starts without it.
+        state = self.__dict__.copy()
+        state["_kv_entry"] = None
+        return state
+
+    def __setstate__(self, state):
+        # A copy gives attn_kw and attn_vw their own storages (Parameter.__deepcopy__ clones
+        # each); fuse them again, as _apply does.
+        super().__setstate__(state)
+        self._fuse_kv()
 
     @torch.no_grad()
     def _fuse_kv(self) -> None:
@@ -418,6 +482,91 @@ class DeepSpeedDiffusersAttention(nn.Module):
             with torch.no_grad():
                 self._ob_cache = (key, b / f)
         return self._ob_cache[1]
+
+    # ------------------------------------------------------------------ K/V cache
+    @property
+    def kv_cache(self) -> bool:
+        """Whether the cross-attention K/V cache is on (see the class docstring).
+
+        Setting it to False also frees the cached tensor.
+        """
+        return self._kv_cache_on
+
+    @kv_cache.setter
+    def kv_cache(self, enabled: bool) -> None:
+        self._kv_cache_on = bool(enabled)
+        if not self._kv_cache_on:
+            self.clear_kv_cache()
+
+    def enable_kv_cache(self, enabled: bool = True) -> "DeepSpeedDiffusersAttention":
+        """Turn the K/V cache on (or off, freeing it); returns the module."""
+        self.kv_cache = enabled
+        return self
+
+    def clear_kv_cache(self) -> None:
+        """Drop the cached K/V (the next call recomputes it); the counters are kept."""
+        self._kv_entry = None
+
+    @property
+    def kv_cache_nbytes(self) -> int:
+        """Bytes held by the cached K/V now (0 when empty)."""
+        e = self._kv_entry
+        return 0 if e is None else e.kv.numel() * e.kv.element_size()
+
+    def _kv_sources(self, context: torch.Tensor) -> tuple:
+        """The tensors the projected K/V depend on: the caller's context, then the weights."""
+        ws = (self.attn_kw, self.attn_vw) if self.config.is_cross_attention else (self.attn_qkvw,)
+        b = () if self.attn_qkvb is None else (self.attn_qkvb,)
+        return (context, *ws, *b)
+
+    def _kv_cache_usable(self, context: Optional[torch.Tensor], device: torch.device) -> bool:
+        """False when the cache must be bypassed for this call (see the class docstring)."""
+        if not self._kv_cache_on or context is None:
+            return False
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return False
+        if any(t.is_inference() for t in self._kv_sources(context)):
+            if not self._warned_kv_inference:
+                self._warned_kv_inference = True
+                warnings.warn(
+                    "DeepSpeedDiffusersAttention: kv_cache is on but the context or the weights "
+                    "are inference tensors (created under torch.inference_mode()), which have no "
+                    "version counter, so in-place updates could not be detected; the K/V cache "
+                    "is bypassed. Run the pipeline under torch.no_grad() to use it.",
+                    stacklevel=4,
+                )
+            return False
+        return True
+
+    def _kv_key(self, sources: tuple, device: torch.device) -> tuple:
+        """Everything but the identities that the cached K/V depend on."""
+        stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+        return (stream,) + tuple(
+            (t.data_ptr(), t._version, tuple(t.shape), t.stride(), t.dtype, t.device) for t in sources
+        )
+
+    def _cached_kv(self, context, ctx, B, Sk) -> Optional[torch.Tensor]:
+        """kv [B, Sk, 2, H, D] from the cache (computing it on a miss), or None to bypass.
+
+        context: the caller's tensor (the key); ctx: it cast and made contiguous (the GEMM input).
+        """
+        device = ctx.device
+        if not self._kv_cache_usable(context, device):
+            return None
+        sources = self._kv_sources(context)
+        key = self._kv_key(sources, device)
+        e = self._kv_entry
+        # Identities are compared with `is`: a weakref compares equal by its referent's ==.
+        if e is not None and e.key == key and all(r() is t for r, t in zip(e.refs, sources)):
+            self.kv_cache_hits += 1
+            return e.kv
+        self.kv_cache_misses += 1
+        self._kv_entry = None  # free the old tensor before allocating the new one
+        H, D = self.config.heads, self.config.dim_head
+        kv = torch.empty((B, Sk, 2, H, D), dtype=ctx.dtype, device=device)
+        self._project_kv(ctx, kv)
+        self._kv_entry = _KVEntry(key, tuple(weakref.ref(t) for t in sources), kv)
+        return kv
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -505,7 +654,7 @@ class DeepSpeedDiffusersAttention(nn.Module):
         if compiling:
             o = self._attend_functional(h, ctx, mask, B, Sq, Sk)
         else:
-            o = self._attend_workspace(h, ctx, mask, B, Sq, Sk)
+            o = self._attend_workspace(h, ctx, mask, B, Sq, Sk, context)
         # y = (o Wo^T + bo + r) / f = (1/f) o Wo^T + (1/f) r + bo/f: one GEMM epilogue.
         y = ops.linear(o.view(B, Sq, inner), self.attn_ow, ob, residual, 1.0 / f, 1.0 / f)
 
@@ -527,8 +676,11 @@ class DeepSpeedDiffusersAttention(nn.Module):
         w = self.attn_qkvw
         return w[:inner], bq, w[inner:], (w[inner : 2 * inner], w[2 * inner :]), bkv
 
-    def _attend_workspace(self, h, ctx, mask, B, Sq, Sk) -> torch.Tensor:
-        """Projections and attention through the shared workspace; returns o [B, Sq, H, D]."""
+    def _attend_workspace(self, h, ctx, mask, B, Sq, Sk, context=None) -> torch.Tensor:
+        """Projections and attention through the shared workspace; returns o [B, Sq, H, D].
+
+        context: the caller's context tensor, the K/V cache key (None: no cache).
+        """
         H, D, inner = self.config.heads, self.config.dim_head, self.config.inner_dim
         dtype = h.dtype
         ws = get_workspace(h.device)
@@ -543,24 +695,35 @@ class DeepSpeedDiffusersAttention(nn.Module):
             ops.attention_out(q, k, v, mask, scale, o)
             return o
 
+        # The kv piece is reserved even when the cache serves K/V, so that an eager warm-up
+        # sizes the workspace for a CUDA-graph capture (which bypasses the cache).
         shapes = [(B, Sq, H, D), (B, Sk, 2, H, D), (B, Sq, H, D)]
         ws.reserve(Workspace.bytes_for(shapes, dtype))
         q = ws.take(shapes[0], dtype)
-        kv = ws.take(shapes[1], dtype)
+        kv_ws = ws.take(shapes[1], dtype)
         o = ws.take(shapes[2], dtype)
-        wq, bq, wkv, (wk, wv), bkv = self._qkv_weights()
+        kv = self._cached_kv(context, ctx, B, Sk)  # the module's own tensor, or None
+        if kv is None:
+            kv = kv_ws
+            self._project_kv(ctx, kv)
+        wq, bq = self._qkv_weights()[:2]
         ops.linear_out(h, wq, bq, None, 1.0, 1.0, q.view(B, Sq, inner))
-        if wkv is not None:
-            ops.linear_out(ctx, wkv, bkv, None, 1.0, 1.0, kv.view(B, Sk, 2 * inner))
-        else:
-            self._warn_split_kv()
-            kv3 = kv.view(B, Sk, 2, inner)
-            bk, bv = (None, None) if bkv is None else (bkv[:inner], bkv[inner:])
-            ops.linear_out(ctx, wk, bk, None, 1.0, 1.0, kv3[:, :, 0])
-            ops.linear_out(ctx, wv, bv, None, 1.0, 1.0, kv3[:, :, 1])
         k, v = kv.unbind(2)
         ops.attention_out(q, k, v, mask, scale, o)
         return o
+
+    def _project_kv(self, ctx: torch.Tensor, kv: torch.Tensor) -> None:
+        """kv [B, Sk, 2, H, D] (contiguous) = the K and V projections of ctx [B, Sk, Cctx]."""
+        B, Sk, inner = kv.shape[0], kv.shape[1], self.config.inner_dim
+        _, _, wkv, (wk, wv), bkv = self._qkv_weights()
+        if wkv is not None:
+            ops.linear_out(ctx, wkv, bkv, None, 1.0, 1.0, kv.view(B, Sk, 2 * inner))
+            return
+        self._warn_split_kv()
+        kv3 = kv.view(B, Sk, 2, inner)
+        bk, bv = (None, None) if bkv is None else (bkv[:inner], bkv[inner:])
+        ops.linear_out(ctx, wk, bk, None, 1.0, 1.0, kv3[:, :, 0])
+        ops.linear_out(ctx, wv, bv, None, 1.0, 1.0, kv3[:, :, 1])
 
     def _attend_functional(self, h, ctx, mask, B, Sq, Sk) -> torch.Tensor:
         """The same with fresh outputs (no workspace), for torch.compile tracing."""
@@ -601,6 +764,14 @@ class DeepSpeedDiffusersAttention(nn.Module):
 
 
 # ---------------------------------------------------------------------- helpers
+class _KVEntry(NamedTuple):
+    """One cached K/V: the key's plain values, weak references to its tensors, and kv."""
+
+    key: tuple
+    refs: tuple  # weakref.ref to (context, *K/V weights), in _kv_sources order
+    kv: torch.Tensor  # [B, Sk, 2, H, D]
+
+
 def _is_plain_linear(m) -> bool:
     if type(m) is nn.Linear:
         return True

@@ -27,6 +27,10 @@ What a patched model looks like:
   or load LoRA / IP-Adapter weights after :func:`unpatch` (PEFT does not find the
   projections of a patched module).
 
+``patch(pipe, cuda_graph=True)`` also runs ``unet.forward`` and ``vae.decode`` / ``vae.encode``
+through shape-keyed CUDA graphs, and ``channels_last=True`` converts those modules to
+channels-last; both are :mod:`.graphs` wrappers, removed by :func:`unpatch`.
+
 Uses only public attributes of diffusers (``Attention``, its ``to_q/to_k/to_v/to_out``,
 ``group_norm``, ``heads``, ``processor``, and a pipeline's ``components``); these exist
 from diffusers 0.25 on, the oldest version supported.
@@ -41,6 +45,7 @@ from torch import nn
 from diffusers.models.attention_processor import Attention
 
 from .attention import DeepSpeedDiffusersAttention
+from .graphs import DEFAULT_MAX_GRAPHS, _check_options, graph_module_forward, graphed_methods, ungraph_module
 
 __all__ = ["patch", "unpatch", "PatchReport", "PatchRow", "PatchedAttention"]
 
@@ -71,11 +76,13 @@ class PatchSummary(dict):
 class PatchReport:
     """What :func:`patch` or :func:`unpatch` did, one row per Attention module."""
 
-    def __init__(self, action: str, statuses: tuple[str, ...], rows: list[PatchRow], options: dict):
+    def __init__(self, action: str, statuses: tuple[str, ...], rows: list[PatchRow], options: dict,
+                 wrapped: tuple[str, ...] = ()):
         self.action = action
         self.statuses = statuses
         self.rows = rows
         self.options = options
+        self.wrapped = wrapped  # e.g. ("unet.forward", "vae.decode", "vae.encode"): methods (un)wrapped
 
     def summary(self) -> PatchSummary:
         """Counts per status, e.g. ``{'patched': 140, 'declined': 0, 'already patched': 0}``."""
@@ -101,6 +108,9 @@ class PatchReport:
         head = f"deepspeed_diffusers_attn.{self.action}: {self.summary()}"
         if self.options:
             head += "  (" + ", ".join(f"{k}={v}" for k, v in self.options.items()) + ")"
+        if self.wrapped:
+            verb = "wrapped" if self.action == "patch" else "unwrapped"
+            head += f"\n{verb} (CUDA graph / channels-last): " + ", ".join(self.wrapped)
         if not self.rows:
             return head + "\n(no diffusers Attention modules " + (
                 "found)" if self.action == "patch" else "to restore)")
@@ -271,19 +281,65 @@ def _patch_one(attn: Attention) -> tuple[PatchedAttention | None, list[str]]:
     return PatchedAttention(attn, fused), []
 
 
+def _graph_targets(obj) -> list[tuple[str, nn.Module, str]]:
+    """(report name, module, method) to wrap: a UNet's ``forward``, a VAE's ``decode`` and ``encode``.
+
+    In a pipeline, the components named ``unet`` and ``vae``; a module passed directly
+    is wrapped if it is a ``UNet2DConditionModel`` or an ``AutoencoderKL``.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    targets = []
+    for prefix, module in _roots(obj):
+        name = prefix or type(module).__name__
+        if prefix == "unet" or (not prefix and isinstance(module, UNet2DConditionModel)):
+            methods = ["forward"]
+        elif prefix == "vae" or (not prefix and isinstance(module, AutoencoderKL)):
+            methods = [m for m in ("decode", "encode") if callable(getattr(module, m, None))]
+        else:
+            methods = []
+        targets += [(f"{name}.{m}", module, m) for m in methods]
+    return sorted(targets, key=lambda target: target[0])
+
+
+def _wrap(obj, cuda_graph: bool, channels_last: bool, max_graphs: int, clone_outputs: bool) -> tuple[str, ...]:
+    wrapped = []
+    for name, module, method in _graph_targets(obj):
+        if method in graphed_methods(module):
+            wrapped.append(f"{name} (already wrapped)")
+            continue
+        graph_module_forward(module, method, cuda_graph=cuda_graph, channels_last=channels_last,
+                             max_graphs=max_graphs, clone_outputs=clone_outputs, name=name)
+        wrapped.append(name)
+    return tuple(wrapped)
+
+
 @torch.no_grad()
-def patch(obj, *, cuda_graph: bool = False, channels_last: bool = False, kv_cache: bool = False) -> PatchReport:
+def patch(obj, *, cuda_graph: bool = False, channels_last: bool = False, kv_cache: bool = False,
+          max_graphs: int = DEFAULT_MAX_GRAPHS, clone_outputs: bool = True) -> PatchReport:
     """Replace every supported diffusers ``Attention`` in ``obj`` by a :class:`PatchedAttention`.
 
     ``obj``: a diffusers pipeline (each nn.Module component is searched: unet, vae,
     transformer...; text encoders have no diffusers Attention) or any nn.Module.
     Unsupported modules stay as they are and are listed as declined, with reasons.
     Patching a patched model is a no-op ("already patched" rows).
+
+    ``cuda_graph=True`` also runs the pipeline's ``unet.forward`` and ``vae.decode`` /
+    ``vae.encode`` (or those of a UNet2DConditionModel / AutoencoderKL passed directly)
+    through CUDA graphs keyed by input signature, at most ``max_graphs`` per method
+    (LRU), outputs cloned unless ``clone_outputs=False``: see :mod:`.graphs`.
+    ``channels_last=True`` converts those modules' 4-D weights to channels-last and
+    their 4-D inputs likewise (with or without graphs). :func:`unpatch` undoes both.
+    ``kv_cache`` is not implemented yet (NotImplementedError).
     """
     options = {"cuda_graph": cuda_graph, "channels_last": channels_last, "kv_cache": kv_cache}
     for key, value in options.items():
-        if value:
-            raise NotImplementedError(f"patch({key}=True) is not implemented yet; use {key}=False")
+        if not isinstance(value, bool):
+            raise TypeError(f"patch({key}=...) must be a bool, got {value!r}")
+    if kv_cache:
+        raise NotImplementedError("patch(kv_cache=True) is not implemented yet; use kv_cache=False")
+    _check_options(max_graphs=max_graphs, clone_outputs=clone_outputs)
+    _roots(obj)  # TypeError for an unsupported object, before anything changes
     DeepSpeedDiffusersAttention.reset_layer_ids()  # this call's new layers are numbered from 0
     rows = []
     for places in _sites(obj, (Attention, PatchedAttention)).values():
@@ -301,7 +357,8 @@ def patch(obj, *, cuda_graph: bool = False, channels_last: bool = False, kv_cach
         for _, parent, attr, _ in places:
             setattr(parent, attr, wrapper)
         rows.append(PatchRow(name, PATCHED))
-    return PatchReport("patch", (PATCHED, DECLINED, ALREADY_PATCHED), rows, options)
+    wrapped = _wrap(obj, cuda_graph, channels_last, max_graphs, clone_outputs) if cuda_graph or channels_last else ()
+    return PatchReport("patch", (PATCHED, DECLINED, ALREADY_PATCHED), rows, options, wrapped)
 
 
 @torch.no_grad()
@@ -311,8 +368,14 @@ def unpatch(obj) -> PatchReport:
     Their parameters get independent storage again, with the fused tensors' current
     values (bit-identical to before patching unless the model was changed meanwhile),
     on the fused tensors' current device and dtype. A model with nothing patched is
-    left alone (the report has no rows).
+    left alone (the report has no rows). Graph / channels-last wrappers added by
+    :func:`patch` are removed first: the original bound methods come back, the graphs
+    are freed, the weights' memory format is restored (``report.wrapped`` lists them).
     """
+    wrapped = []
+    for name, module, method in _graph_targets(obj):
+        if ungraph_module(module, method):
+            wrapped.append(name)
     rows = []
     for places in _sites(obj, (PatchedAttention,)).values():
         name, _, _, wrapper = places[0]
@@ -325,4 +388,4 @@ def unpatch(obj) -> PatchReport:
                 setattr(parent, attr, original)
         reasons = ("it is the object passed to unpatch(); use its .original",) if places[0][1] is None else ()
         rows.append(PatchRow(name, RESTORED, reasons))
-    return PatchReport("unpatch", (RESTORED,), rows, {})
+    return PatchReport("unpatch", (RESTORED,), rows, {}, tuple(wrapped))

@@ -186,26 +186,9 @@ def test_to_dtype_keeps_views_and_unpatch_follows():
 
 def tiny_pipeline():
     """A StableDiffusionPipeline of scaled-down SD1.5 parts and a tiny CLIP, built offline."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from deepspeed_diffusers_attn.pipeline import build_sd15_pipeline
 
-    unet, _ = make_unet("sd15")
-    vae = make_vae()
-    torch.manual_seed(2)
-    hidden = scaled_down(SD15_UNET)["cross_attention_dim"]
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
-        vocab_size=64, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in "abcdefghijklmnopqrstuvwxyz":
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    return build_sd15_pipeline(scaled=True, seed=2)
 
 
 def test_pipeline_images_and_progress_bar(capsys):

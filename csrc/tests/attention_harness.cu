@@ -13,8 +13,8 @@
 //
 // Build:
 //   nvcc -std=c++17 -O2 -I csrc/include -gencode=arch=compute_90a,code=sm_90a
-//     csrc/tests/attention_harness.cu csrc/cuda/attention_fwd.cu csrc/cpu/attention_fwd.c
-//     csrc/cpu/check.c csrc/cpu/status.c -o /tmp/attn_harness
+//     csrc/tests/attention_harness.cu csrc/cuda/attention_fwd.cu csrc/cuda/attention_fwd_mma.cu
+//     csrc/cpu/attention_fwd.c csrc/cpu/check.c csrc/cpu/status.c -o /tmp/attn_harness
 // Run: /tmp/attn_harness [--big] [--iters N]   (exit status 0 = all checks passed)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

@@ -1,6 +1,7 @@
 // cpu_impl.cpp: the CPU impls of the dda ops: checks, then the C references,
 // split over rows (linear) or (batch, head) pairs (attention) with at::parallel_for.
 #include <ATen/Parallel.h>
+#include <atomic>
 #include <torch/library.h>
 
 #include "dda.h"
@@ -13,7 +14,7 @@ void linear_out_cpu(const at::Tensor &x, const at::Tensor &weight,
                     double alpha, double beta, at::Tensor &out) {
   const dda_linear_params p = dda_glue::linear_params(x, weight, bias, residual, alpha, beta, out, true);
   dda_glue::throw_on_error(dda_linear_check(&p), "dda.linear (cpu)");
-  dda_status status = DDA_OK;
+  std::atomic<int> status{DDA_OK};  // any failing chunk's status
   at::parallel_for(0, p.M, 16, [&](int64_t begin, int64_t end) {
     dda_linear_params part = p;
     part.M = end - begin;
@@ -23,7 +24,7 @@ void linear_out_cpu(const at::Tensor &x, const at::Tensor &weight,
     const dda_status st = dda_linear_cpu(&part);
     if (st != DDA_OK) status = st;
   });
-  dda_glue::throw_on_error(status, "dda.linear (cpu)");
+  dda_glue::throw_on_error(static_cast<dda_status>(status.load()), "dda.linear (cpu)");
 }
 
 at::Tensor linear_cpu(const at::Tensor &x, const at::Tensor &weight,
@@ -39,7 +40,7 @@ void attention_out_cpu(const at::Tensor &q, const at::Tensor &k, const at::Tenso
                        const std::optional<at::Tensor> &lse) {
   const dda_attention_params p = dda_glue::attention_params(q, k, v, mask, scale, out, lse, true);
   dda_glue::throw_on_error(dda_attention_check(&p), "dda.attention (cpu)");
-  dda_status status = DDA_OK;
+  std::atomic<int> status{DDA_OK};  // any failing task's status
   // One (b, h) pair per task: offset every pointer, keep the strides.
   at::parallel_for(0, static_cast<int64_t>(p.B) * p.H, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
@@ -61,7 +62,7 @@ void attention_out_cpu(const at::Tensor &q, const at::Tensor &k, const at::Tenso
       if (st != DDA_OK) status = st;
     }
   });
-  dda_glue::throw_on_error(status, "dda.attention (cpu)");
+  dda_glue::throw_on_error(static_cast<dda_status>(status.load()), "dda.attention (cpu)");
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor &q, const at::Tensor &k,

@@ -217,6 +217,7 @@ dda_attention_params attention_params(const at::Tensor &q, const at::Tensor &k,
 
 at::Tensor linear_output(const at::Tensor &x, const at::Tensor &weight) {
   auto sizes = x.sizes().vec();
+  if (sizes.empty()) return at::empty({0}, x.options());  // a 0-d x: linear_params rejects it
   sizes.back() = weight.dim() == 2 ? weight.size(0) : 0;
   return at::empty(sizes, x.options());
 }
