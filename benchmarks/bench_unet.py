@@ -1,0 +1,313 @@
+"""UNet step and VAE decode timings: stock diffusers vs ours, eager / CUDA graph / torch.compile.
+
+    python benchmarks/bench_unet.py [--configs sd15,sd21,sdxl] [--compile] [--iters 20] [--out bench_out]
+
+Conditions: batch 2 (classifier-free guidance), fp16, random weights from the real
+configs (deepspeed_diffusers_attn.configs; the cost is real, the images would not be),
+timestep a 0-d device tensor and ``return_dict=False`` as diffusers pipelines call it.
+Configs: SD1.5 @ 512 (latent 64, text 77x768), SD2.1 @ 768 (latent 96, 77x1024), SDXL @
+1024 (latent 128, 77x2048, added_cond_kwargs). ms/step is the median over ``--iters``
+calls timed with CUDA events after 3 warm-up calls (so a graph's capture is not timed);
+speedups are relative to stock + CUDA graph + channels-last, the strongest stock setup
+without a compiler. Every variant's output is compared with stock eager (relative max
+error). Variants:
+
+  stock            diffusers as is (SDPA attention)
+  stock+graph      + our CUDA-graph wrapper (deepspeed_diffusers_attn.graphs), no attention patching
+  stock+graph+cl   + channels-last weights and inputs
+  stock+compile    torch.compile(unet, fullgraph=True)                     (--compile)
+  stock+compile-ro torch.compile(unet, mode="reduce-overhead", fullgraph=True) (--compile)
+  ours             deepspeed_diffusers_attn.patch(unet)
+  ours+graph       + CUDA graph;  ours+graph+cl: + channels-last
+  ours+compile-ro  patch, then torch.compile(mode="reduce-overhead", fullgraph=True) (--compile)
+
+VAE decode (batch 1) at 512 and 1024 px: stock and ours, eager and graphed. Writes
+results.json and results.png to --out. Without --compile it takes about 1-2 minutes on
+an H100 (each compile adds about a minute).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import timing  # noqa: E402  (benchmarks/timing.py: card and versions)
+
+timing.add_repo_to_path()
+
+import deepspeed_diffusers_attn as dda  # noqa: E402
+from deepspeed_diffusers_attn import ops  # noqa: E402
+from deepspeed_diffusers_attn.configs import SD15_UNET, SD21_UNET, SDXL_UNET, SD_VAE, sdxl_added_cond_shapes  # noqa: E402
+from deepspeed_diffusers_attn.graphs import graph_module_forward, ungraph_module  # noqa: E402
+from deepspeed_diffusers_attn.workspace import release_workspaces  # noqa: E402
+
+CONFIGS = {  # name -> (unet config, latent size, image px)
+    "sd15": (SD15_UNET, 64, 512),
+    "sd21": (SD21_UNET, 96, 768),
+    "sdxl": (SDXL_UNET, 128, 1024),
+}
+BASELINE = "stock+graph+cl"
+BATCH = 2
+DTYPE = torch.float16
+
+
+def build(cls, config: dict):
+    """A diffusers model from its config, initialised directly on the GPU, in fp16, eval mode."""
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = cls.from_config(config)
+    return model.to(DTYPE).eval()
+
+
+def unet_inputs(config: dict, latent: int) -> dict:
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    inputs = {
+        "sample": torch.randn(BATCH, 4, latent, latent, generator=gen, device="cuda", dtype=DTYPE),
+        "timestep": torch.tensor(500, device="cuda"),
+        "encoder_hidden_states": torch.randn(BATCH, 77, config["cross_attention_dim"], generator=gen,
+                                             device="cuda", dtype=DTYPE),
+        "return_dict": False,
+    }
+    if config.get("addition_embed_type") == "text_time":
+        inputs["added_cond_kwargs"] = {k: torch.randn(s, generator=gen, device="cuda", dtype=DTYPE)
+                                       for k, s in sdxl_added_cond_shapes(config, BATCH).items()}
+    return inputs
+
+
+def time_ms(fn, iters: int, warmup: int = 3) -> float:
+    """Median ms per call, CUDA events around each call (launch gaps included)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in events)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
+def run_variant(name: str, setup, teardown, call, ref, iters: int) -> dict:
+    """Set up, time the first call (compile / capture) and the steady state, check the output."""
+    row = {"variant": name}
+    try:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        fn = setup()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = call(fn).clone()
+        torch.cuda.synchronize()
+        row["first_call_s"] = round(time.perf_counter() - t0, 3)
+        with torch.no_grad():
+            row["ms"] = round(time_ms(lambda: call(fn), iters), 3)
+        row["rel_err"] = None if ref is None else rel_err(out, ref)
+        row["finite"] = bool(torch.isfinite(out).all())
+        row["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        row["_out"] = out
+    except Exception as e:  # noqa: BLE001  (report and go on with the other variants)
+        row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+    finally:
+        try:
+            teardown()
+        except Exception as e:  # noqa: BLE001
+            row["teardown_error"] = f"{type(e).__name__}: {e}"
+        torch._dynamo.reset()
+        release_workspaces()
+    return row
+
+
+def bench_unet(name: str, iters: int, compile_: bool) -> list[dict]:
+    from diffusers import UNet2DConditionModel
+
+    config, latent, px = CONFIGS[name]
+    unet = build(UNet2DConditionModel, config)
+    inputs = unet_inputs(config, latent)
+    call = lambda fn: fn(**inputs)[0]  # noqa: E731
+    nothing = lambda: None  # noqa: E731
+    state = {}
+
+    def patched(fn):
+        def setup():
+            dda.patch(unet)
+            return fn()
+        return setup
+
+    variants = [
+        ("stock", lambda: unet, nothing),
+        ("stock+graph", lambda: (graph_module_forward(unet), unet)[1], lambda: ungraph_module(unet)),
+        ("stock+graph+cl", lambda: (graph_module_forward(unet, channels_last=True), unet)[1],
+         lambda: ungraph_module(unet)),
+    ]
+    if compile_:
+        variants += [
+            ("stock+compile", lambda: torch.compile(unet, fullgraph=True), nothing),
+            ("stock+compile-ro", lambda: torch.compile(unet, mode="reduce-overhead", fullgraph=True), nothing),
+        ]
+    variants += [
+        ("ours", patched(lambda: unet), lambda: dda.unpatch(unet)),
+        ("ours+graph", patched(lambda: (graph_module_forward(unet), unet)[1]),
+         lambda: (ungraph_module(unet), dda.unpatch(unet))),
+        ("ours+graph+cl", patched(lambda: (graph_module_forward(unet, channels_last=True), unet)[1]),
+         lambda: (ungraph_module(unet), dda.unpatch(unet))),
+    ]
+    if compile_:
+        variants.append(("ours+compile-ro",
+                         patched(lambda: torch.compile(unet, mode="reduce-overhead", fullgraph=True)),
+                         lambda: dda.unpatch(unet)))
+    rows = []
+    for vname, setup, teardown in variants:
+        row = run_variant(vname, setup, teardown, call, state.get("ref"), iters)
+        if vname == "stock" and "_out" in row:
+            state["ref"] = row["_out"]
+            row["rel_err"] = 0.0
+        row.pop("_out", None)
+        row.update(config=name, px=px, latent=latent)
+        rows.append(row)
+        print(_fmt(row), flush=True)
+    del unet, inputs, state
+    torch.cuda.empty_cache()
+    return rows
+
+
+def bench_vae(iters: int) -> list[dict]:
+    from diffusers import AutoencoderKL
+
+    vae = build(AutoencoderKL, SD_VAE)
+    rows = []
+    for px in (512, 1024):
+        z = torch.randn(1, 4, px // 8, px // 8, device="cuda", dtype=DTYPE,
+                        generator=torch.Generator(device="cuda").manual_seed(2))
+        call = lambda fn: fn(z, return_dict=False)[0]  # noqa: E731
+        graph = lambda: (graph_module_forward(vae, "decode"), vae.decode)[1]  # noqa: E731
+        variants = [
+            ("stock", lambda: vae.decode, lambda: None),
+            ("stock+graph", graph, lambda: ungraph_module(vae)),
+            ("ours", lambda: (dda.patch(vae), vae.decode)[1], lambda: dda.unpatch(vae)),
+            ("ours+graph", lambda: (dda.patch(vae), graph())[1], lambda: (ungraph_module(vae), dda.unpatch(vae))),
+        ]
+        ref = None
+        for vname, setup, teardown in variants:
+            row = run_variant(vname, setup, teardown, call, ref, max(5, iters // 2))
+            if vname == "stock" and "_out" in row:
+                ref, row["rel_err"] = row["_out"], 0.0
+            row.pop("_out", None)
+            row.update(config=f"vae-decode@{px}", px=px, latent=px // 8)
+            rows.append(row)
+            print(_fmt(row), flush=True)
+    del vae
+    torch.cuda.empty_cache()
+    return rows
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """speedup = baseline ms / variant ms, the baseline being stock+graph+cl (stock+graph for the VAE)."""
+    for config in {r["config"] for r in rows}:
+        group = [r for r in rows if r["config"] == config and "ms" in r]
+        base = next((r for r in group if r["variant"] == BASELINE), None) or \
+            next((r for r in group if r["variant"] == "stock+graph"), None)
+        for r in group:
+            if base is not None:
+                r["speedup_vs_" + base["variant"]] = round(base["ms"] / r["ms"], 3)
+
+
+def _fmt(row: dict) -> str:
+    if "error" in row:
+        return f"{row['config']:>16} {row['variant']:<17} ERROR {row['error']}"
+    err = "-" if row.get("rel_err") is None else f"{row['rel_err']:.2e}"
+    return (f"{row['config']:>16} {row['variant']:<17} {row['ms']:9.2f} ms  first call {row['first_call_s']:7.2f} s  "
+            f"peak {row['peak_mem_gb']:6.2f} GB  rel err vs stock {err}{'' if row['finite'] else '  NON-FINITE'}")
+
+
+def chart(path: str, rows: list[dict], title: str) -> None:
+    """Horizontal bars of ms per variant, one block per config (PIL only)."""
+    from PIL import Image, ImageDraw
+
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    line, w, left = 16, 900, 190
+    h = 40 + sum((1 + sum(1 for r in rows if r["config"] == c)) * line + 8 for c in configs)
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    d.text((10, 8), title, fill="black")
+    y = 32
+    for c in configs:
+        group = [r for r in rows if r["config"] == c]
+        peak = max((r.get("ms", 0) for r in group), default=1) or 1
+        d.text((10, y), c, fill="black")
+        y += line
+        for r in group:
+            color = (30, 110, 200) if r["variant"].startswith("ours") else (130, 130, 130)
+            d.text((20, y), r["variant"], fill="black")
+            if "ms" in r:
+                bar = int((w - left - 120) * r["ms"] / peak)
+                d.rectangle([left, y + 2, left + bar, y + line - 3], fill=color)
+                d.text((left + bar + 6, y), f"{r['ms']:.2f} ms", fill="black")
+            else:
+                d.text((left, y), "error", fill="red")
+            y += line
+        y += 8
+    img.save(path)
+
+
+def conditions() -> dict:
+    info = timing.card_info()
+    info.update(card=info["name"], batch=BATCH, dtype=str(DTYPE))
+    try:
+        info["attention_kernels"] = {f"D={d}": ops.attention_kernel_name("cuda", DTYPE, d, 4096)
+                                     for d in (40, 64, 80, 160, 512)}
+    except Exception as e:  # noqa: BLE001
+        info["attention_kernels"] = f"unavailable: {e}"
+    return info
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default="sd15,sd21,sdxl", help="comma-separated subset of sd15,sd21,sdxl")
+    parser.add_argument("--compile", action="store_true", help="add the torch.compile variants (~1 min each)")
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--skip-vae", action="store_true")
+    parser.add_argument("--out", default="bench_out")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_unet.py needs a CUDA device")
+    names = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"unknown configs {unknown}; choose from {list(CONFIGS)}")
+    os.makedirs(args.out, exist_ok=True)
+    info = conditions()
+    print(timing.card_line(info))
+    print(json.dumps(info))
+    t0 = time.perf_counter()
+    rows = []
+    for name in names:
+        rows += bench_unet(name, args.iters, args.compile)
+    if not args.skip_vae:
+        rows += bench_vae(args.iters)
+    add_ratios(rows)
+    print(f"\nspeedup vs {BASELINE} (VAE: vs stock+graph); > 1 is faster")
+    for r in rows:
+        ratio = next((v for k, v in r.items() if k.startswith("speedup_vs_")), None)
+        if ratio is not None:
+            print(f"{r['config']:>16} {r['variant']:<17} {r['ms']:9.2f} ms  x{ratio:.2f}")
+    info["total_s"] = round(time.perf_counter() - t0, 1)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"conditions": info, "rows": rows}, f, indent=1)
+    chart(os.path.join(args.out, "results.png"), rows,
+          f"UNet step / VAE decode, B={BATCH} fp16, {info['card']} (ms, lower is better)")
+    print(f"wrote {args.out}/results.json, results.png ({info['total_s']} s)")
+
+
+if __name__ == "__main__":
+    main()
