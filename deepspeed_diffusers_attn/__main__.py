@@ -109,7 +109,7 @@ def main(argv=None):
            f"SD1.5 {size}x{size}, {steps} steps, {'GPU ' + torch.cuda.get_device_name() if cuda else 'CPU (scaled down)'}")
     print(f"stock:   {stock_s:.3f} s/image")
     print(f"patched: {ours_s:.3f} s/image")
-    print(f"speedup: {stock_s / ours_s:.2f}x   max pixel difference: {diff:.2f} / 255")
+    print(f"speedup: {stock_s / ours_s:.2f}x   max pixel difference: {diff:.3f} / 255")
     print(f"images and chart in {os.path.abspath(args.out)}")
 
 

@@ -379,8 +379,6 @@ def test_channels_last_converts_and_restores():
 
 def test_options_validated():
     unet, _ = make_unet("sd15")
-    with pytest.raises(NotImplementedError, match="kv_cache"):
-        dda.patch(unet, kv_cache=True)
     with pytest.raises(TypeError, match="cuda_graph"):
         dda.patch(unet, cuda_graph=1)
     with pytest.raises(ValueError, match="max_graphs"):

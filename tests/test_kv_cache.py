@@ -389,3 +389,34 @@ def test_gpu_fp16_cache_with_fp32_context_streams_and_graph_capture():
             _check(m, static_x, static_ctx, "miss")  # eager after a refill recomputes too
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
+
+
+def test_patch_kv_cache_option_on_a_unet():
+    """patch(unet, kv_cache=True): every cross-attention computes K/V once per context tensor;
+    outputs equal the uncached patched UNet's bit for bit, and a new prompt recomputes."""
+    from diffusers import UNet2DConditionModel
+
+    import deepspeed_diffusers_attn as dda
+    from deepspeed_diffusers_attn.configs import SD15_UNET, scaled_down
+
+    torch.manual_seed(0)
+    config = scaled_down(SD15_UNET)
+    unet = UNet2DConditionModel.from_config(config).eval()
+    sample = torch.randn(2, 4, config["sample_size"], config["sample_size"])
+    ctx = torch.randn(2, 77, config["cross_attention_dim"])
+    with torch.no_grad():
+        dda.patch(unet)
+        plain = [unet(sample, t, ctx).sample for t in (10, 500)]
+        dda.unpatch(unet)
+        report = dda.patch(unet, kv_cache=True)
+        assert report.options["kv_cache"] is True
+        cached = [unet(sample, t, ctx).sample for t in (10, 500)]
+        layers = [m for m in unet.modules() if isinstance(m, DeepSpeedDiffusersAttention) and m.config.is_cross_attention]
+        assert layers and all(m.kv_cache for m in layers)
+        assert all(m.kv_cache_misses == 1 and m.kv_cache_hits == 1 for m in layers)
+        for a, b in zip(plain, cached):
+            assert torch.equal(a, b)
+        other = unet(sample, 10, ctx + 1).sample  # a new prompt: a miss in every layer
+        assert all(m.kv_cache_misses == 2 for m in layers)
+        assert not torch.equal(other, cached[0])
+    dda.unpatch(unet)

@@ -11,7 +11,7 @@ very same numbers and the errors measure arithmetic only, not weight rounding.
 
 Run with ``pytest -s -m cuda tests/test_patch_gpu.py`` to see the numbers; with
 ``DDA_RESULTS_DIR`` set they are also written to ``$DDA_RESULTS_DIR/test_patch_gpu.json``.
-About a minute or two on an H100; peak GPU memory is about 35 GB (SDXL in float64).
+About a minute or two on an H100; peak GPU memory is under ~40 GB (SDXL or SD2.1 in float64).
 """
 from __future__ import annotations
 

@@ -42,6 +42,10 @@
 const char *dda_attention_mma_name(int cc_major, dda_dtype dtype, int head_dim, size_t block_smem);
 dda_status dda_attention_fwd_mma(const dda_attention_params *p, cudaStream_t stream);
 /* ---- end tensor-core path declarations ---- */
+/* ---- tensor-core path for large head dims (attention_fwd_d512.cu): fp16/bf16, cc >= 8.0, 256 < D <= 512 ---- */
+const char *dda_attention_d512_name(int cc_major, dda_dtype dtype, int head_dim, size_t block_smem);
+dda_status dda_attention_fwd_d512(const dda_attention_params *p, cudaStream_t stream);
+/* ---- end large-head-dim tensor-core path declarations ---- */
 
 namespace {
 
@@ -552,6 +556,21 @@ extern "C" dda_status dda_attention_fwd_cuda(const dda_attention_params *p, cuda
   }
   /* ---- end tensor-core path ---- */
 
+  /* ---- large-head-dim tensor-core path: the same 16-byte requirement ---- */
+  if (p->dtype != DDA_F32) {
+    int cc_major = 0;
+    e = cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, dev);
+    if (e != cudaSuccess) return cuda_fail(e);
+    const size_t es = 2;
+    if (dda_attention_d512_name(cc_major, p->dtype, p->D, bl) != nullptr &&
+        aligned16(p->q, p->q_stride_b, p->q_stride_s, p->q_stride_h, es) &&
+        aligned16(p->k, p->k_stride_b, p->k_stride_s, p->k_stride_h, es) &&
+        aligned16(p->v, p->v_stride_b, p->v_stride_s, p->v_stride_h, es) &&
+        aligned16(p->o, p->o_stride_b, p->o_stride_s, p->o_stride_h, es))
+      return dda_attention_fwd_d512(p, stream);
+  }
+  /* ---- end large-head-dim tensor-core path ---- */
+
   switch (p->dtype) {
     case DDA_F32: return launch_dtype<float>(p, bl, sl, stream);
     case DDA_F16: return launch_dtype<__half>(p, bl, sl, stream);
@@ -586,6 +605,9 @@ extern "C" const char *dda_attention_kernel_name(int cc_major, int cc_minor, dda
   /* ---- tensor-core path (for 16-byte aligned q/k/v/o; misaligned ones run the generic kernel) ---- */
   if (const char *mma = dda_attention_mma_name(cc_major, dtype, head_dim, block_smem)) return mma;
   /* ---- end tensor-core path ---- */
+  /* ---- large-head-dim tensor-core path (likewise for 16-byte aligned q/k/v/o) ---- */
+  if (const char *big = dda_attention_d512_name(cc_major, dtype, head_dim, block_smem)) return big;
+  /* ---- end large-head-dim tensor-core path ---- */
   const int kb = pick_tile(elem_bytes(dtype), np, block_smem, sm_smem);
   if (kb == 0) return "unsupported: not enough shared memory per block on this device for this head dim";
   const int bucket = np <= 4 ? np - 1 : 4;

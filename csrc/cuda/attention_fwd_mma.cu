@@ -10,19 +10,24 @@
  * Every q/k/v/o pointer and stride must be 16-byte compatible (the dispatcher
  * in attention_fwd.cu checks and falls back to the generic kernel otherwise).
  *
- * One block = 64 query rows of one (b, h), 4 warps of 16 rows each. The head
+ * One block = ROWS query rows of one (b, h); three tiles (template arguments of
+ * one kernel, picked per call by pick_tile from B H Sq and the SM count):
+ *   m128: 4 warps x 32 rows (two 16-row m-tiles per warp, so every K / V fragment
+ *         feeds two mmas), KB = 64 keys (DP <= 64) or 32; DP <= 128 only
+ *   m64:  4 warps x 16 rows, KB = 64 (32 for DP > 128)
+ *   m32:  2 warps x 16 rows, same KB as m64: twice the blocks for small grids
+ * DDA_MMA_FORCE=m128|m64|m32 overrides the choice (see forced_tile). The head
  * dim is padded to DP = the smallest of {48, 64, 80, 96, 128, 160, 192, 256}
  * that is >= D (the k-dim of Q K^T must be a multiple of 16); pad columns are
  * zero-filled in shared memory so they add nothing, and are never stored.
  *
  * Shared memory (row stride LD = DP + 8 elements, so the 8 rows an ldmatrix
  * phase reads fall in 8 distinct 16-byte bank groups):
- *   q_s [64][LD] | k_s [2][KB][LD] | v_s [2][KB][LD]      (input dtype)
- * KB = 64 keys per tile (32 for DP > 128, to bound registers and shared memory).
+ *   q_s [ROWS][LD] | k_s [2][KB][LD] | v_s [2][KB][LD]      (input dtype)
  * Q, K(0), V(0) arrive with cp.async; then each iteration t waits for tile t,
  * issues tile t + 1 into the other buffer and computes on tile t.
  *
- * Per warp and key tile (everything but the mma inputs is fp32 in registers):
+ * Per warp, m-tile and key tile (everything but the mma inputs is fp32 in registers):
  *   S[16][KB] = Q K^T               mma m16n8k16, Q A-fragments, K B-fragments (ldmatrix)
  *   S = S * scale * log2(e) (+ mask * log2(e)); keys >= Sk -> -inf (on full unmasked
  *       tiles the scale is folded into the exponent's FMA instead)
@@ -61,18 +66,17 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include <atomic>
 #include <type_traits>
 
 #include "dda.h"
+#include "mma_common.cuh"
 
 namespace {
 
-constexpr int kWarps = 4;
-constexpr int kThreads = kWarps * 32;
-constexpr int kRows = kWarps * 16;  /* query rows per block */
-constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
 /* Padded head dims compiled; D maps to the smallest one >= D. */
@@ -81,122 +85,29 @@ constexpr int kNumPadded = 8;
 
 __host__ __device__ constexpr int key_tile(int dp) { return dp <= 128 ? 64 : 32; }
 
-/* Dynamic shared memory of one block: q_s, then double-buffered K and V tiles. */
-__host__ __device__ constexpr size_t smem_bytes(int dp) {
-  return static_cast<size_t>(kRows + 4 * key_tile(dp)) * (dp + 8) * 2;
-}
-
 int padded_dim(int D) {
   for (int i = 0; i < kNumPadded; ++i)
     if (D <= kPadded[i]) return kPadded[i];
   return 0;
 }
 
-/* ------------------------------------------------------- PTX wrappers -- */
-
-__device__ __forceinline__ uint32_t smem_u32(const void *p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-/* 16 bytes global -> shared; src_bytes = 0 writes zeros and reads nothing. */
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void *src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes)
-               : "memory");
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
-
-__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr)
-               : "memory");
-}
-
-__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr)
-               : "memory");
-}
-
-/* c[16x8] += a[16x16] b[16x8], fp32 accumulate; T picks f16 or bf16 inputs. */
-template <typename T>
-__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  if constexpr (std::is_same<T, __half>::value) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
-
-/* Two floats -> one b32 of T pairs, x in the low half (the lower column index). */
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float x, float y) {
-  uint32_t u;
-  if constexpr (std::is_same<T, __half>::value) {
-    const __half2 h = __floats2half2_rn(x, y);
-    u = *reinterpret_cast<const uint32_t *>(&h);
-  } else {
-    const __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
-    u = *reinterpret_cast<const uint32_t *>(&h);
-  }
-  return u;
-}
-
-/* 2^x; 2^-inf = 0. */
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
-
-/* One mask element in log2 units: 0 or -inf for bool masks. */
-__device__ __forceinline__ float mask_value(const unsigned char *m) { return *m ? 0.0f : -INFINITY; }
-__device__ __forceinline__ float mask_value(const float *m) { return *m * kLog2e; }
-__device__ __forceinline__ float mask_value(const __half *m) { return __half2float(*m) * kLog2e; }
-__device__ __forceinline__ float mask_value(const __nv_bfloat16 *m) { return __bfloat162float(*m) * kLog2e; }
-
-/* s (already in log2 units) += mask for keys < Sk; keys >= Sk -> -inf. Element
- * e of s[j] is row g + 8 * (e / 2), key k0 + 8j + 2c + e % 2; mrow[r] is the
- * mask offset of row g + 8r (NULL mask: M = unsigned char and no reads). */
-template <typename M, int NS>
-__device__ __forceinline__ void mask_tile(float (&s)[NS][4], const M *mask, const int64_t (&mrow)[2],
-                                          int64_t stride_k, int k0, int c, int Sk) {
-#pragma unroll
-  for (int j = 0; j < NS; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int key = k0 + 8 * j + 2 * c + (e & 1);
-      if (key >= Sk)
-        s[j][e] = -INFINITY;
-      else if (mask)
-        s[j][e] += mask_value(mask + mrow[e >> 1] + static_cast<int64_t>(key) * stride_k);
-    }
-}
-
 /* Stages rows [r0, r0 + ROWS) x columns [0, DP) of src (row stride `stride`
  * elements, 16-byte aligned rows) into dst (row stride DP + 8 elements) with
- * cp.async, zero-filling rows >= nrows and columns >= D. */
-template <int ROWS, int DP>
+ * cp.async from THREADS threads, zero-filling rows >= nrows and columns >= D. */
+template <int ROWS, int DP, int THREADS>
 __device__ __forceinline__ void load_tile(uint32_t dst, const uint16_t *src, int64_t stride, int r0,
                                           int nrows, int D) {
   constexpr int kChunks = DP / 8;  /* 16-byte chunks per row */
   constexpr int kTotal = ROWS * kChunks;
+  /* The thread index is read through volatile asm so the per-chunk row / column
+   * indices are recomputed per call instead of hoisted out of the key loop, where
+   * they held up to 32 registers (2-warp blocks, DP 256) and caused spills. */
+  int tid;
+  asm volatile("mov.u32 %0, %%tid.x;\n" : "=r"(tid));
 #pragma unroll
-  for (int c0 = 0; c0 < kTotal; c0 += kThreads) {
-    const int c = c0 + static_cast<int>(threadIdx.x);
-    if (kTotal % kThreads == 0 || c < kTotal) {
+  for (int c0 = 0; c0 < kTotal; c0 += THREADS) {
+    const int c = c0 + tid;
+    if (kTotal % THREADS == 0 || c < kTotal) {
       const int r = c / kChunks;
       const int d = (c - r * kChunks) * 8;
       const bool ok = r0 + r < nrows && d < D;
@@ -208,21 +119,45 @@ __device__ __forceinline__ void load_tile(uint32_t dst, const uint16_t *src, int
 
 /* ------------------------------------------------------------- kernel -- */
 
-template <typename T, int DP>
-__global__ void __launch_bounds__(kThreads)
+/* Tile variants (template arguments of the one kernel below):
+ *   WARPS  warps per block; MT  16-row m-tiles per warp; KB  keys per K/V tile.
+ *   A block owns ROWS = 16 * MT * WARPS query rows; warp w owns rows
+ *   [16 MT w, 16 MT (w + 1)), m-tile i of it rows 16 MT w + 16 i + [0, 16).
+ * With MT = 2 every K / V fragment read by ldmatrix feeds two mmas, halving the
+ * shared-memory traffic per flop (FlashAttention-2's 128-row block). */
+enum Tile { kM128 = 0, kM64 = 1, kM32 = 2, kNumTiles = 3 };
+
+__host__ __device__ constexpr bool tile_exists(int dp, int tile) { return tile != kM128 || dp <= 128; }
+__host__ __device__ constexpr int tile_warps(int tile) { return tile == kM32 ? 2 : 4; }
+__host__ __device__ constexpr int tile_mt(int tile) { return tile == kM128 ? 2 : 1; }
+__host__ __device__ constexpr int tile_rows(int tile) { return 16 * tile_mt(tile) * tile_warps(tile); }
+__host__ __device__ constexpr int tile_kb(int dp, int tile) {
+  return tile == kM128 ? (dp <= 64 ? 64 : 32) : key_tile(dp);
+}
+
+/* Dynamic shared memory of one block: q_s, then double-buffered K and V tiles. */
+__host__ __device__ constexpr size_t tile_smem(int dp, int tile) {
+  return static_cast<size_t>(tile_rows(tile) + 4 * tile_kb(dp, tile)) * (dp + 8) * 2;
+}
+
+template <typename T, int DP, int WARPS, int MT, int KB>
+__global__ void __launch_bounds__(WARPS * 32)
 attention_fwd_mma(const dda_attention_params p, const float scale_log2) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  constexpr int KB = key_tile(DP);
-  constexpr int LD = DP + 8;          /* smem row stride, elements */
-  constexpr int KS = DP / 16;         /* k-steps of S = Q K^T */
-  constexpr int NS = KB / 8;          /* 8-key tiles of S */
-  constexpr int NO = DP / 8;          /* 8-column tiles of O */
-  constexpr bool kQInRegs = DP <= 128; /* else Q fragments are re-read from smem per tile */
+  constexpr int THREADS = WARPS * 32;
+  constexpr int ROWS = 16 * MT * WARPS;  /* query rows per block */
+  constexpr int LD = DP + 8;             /* smem row stride, elements */
+  constexpr int KS = DP / 16;            /* k-steps of S = Q K^T */
+  constexpr int NS = KB / 8;             /* 8-key tiles of S */
+  constexpr int NO = DP / 8;             /* 8-column tiles of O */
+  /* Q fragments stay in registers when the per-thread fp32 state (S: MT KB / 2,
+   * O: MT DP / 2) leaves room for them (MT DP / 4); else re-read per key tile. */
+  constexpr bool kQInRegs = DP <= 128 && MT * (KB / 2 + DP / 2 + DP / 4) <= 136;
   constexpr uint32_t kTileBytes = KB * LD * 2;
 
   extern __shared__ __align__(16) unsigned char smem[];
   const uint32_t q_s = smem_u32(smem);
-  const uint32_t k_s = q_s + kRows * LD * 2;
+  const uint32_t k_s = q_s + ROWS * LD * 2;
   const uint32_t v_s = k_s + 2 * kTileBytes;
 
   const int lane = threadIdx.x & 31;
@@ -231,43 +166,58 @@ attention_fwd_mma(const dda_attention_params p, const float scale_log2) {
   const int c = lane & 3;
   const int h = blockIdx.y;
   const int b = blockIdx.z;
-  const int m0 = blockIdx.x * kRows;
+  const int m0 = blockIdx.x * ROWS;
+  const int wr0 = warp * 16 * MT;  /* this warp's first row within the block */
   const int D = p.D, Sq = p.Sq, Sk = p.Sk;
 
   const uint16_t *q = static_cast<const uint16_t *>(p.q) + b * p.q_stride_b + h * p.q_stride_h;
   const uint16_t *k = static_cast<const uint16_t *>(p.k) + b * p.k_stride_b + h * p.k_stride_h;
   const uint16_t *v = static_cast<const uint16_t *>(p.v) + b * p.v_stride_b + h * p.v_stride_h;
 
-  load_tile<kRows, DP>(q_s, q, p.q_stride_s, m0, Sq, D);
-  load_tile<KB, DP>(k_s, k, p.k_stride_s, 0, Sk, D);
-  load_tile<KB, DP>(v_s, v, p.v_stride_s, 0, Sk, D);
+  load_tile<ROWS, DP, THREADS>(q_s, q, p.q_stride_s, m0, Sq, D);
+  load_tile<KB, DP, THREADS>(k_s, k, p.k_stride_s, 0, Sk, D);
+  load_tile<KB, DP, THREADS>(v_s, v, p.v_stride_s, 0, Sk, D);
   cp_async_commit();
 
-  /* Per-lane ldmatrix byte offsets (see the header comment). */
-  const uint32_t q_off = static_cast<uint32_t>(((warp * 16 + (lane & 15)) * LD + (lane >> 4) * 8) * 2);
+  /* Per-lane ldmatrix byte offsets (see the header comment); m-tile i of Q adds 16 i rows. */
+  const uint32_t q_off = static_cast<uint32_t>(((wr0 + (lane & 15)) * LD + (lane >> 4) * 8) * 2);
   const uint32_t k_off = static_cast<uint32_t>((((lane & 7) + (lane >> 4) * 8) * LD + ((lane >> 3) & 1) * 8) * 2);
   const uint32_t v_off = static_cast<uint32_t>(((lane & 15) * LD + (lane >> 4) * 8) * 2);
 
   const int mkind = p.mask ? static_cast<int>(p.mask_kind) : DDA_MASK_NONE;
-  int64_t mrow[2] = {0, 0};  /* mask offsets of rows g and g + 8 (clamped into [0, Sq)) */
+  int64_t mrow[MT][2];  /* mask offsets of rows 16 i + g and 16 i + g + 8 (clamped into [0, Sq)) */
+#pragma unroll
+  for (int i = 0; i < MT; ++i) mrow[i][0] = mrow[i][1] = 0;
   if (mkind != DDA_MASK_NONE) {
     const int64_t mbase = b * p.mask_stride_b + h * p.mask_stride_h;
-    mrow[0] = mbase + static_cast<int64_t>(min(m0 + warp * 16 + g, Sq - 1)) * p.mask_stride_q;
-    mrow[1] = mbase + static_cast<int64_t>(min(m0 + warp * 16 + g + 8, Sq - 1)) * p.mask_stride_q;
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+        mrow[i][r] = mbase + static_cast<int64_t>(min(m0 + wr0 + 16 * i + g + 8 * r, Sq - 1)) * p.mask_stride_q;
   }
 
-  float o[NO][4];
+  float o[MT][NO][4];
 #pragma unroll
-  for (int n = 0; n < NO; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
-  float m[2] = {-INFINITY, -INFINITY};  /* running row max (log2 units) of rows g, g + 8 */
-  float l[2] = {0.0f, 0.0f};            /* this lane's part of the running row sums */
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int n = 0; n < NO; ++n) o[i][n][0] = o[i][n][1] = o[i][n][2] = o[i][n][3] = 0.0f;
+  float m[MT][2];  /* running row max (log2 units) of rows 16 i + g, 16 i + g + 8 */
+  float l[MT][2];  /* this lane's part of the running row sums */
+#pragma unroll
+  for (int i = 0; i < MT; ++i) {
+    m[i][0] = m[i][1] = -INFINITY;
+    l[i][0] = l[i][1] = 0.0f;
+  }
 
   cp_async_wait_all();
   __syncthreads();
-  uint32_t qf[kQInRegs ? KS : 1][4];
+  uint32_t qf[kQInRegs ? MT : 1][kQInRegs ? KS : 1][4];
   if constexpr (kQInRegs) {
 #pragma unroll
-    for (int ks = 0; ks < KS; ++ks) ldsm_x4(qf[ks], q_s + q_off + ks * 32);
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+      for (int ks = 0; ks < KS; ++ks) ldsm_x4(qf[i][ks], q_s + q_off + i * 16 * LD * 2 + ks * 32);
   }
 
   const int ntiles = (Sk + KB - 1) / KB;
@@ -279,136 +229,165 @@ attention_fwd_mma(const dda_attention_params p, const float scale_log2) {
     cp_async_wait_all();
     __syncthreads();
     if (t + 1 < ntiles) {
-      load_tile<KB, DP>(k_s + ((t + 1) & 1) * kTileBytes, k, p.k_stride_s, k0 + KB, Sk, D);
-      load_tile<KB, DP>(v_s + ((t + 1) & 1) * kTileBytes, v, p.v_stride_s, k0 + KB, Sk, D);
+      load_tile<KB, DP, THREADS>(k_s + ((t + 1) & 1) * kTileBytes, k, p.k_stride_s, k0 + KB, Sk, D);
+      load_tile<KB, DP, THREADS>(v_s + ((t + 1) & 1) * kTileBytes, v, p.v_stride_s, k0 + KB, Sk, D);
       cp_async_commit();
     }
 
-    /* S = Q K^T: s[j] is the 16x8 accumulator of keys k0 + 8j .. k0 + 8j + 7. */
-    float s[NS][4];
+    /* S = Q K^T: s[i][j] is the 16x8 accumulator of m-tile i, keys k0 + 8j .. k0 + 8j + 7. */
+    float s[MT][NS][4];
 #pragma unroll
-    for (int j = 0; j < NS; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+      for (int j = 0; j < NS; ++j) s[i][j][0] = s[i][j][1] = s[i][j][2] = s[i][j][3] = 0.0f;
 #pragma unroll
     for (int ks = 0; ks < KS; ++ks) {
-      uint32_t a[4];
-      if constexpr (kQInRegs) {
-        a[0] = qf[ks][0]; a[1] = qf[ks][1]; a[2] = qf[ks][2]; a[3] = qf[ks][3];
-      } else {
-        ldsm_x4(a, q_s + q_off + ks * 32);
+      uint32_t a[MT][4];
+#pragma unroll
+      for (int i = 0; i < MT; ++i) {
+        if constexpr (kQInRegs) {
+          a[i][0] = qf[i][ks][0]; a[i][1] = qf[i][ks][1]; a[i][2] = qf[i][ks][2]; a[i][3] = qf[i][ks][3];
+        } else {
+          ldsm_x4(a[i], q_s + q_off + i * 16 * LD * 2 + ks * 32);
+        }
       }
 #pragma unroll
       for (int j = 0; j < NS; j += 2) {
         uint32_t bk[4];
         ldsm_x4(bk, kbuf + k_off + j * 8 * LD * 2 + ks * 32);
-        mma16816<T>(s[j], a, bk[0], bk[1]);
-        mma16816<T>(s[j + 1], a, bk[2], bk[3]);
+#pragma unroll
+        for (int i = 0; i < MT; ++i) {
+          mma16816<T>(s[i][j], a[i], bk[0], bk[1]);
+          mma16816<T>(s[i][j + 1], a[i], bk[2], bk[3]);
+        }
       }
     }
 
     /* Scores in log2 units are s * sc. Full unmasked tiles keep s raw and fold
      * sc = scale * log2(e) into the exponent's FMA (max(s) * sc == max(s * sc)
      * for sc > 0); other tiles are scaled and masked in place (sc = 1), keys
-     * >= Sk -> -inf. Element e of s[j] is row g + 8 * (e / 2), key k0 + 8j + 2c + e % 2. */
+     * >= Sk -> -inf. Element e of s[i][j] is row 16 i + g + 8 * (e / 2), key k0 + 8j + 2c + e % 2. */
     float sc = scale_log2;
     if (k0 + KB > Sk || mkind != DDA_MASK_NONE || !(scale_log2 > 0.0f)) {
 #pragma unroll
-      for (int j = 0; j < NS; ++j)
+      for (int i = 0; i < MT; ++i)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) s[j][e] *= scale_log2;
+        for (int j = 0; j < NS; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[i][j][e] *= scale_log2;
       sc = 1.0f;
-      switch (mkind) {
-        case DDA_MASK_BOOL:
-          mask_tile(s, static_cast<const unsigned char *>(p.mask), mrow, p.mask_stride_k, k0, c, Sk);
-          break;
-        case DDA_MASK_ADD_F32:
-          mask_tile(s, static_cast<const float *>(p.mask), mrow, p.mask_stride_k, k0, c, Sk);
-          break;
-        case DDA_MASK_ADD_F16:
-          mask_tile(s, static_cast<const __half *>(p.mask), mrow, p.mask_stride_k, k0, c, Sk);
-          break;
-        case DDA_MASK_ADD_BF16:
-          mask_tile(s, static_cast<const __nv_bfloat16 *>(p.mask), mrow, p.mask_stride_k, k0, c, Sk);
-          break;
-        default:
-          mask_tile(s, static_cast<const unsigned char *>(nullptr), mrow, 0, k0, c, Sk);
-          break;
-      }
-    }
-    float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-    for (int j = 0; j < NS; ++j) {
-      mx[0] = fmaxf(mx[0], fmaxf(s[j][0], s[j][1]));
-      mx[1] = fmaxf(mx[1], fmaxf(s[j][2], s[j][3]));
+      for (int i = 0; i < MT; ++i) {
+        switch (mkind) {
+          case DDA_MASK_BOOL:
+            mask_tile(s[i], static_cast<const unsigned char *>(p.mask), mrow[i], p.mask_stride_k, k0, c, Sk);
+            break;
+          case DDA_MASK_ADD_F32:
+            mask_tile(s[i], static_cast<const float *>(p.mask), mrow[i], p.mask_stride_k, k0, c, Sk);
+            break;
+          case DDA_MASK_ADD_F16:
+            mask_tile(s[i], static_cast<const __half *>(p.mask), mrow[i], p.mask_stride_k, k0, c, Sk);
+            break;
+          case DDA_MASK_ADD_BF16:
+            mask_tile(s[i], static_cast<const __nv_bfloat16 *>(p.mask), mrow[i], p.mask_stride_k, k0, c, Sk);
+            break;
+          default:
+            mask_tile(s[i], static_cast<const unsigned char *>(nullptr), mrow[i], 0, k0, c, Sk);
+            break;
+        }
+      }
     }
 
     /* Online softmax: the 4 lanes of a quad (same g) hold one row between them. */
-    float alpha[2], m_use[2];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-      const float m_new = fmaxf(m[r], mx[r] * sc);
-      m_use[r] = m_new == -INFINITY ? 0.0f : m_new;  /* all masked so far: p and alpha stay 0 */
-      alpha[r] = fast_exp2(m[r] - m_use[r]);
-      m[r] = m_new;
-    }
-    float rs[2] = {0.0f, 0.0f};
+    for (int i = 0; i < MT; ++i) {
+      float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-    for (int j = 0; j < NS; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[j][e] = fast_exp2(fmaf(s[j][e], sc, -m_use[e >> 1]));
-        rs[e >> 1] += s[j][e];
+      for (int j = 0; j < NS; ++j) {
+        mx[0] = fmaxf(mx[0], fmaxf(s[i][j][0], s[i][j][1]));
+        mx[1] = fmaxf(mx[1], fmaxf(s[i][j][2], s[i][j][3]));
       }
-    l[0] = l[0] * alpha[0] + rs[0];
-    l[1] = l[1] * alpha[1] + rs[1];
+      float alpha[2], m_use[2];
 #pragma unroll
-    for (int n = 0; n < NO; ++n) {
-      o[n][0] *= alpha[0]; o[n][1] *= alpha[0];
-      o[n][2] *= alpha[1]; o[n][3] *= alpha[1];
+      for (int r = 0; r < 2; ++r) {
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+        const float m_new = fmaxf(m[i][r], mx[r] * sc);
+        m_use[r] = m_new == -INFINITY ? 0.0f : m_new;  /* all masked so far: p and alpha stay 0 */
+        alpha[r] = fast_exp2(m[i][r] - m_use[r]);
+        m[i][r] = m_new;
+      }
+      float rs[2] = {0.0f, 0.0f};
+#pragma unroll
+      for (int j = 0; j < NS; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          s[i][j][e] = fast_exp2(fmaf(s[i][j][e], sc, -m_use[e >> 1]));
+          rs[e >> 1] += s[i][j][e];
+        }
+      l[i][0] = l[i][0] * alpha[0] + rs[0];
+      l[i][1] = l[i][1] * alpha[1] + rs[1];
+#pragma unroll
+      for (int n = 0; n < NO; ++n) {
+        o[i][n][0] *= alpha[0]; o[i][n][1] *= alpha[0];
+        o[i][n][2] *= alpha[1]; o[i][n][3] *= alpha[1];
+      }
     }
 
-    /* O += P V, 16 keys per k-step. */
+    /* O += P V, 16 keys per k-step; each V fragment feeds MT m-tiles. */
 #pragma unroll
     for (int kk = 0; kk < KB / 16; ++kk) {
-      const uint32_t a[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-                             pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                             pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+      uint32_t a[MT][4];
+#pragma unroll
+      for (int i = 0; i < MT; ++i) {
+        a[i][0] = pack2<T>(s[i][2 * kk][0], s[i][2 * kk][1]);
+        a[i][1] = pack2<T>(s[i][2 * kk][2], s[i][2 * kk][3]);
+        a[i][2] = pack2<T>(s[i][2 * kk + 1][0], s[i][2 * kk + 1][1]);
+        a[i][3] = pack2<T>(s[i][2 * kk + 1][2], s[i][2 * kk + 1][3]);
+      }
 #pragma unroll
       for (int n = 0; n < NO; n += 2) {
         uint32_t bv[4];
         ldsm_x4_trans(bv, vbuf + v_off + kk * 16 * LD * 2 + n * 16);
-        mma16816<T>(o[n], a, bv[0], bv[1]);
-        mma16816<T>(o[n + 1], a, bv[2], bv[3]);
+#pragma unroll
+        for (int i = 0; i < MT; ++i) {
+          mma16816<T>(o[i][n], a[i], bv[0], bv[1]);
+          mma16816<T>(o[i][n + 1], a[i], bv[2], bv[3]);
+        }
       }
     }
   }
 
   /* Row sums over the quad; l == 0 means every key was masked: o = 0, lse = -inf. */
-  float inv[2];
+  float inv[MT][2];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-    inv[r] = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
-  }
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      l[i][r] += __shfl_xor_sync(0xffffffffu, l[i][r], 1);
+      l[i][r] += __shfl_xor_sync(0xffffffffu, l[i][r], 2);
+      inv[i][r] = l[i][r] > 0.0f ? 1.0f / l[i][r] : 0.0f;
+    }
 
-  /* O -> this warp's 16 rows of q_s (only this warp ever read them), then 16-byte stores. */
-  uint16_t *qw = reinterpret_cast<uint16_t *>(smem) + warp * 16 * LD;
+  /* O -> this warp's 16 MT rows of q_s (only this warp ever read them), then 16-byte stores. */
+  uint16_t *qw = reinterpret_cast<uint16_t *>(smem) + wr0 * LD;
   __syncwarp();
 #pragma unroll
-  for (int n = 0; n < NO; ++n) {
-    *reinterpret_cast<uint32_t *>(qw + g * LD + 8 * n + 2 * c) = pack2<T>(o[n][0] * inv[0], o[n][1] * inv[0]);
-    *reinterpret_cast<uint32_t *>(qw + (g + 8) * LD + 8 * n + 2 * c) =
-        pack2<T>(o[n][2] * inv[1], o[n][3] * inv[1]);
-  }
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int n = 0; n < NO; ++n) {
+      *reinterpret_cast<uint32_t *>(qw + (16 * i + g) * LD + 8 * n + 2 * c) =
+          pack2<T>(o[i][n][0] * inv[i][0], o[i][n][1] * inv[i][0]);
+      *reinterpret_cast<uint32_t *>(qw + (16 * i + g + 8) * LD + 8 * n + 2 * c) =
+          pack2<T>(o[i][n][2] * inv[i][1], o[i][n][3] * inv[i][1]);
+    }
   __syncwarp();
   uint16_t *out = static_cast<uint16_t *>(p.o) + b * p.o_stride_b + h * p.o_stride_h;
 #pragma unroll
-  for (int e = lane; e < 16 * NO; e += 32) {
+  for (int e = lane; e < 16 * MT * NO; e += 32) {
     const int r = e / NO;
     const int d = (e - r * NO) * 8;
-    const int row = m0 + warp * 16 + r;
+    const int row = m0 + wr0 + r;
     if (row < Sq && d < D)
       *reinterpret_cast<uint4 *>(out + static_cast<int64_t>(row) * p.o_stride_s + d) =
           *reinterpret_cast<const uint4 *>(qw + r * LD + d);
@@ -416,12 +395,14 @@ attention_fwd_mma(const dda_attention_params p, const float scale_log2) {
 
   if (p.lse && c == 0) {
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int row = m0 + warp * 16 + g + 8 * r;
-      if (row < Sq)
-        p.lse[(static_cast<int64_t>(b) * p.H + h) * Sq + row] =
-            l[r] > 0.0f ? (m[r] + log2f(l[r])) * kLn2 : -INFINITY;
-    }
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = m0 + wr0 + 16 * i + g + 8 * r;
+        if (row < Sq)
+          p.lse[(static_cast<int64_t>(b) * p.H + h) * Sq + row] =
+              l[i][r] > 0.0f ? (m[i][r] + log2f(l[i][r])) * kLn2 : -INFINITY;
+      }
   }
 #endif
 }
@@ -433,10 +414,77 @@ dda_status cuda_fail(cudaError_t e) {
   return DDA_ERR_CUDA;
 }
 
-template <typename T, int DP>
+/* Per device (id < 64), read once: SM count and opt-in shared memory per block. */
+struct DeviceInfo {
+  int sms;
+  size_t block_smem;
+};
+
+cudaError_t device_info(DeviceInfo *info) {
+  static std::atomic<int> sms_cache[64];
+  static std::atomic<long long> smem_cache[64];
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess) return e;
+  if (dev >= 0 && dev < 64 && sms_cache[dev].load(std::memory_order_acquire) > 0) {
+    info->sms = sms_cache[dev].load(std::memory_order_acquire);
+    info->block_smem = static_cast<size_t>(smem_cache[dev].load(std::memory_order_acquire));
+    return cudaSuccess;
+  }
+  int sms = 0, smem = 0;
+  e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (e != cudaSuccess) return e;
+  info->sms = sms > 0 ? sms : 1;
+  info->block_smem = static_cast<size_t>(smem);
+  if (dev >= 0 && dev < 64) {
+    smem_cache[dev].store(smem, std::memory_order_release);
+    sms_cache[dev].store(info->sms, std::memory_order_release);
+  }
+  return cudaSuccess;
+}
+
+/* DDA_MMA_FORCE = "m128", "m64" or "m32" (a suffix such as "_kb64" is ignored)
+ * forces that tile for every call where it exists for the head dim and fits the
+ * device, so variants can be A/B-tested in one process; read once. -1 = automatic. */
+int forced_tile() {
+  static const int forced = [] {
+    const char *s = getenv("DDA_MMA_FORCE");
+    if (s == nullptr) return -1;
+    if (strncmp(s, "m128", 4) == 0) return static_cast<int>(kM128);
+    if (strncmp(s, "m64", 3) == 0) return static_cast<int>(kM64);
+    if (strncmp(s, "m32", 3) == 0) return static_cast<int>(kM32);
+    return -1;
+  }();
+  return forced;
+}
+
+/* The tile for a problem: the largest that still gives every SM work.
+ *   m128 when it makes >= 2 blocks per SM (2 x 4 warps resident per SM) and
+ *        Sk > 128 (short key loops, e.g. the 77 text tokens of cross-attention,
+ *        are latency bound: m64's smaller register file fits more blocks per SM),
+ *   m64  when it makes >= 1 block per SM,
+ *   m32  otherwise (small B H Sq, e.g. 2x8x256: 64 blocks of 64 rows on 132 SMs).
+ * Tiles that do not exist for DP or do not fit block_smem are skipped. */
+int pick_tile(int dp, const dda_attention_params *p, const DeviceInfo &dev) {
+  const int f = forced_tile();
+  if (f >= 0 && tile_exists(dp, f) && tile_smem(dp, f) <= dev.block_smem) return f;
+  const long long bh = static_cast<long long>(p->B) * p->H;
+  const long long blocks128 = bh * ((p->Sq + 127) / 128);
+  const long long blocks64 = bh * ((p->Sq + 63) / 64);
+  if (tile_exists(dp, kM128) && tile_smem(dp, kM128) <= dev.block_smem && blocks128 >= 2LL * dev.sms &&
+      p->Sk > 128)
+    return kM128;
+  if (blocks64 >= dev.sms) return kM64;
+  return kM32;
+}
+
+template <typename T, int DP, int TILE>
 dda_status launch(const dda_attention_params *p, cudaStream_t stream) {
-  constexpr size_t smem = smem_bytes(DP);
-  auto kernel = attention_fwd_mma<T, DP>;
+  constexpr int kWarps = tile_warps(TILE);
+  constexpr int kRowsPerBlock = tile_rows(TILE);
+  constexpr size_t smem = tile_smem(DP, TILE);
+  auto kernel = attention_fwd_mma<T, DP, kWarps, tile_mt(TILE), tile_kb(DP, TILE)>;
   if (smem > 48 * 1024) {
     /* Raise the dynamic shared memory limit once per device (bit per device id < 64). */
     static std::atomic<unsigned long long> raised{0};
@@ -450,24 +498,38 @@ dda_status launch(const dda_attention_params *p, cudaStream_t stream) {
       raised.fetch_or(bit, std::memory_order_release);
     }
   }
-  const dim3 grid(static_cast<unsigned>((p->Sq + kRows - 1) / kRows), static_cast<unsigned>(p->H),
-                  static_cast<unsigned>(p->B));
-  kernel<<<grid, kThreads, smem, stream>>>(*p, p->scale * kLog2e);
+  const dim3 grid(static_cast<unsigned>((p->Sq + kRowsPerBlock - 1) / kRowsPerBlock),
+                  static_cast<unsigned>(p->H), static_cast<unsigned>(p->B));
+  kernel<<<grid, kWarps * 32, smem, stream>>>(*p, p->scale * kLog2e);
   const cudaError_t e = cudaGetLastError();
   return e == cudaSuccess ? DDA_OK : cuda_fail(e);
 }
 
+template <typename T, int DP>
+dda_status launch_dp(const dda_attention_params *p, const DeviceInfo &dev, cudaStream_t stream) {
+  switch (pick_tile(DP, p, dev)) {
+    case kM128:
+      if constexpr (tile_exists(DP, kM128)) return launch<T, DP, kM128>(p, stream);
+      return DDA_ERR_UNSUPPORTED_HEAD_DIM;
+    case kM32: return launch<T, DP, kM32>(p, stream);
+    default: return launch<T, DP, kM64>(p, stream);
+  }
+}
+
 template <typename T>
 dda_status launch_dtype(const dda_attention_params *p, cudaStream_t stream) {
+  DeviceInfo dev;
+  const cudaError_t e = device_info(&dev);
+  if (e != cudaSuccess) return cuda_fail(e);
   switch (padded_dim(p->D)) {
-    case 48: return launch<T, 48>(p, stream);
-    case 64: return launch<T, 64>(p, stream);
-    case 80: return launch<T, 80>(p, stream);
-    case 96: return launch<T, 96>(p, stream);
-    case 128: return launch<T, 128>(p, stream);
-    case 160: return launch<T, 160>(p, stream);
-    case 192: return launch<T, 192>(p, stream);
-    case 256: return launch<T, 256>(p, stream);
+    case 48: return launch_dp<T, 48>(p, dev, stream);
+    case 64: return launch_dp<T, 64>(p, dev, stream);
+    case 80: return launch_dp<T, 80>(p, dev, stream);
+    case 96: return launch_dp<T, 96>(p, dev, stream);
+    case 128: return launch_dp<T, 128>(p, dev, stream);
+    case 160: return launch_dp<T, 160>(p, dev, stream);
+    case 192: return launch_dp<T, 192>(p, dev, stream);
+    case 256: return launch_dp<T, 256>(p, dev, stream);
     default: return DDA_ERR_UNSUPPORTED_HEAD_DIM;
   }
 }
@@ -476,26 +538,42 @@ dda_status launch_dtype(const dda_attention_params *p, cudaStream_t stream) {
 
 /* The mma kernel's name for (compute capability major, dtype, head dim) on a
  * device with block_smem bytes of opt-in shared memory per block, or NULL when
- * it does not take them (fp32, cc < 8.0, D > 256, too little shared memory).
- * Alignment of the pointers is the caller's to check. */
+ * it does not take them (fp32, cc < 8.0, D > 256, too little shared memory for
+ * the m64 tile). The tile is picked per call from B H Sq (pick_tile), so the name
+ * lists the candidates, e.g. "mma_sm80_dp48_f16_m128kb128|m64kb64|m32kb64", or
+ * names the one DDA_MMA_FORCE selects. Alignment of the pointers is the caller's to check. */
 const char *dda_attention_mma_name(int cc_major, dda_dtype dtype, int head_dim, size_t block_smem) {
   struct Names {
-    char s[2][kNumPadded][40];
+    char any[2][kNumPadded][80];
+    char one[2][kNumPadded][kNumTiles][40];
     Names() {
       for (int a = 0; a < 2; ++a)
-        for (int i = 0; i < kNumPadded; ++i)
-          snprintf(s[a][i], sizeof s[a][i], "mma_sm80_dp%d_kb%d_%s", kPadded[i], key_tile(kPadded[i]),
-                   a == 0 ? "f16" : "bf16");
+        for (int i = 0; i < kNumPadded; ++i) {
+          const int dp = kPadded[i];
+          const char *dt = a == 0 ? "f16" : "bf16";
+          for (int t = 0; t < kNumTiles; ++t)
+            snprintf(one[a][i][t], sizeof one[a][i][t], "mma_sm80_dp%d_m%d_kb%d_%s", dp, tile_rows(t),
+                     tile_kb(dp, t), dt);
+          if (tile_exists(dp, kM128))
+            snprintf(any[a][i], sizeof any[a][i], "mma_sm80_dp%d_%s_m128kb%d|m64kb%d|m32kb%d", dp, dt,
+                     tile_kb(dp, kM128), tile_kb(dp, kM64), tile_kb(dp, kM32));
+          else
+            snprintf(any[a][i], sizeof any[a][i], "mma_sm80_dp%d_%s_m64kb%d|m32kb%d", dp, dt,
+                     tile_kb(dp, kM64), tile_kb(dp, kM32));
+        }
     }
   };
   static const Names names;
   if (cc_major < 8 || (dtype != DDA_F16 && dtype != DDA_BF16)) return nullptr;
   if (head_dim < 8 || head_dim % 8 != 0) return nullptr;
   const int dp = padded_dim(head_dim);
-  if (dp == 0 || smem_bytes(dp) > block_smem) return nullptr;
+  if (dp == 0 || tile_smem(dp, kM64) > block_smem) return nullptr;
   int i = 0;
   while (kPadded[i] != dp) ++i;
-  return names.s[dtype == DDA_F16 ? 0 : 1][i];
+  const int a = dtype == DDA_F16 ? 0 : 1;
+  const int f = forced_tile();
+  if (f >= 0 && tile_exists(dp, f) && tile_smem(dp, f) <= block_smem) return names.one[a][i][f];
+  return names.any[a][i];
 }
 
 /* Runs the mma kernel; the caller has checked p (dda_attention_check), that

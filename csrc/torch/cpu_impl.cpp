@@ -27,14 +27,6 @@ void linear_out_cpu(const at::Tensor &x, const at::Tensor &weight,
   dda_glue::throw_on_error(static_cast<dda_status>(status.load()), "dda.linear (cpu)");
 }
 
-at::Tensor linear_cpu(const at::Tensor &x, const at::Tensor &weight,
-                      const std::optional<at::Tensor> &bias, const std::optional<at::Tensor> &residual,
-                      double alpha, double beta) {
-  at::Tensor out = dda_glue::linear_output(x, weight);
-  linear_out_cpu(x, weight, bias, residual, alpha, beta, out);
-  return out;
-}
-
 void attention_out_cpu(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
                        const std::optional<at::Tensor> &mask, double scale, at::Tensor &out,
                        const std::optional<at::Tensor> &lse) {
@@ -65,21 +57,11 @@ void attention_out_cpu(const at::Tensor &q, const at::Tensor &k, const at::Tenso
   dda_glue::throw_on_error(static_cast<dda_status>(status.load()), "dda.attention (cpu)");
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor &q, const at::Tensor &k,
-                                                 const at::Tensor &v,
-                                                 const std::optional<at::Tensor> &mask,
-                                                 double scale, bool return_lse) {
-  at::Tensor out = dda_glue::attention_output(q);
-  at::Tensor lse = dda_glue::attention_lse(q, return_lse);
-  attention_out_cpu(q, k, v, mask, scale, out, return_lse ? std::optional<at::Tensor>(lse) : std::nullopt);
-  return {out, lse};
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dda, CPU, m) {
-  m.impl("linear", &linear_cpu);
+  m.impl("linear", &dda_glue::linear<&linear_out_cpu>);
   m.impl("linear_out", &linear_out_cpu);
-  m.impl("attention", &attention_cpu);
+  m.impl("attention", &dda_glue::attention<&attention_out_cpu>);
   m.impl("attention_out", &attention_out_cpu);
 }

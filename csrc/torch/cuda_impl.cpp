@@ -23,14 +23,6 @@ void linear_out_cuda(const at::Tensor &x, const at::Tensor &weight,
                            "dda.linear (cuda)");
 }
 
-at::Tensor linear_cuda(const at::Tensor &x, const at::Tensor &weight,
-                       const std::optional<at::Tensor> &bias,
-                       const std::optional<at::Tensor> &residual, double alpha, double beta) {
-  at::Tensor out = dda_glue::linear_output(x, weight);
-  linear_out_cuda(x, weight, bias, residual, alpha, beta, out);
-  return out;
-}
-
 void attention_out_cuda(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
                         const std::optional<at::Tensor> &mask, double scale, at::Tensor &out,
                         const std::optional<at::Tensor> &lse) {
@@ -40,21 +32,11 @@ void attention_out_cuda(const at::Tensor &q, const at::Tensor &k, const at::Tens
                            "dda.attention (cuda)");
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor &q, const at::Tensor &k,
-                                                  const at::Tensor &v,
-                                                  const std::optional<at::Tensor> &mask,
-                                                  double scale, bool return_lse) {
-  at::Tensor out = dda_glue::attention_output(q);
-  at::Tensor lse = dda_glue::attention_lse(q, return_lse);
-  attention_out_cuda(q, k, v, mask, scale, out, return_lse ? std::optional<at::Tensor>(lse) : std::nullopt);
-  return {out, lse};
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dda, CUDA, m) {
-  m.impl("linear", &linear_cuda);
+  m.impl("linear", &dda_glue::linear<&linear_out_cuda>);
   m.impl("linear_out", &linear_out_cuda);
-  m.impl("attention", &attention_cuda);
+  m.impl("attention", &dda_glue::attention<&attention_out_cuda>);
   m.impl("attention_out", &attention_out_cuda);
 }

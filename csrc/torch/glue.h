@@ -32,4 +32,29 @@ at::Tensor linear_output(const at::Tensor &x, const at::Tensor &weight);
 at::Tensor attention_output(const at::Tensor &q);
 at::Tensor attention_lse(const at::Tensor &q, bool return_lse);
 
+using LinearOut = void (*)(const at::Tensor &, const at::Tensor &, const std::optional<at::Tensor> &,
+                           const std::optional<at::Tensor> &, double, double, at::Tensor &);
+using AttentionOut = void (*)(const at::Tensor &, const at::Tensor &, const at::Tensor &,
+                              const std::optional<at::Tensor> &, double, at::Tensor &,
+                              const std::optional<at::Tensor> &);
+
+// The functional ops of a backend: allocate the outputs, then run its *_out impl.
+template <LinearOut out_impl>
+at::Tensor linear(const at::Tensor &x, const at::Tensor &weight, const std::optional<at::Tensor> &bias,
+                  const std::optional<at::Tensor> &residual, double alpha, double beta) {
+  at::Tensor out = linear_output(x, weight);
+  out_impl(x, weight, bias, residual, alpha, beta, out);
+  return out;
+}
+
+template <AttentionOut out_impl>
+std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor &q, const at::Tensor &k,
+                                             const at::Tensor &v, const std::optional<at::Tensor> &mask,
+                                             double scale, bool return_lse) {
+  at::Tensor out = attention_output(q);
+  at::Tensor lse = attention_lse(q, return_lse);
+  out_impl(q, k, v, mask, scale, out, return_lse ? std::optional<at::Tensor>(lse) : std::nullopt);
+  return {out, lse};
+}
+
 }  // namespace dda_glue

@@ -1,0 +1,368 @@
+/*
+ * attention_fwd_d512.cu: flash-attention forward on tensor cores (mma.sync, sm_80+),
+ * fp16 and bf16, large head dims 256 < D <= 512 (a multiple of 8), e.g. the
+ * Stable Diffusion VAE mid-block (1 head, D = 512).
+ *
+ *   q    [B, Sq, H, D]  element strides q_stride_{b,s,h}; D contiguous
+ *   k, v [B, Sk, H, D]  likewise
+ *   o    [B, Sq, H, D]  likewise
+ *   lse  [B, H, Sq]     fp32 contiguous, or NULL
+ *   mask broadcast to [B, H, Sq, Sk] through four element strides, or NULL
+ * Every q/k/v/o pointer and stride must be 16-byte compatible (the dispatcher
+ * in attention_fwd.cu checks and falls back to the generic kernel otherwise).
+ *
+ * Why the output columns are split across two blocks: the fp32 accumulator of
+ * 64 rows x 512 columns is 128 KB, more than 4 warps' registers can hold. So
+ * each block computes 64 query rows x one half of the output columns
+ * (DV = 256: columns [0, 256) or [256, 512)), and recomputes S = Q K^T over
+ * the full head dim. That costs 1.5x the tensor-core work of a single pass,
+ * but keeps the whole FlashAttention-2 loop in registers (P never leaves
+ * them, no block-wide exchange of P or of rescale factors) and doubles the
+ * number of blocks, which the VAE needs (1 head, Sq = 4096: 64 row tiles
+ * would leave half of a 132-SM part idle; with the split, 128 blocks). The two
+ * halves of a row tile are adjacent in blockIdx.x, so they run together and
+ * share Q, K and V through L2.
+ *
+ * The head dim is padded to DQ = 512 for Q K^T (zero-filled columns add
+ * nothing); V and O columns past D are zero-filled / never stored.
+ *
+ * Block = 4 warps x 16 query rows. Shared memory (row strides LDQ = DQ + 8 and
+ * LDV = DV + 8 elements: the 8 rows an ldmatrix phase reads fall in 8 distinct
+ * 16-byte bank groups):
+ *   q_s [64][LDQ] | k_s [2][KB][LDQ] | v_s [2][KB][LDV]      (input dtype)
+ *   = 66,560 + 66,560 + 33,792 = 166,912 bytes with KB = 32 keys per tile,
+ * which is exactly the opt-in limit of sm_80 (sm_86/89 parts have less and use
+ * the generic kernel). Q stays in shared memory (its 16 x 512 A-fragments
+ * would be another 128 registers) and is re-read with ldmatrix per k-step.
+ * K and V tiles are double-buffered with cp.async: tile t + 1 streams in
+ * while tile t is computed.
+ *
+ * Per warp and key tile (registers: O 16 x 256 fp32 = 128 per lane, S 16):
+ *   S[16][32] = Q K^T               mma m16n8k16, 32 k-steps over DQ
+ *   scale, mask, keys >= Sk -> -inf; online softmax in base 2 (exp2)
+ *   O[16][DV] = O * alpha + P V     P re-packed in registers as A-fragments,
+ *                                   V B-fragments by ldmatrix.trans
+ *
+ * Fragment layouts of mma.sync.aligned.m16n8k16.row.col (PTX ISA, f16/bf16 in,
+ * f32 accumulate); lane = 4 g + c:
+ *   A 16x16: a0 = A[g][2c, 2c+1]  a1 = A[g+8][2c, 2c+1]  a2 = A[g][2c+8, +9]  a3 = A[g+8][2c+8, +9]
+ *   B 16x8:  b0 = B[2c, 2c+1][g]  b1 = B[2c+8, 2c+9][g]
+ *   C 16x8:  c0, c1 = C[g][2c, 2c+1]  c2, c3 = C[g+8][2c, 2c+1]
+ * ldmatrix.x4: lanes 8i..8i+7 address the 8 rows of matrix i; register i of
+ * lane 4g + c gets row g, columns 2c, 2c+1 of matrix i (.trans: the transpose).
+ *   Q (A of S): lane addresses row lane % 16, column 8 (lane / 16).
+ *   K (B of S, K's rows are B's columns): key lane % 8 + 8 (lane / 16),
+ *               column 8 ((lane / 8) % 2)  -> b0, b1 of key tiles n and n + 1.
+ *   V (B of O, row-major, .trans): key lane % 16, column 8 (lane / 16)
+ *               -> b0, b1 of column tiles n and n + 1.
+ *   P (A of O) from S tiles 2k, 2k + 1: a0 = S[2k].c0c1, a1 = S[2k].c2c3,
+ *               a2 = S[2k+1].c0c1, a3 = S[2k+1].c2c3.
+ */
+#include <cuda_runtime.h>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <math.h>
+#include <stdint.h>
+
+#include <atomic>
+#include <type_traits>
+
+#include "dda.h"
+#include "mma_common.cuh"
+
+namespace {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kRows = kWarps * 16;  /* query rows per block */
+constexpr int kKB = 32;             /* keys per tile */
+constexpr int kDQ = 512;            /* padded head dim of Q K^T */
+constexpr int kDV = 256;            /* output columns per block */
+constexpr int kSplit = kDQ / kDV;   /* blocks per row tile */
+constexpr int kLDQ = kDQ + 8;       /* q_s / k_s row stride, elements */
+constexpr int kLDV = kDV + 8;       /* v_s row stride, elements */
+constexpr float kLn2 = 0.6931471805599453f;
+
+constexpr uint32_t kQBytes = kRows * kLDQ * 2;
+constexpr uint32_t kKTileBytes = kKB * kLDQ * 2;
+constexpr uint32_t kVTileBytes = kKB * kLDV * 2;
+constexpr size_t kSmemBytes = kQBytes + 2 * kKTileBytes + 2 * kVTileBytes;
+
+/* Stages rows [r0, r0 + ROWS) x columns [c0, c0 + COLS) of src (row stride
+ * `stride` elements, 16-byte aligned rows) into dst (row stride LD elements)
+ * with cp.async, zero-filling rows >= nrows and columns >= D. */
+template <int ROWS, int COLS, int LD>
+__device__ __forceinline__ void load_tile(uint32_t dst, const uint16_t *src, int64_t stride, int r0,
+                                          int nrows, int c0, int D) {
+  constexpr int kChunks = COLS / 8;  /* 16-byte chunks per row */
+  constexpr int kTotal = ROWS * kChunks;
+  static_assert(kTotal % kThreads == 0, "tile chunks must divide evenly among the threads");
+#pragma unroll
+  for (int i = 0; i < kTotal; i += kThreads) {
+    const int chunk = i + static_cast<int>(threadIdx.x);
+    const int r = chunk / kChunks;
+    const int d = (chunk - r * kChunks) * 8;
+    const bool ok = r0 + r < nrows && c0 + d < D;
+    const uint16_t *g = ok ? src + static_cast<int64_t>(r0 + r) * stride + c0 + d : src;
+    cp_async16(dst + static_cast<uint32_t>((r * LD + d) * 2), g, ok ? 16 : 0);
+  }
+}
+
+/* ------------------------------------------------------------- kernel -- */
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1)
+attention_fwd_d512(const dda_attention_params p, const float scale_log2) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  constexpr int KS = kDQ / 16;  /* k-steps of S = Q K^T */
+  constexpr int NS = kKB / 8;   /* 8-key tiles of S */
+  constexpr int NO = kDV / 8;   /* 8-column tiles of O */
+
+  extern __shared__ __align__(16) unsigned char smem[];
+  const uint32_t q_s = smem_u32(smem);
+  const uint32_t k_s = q_s + kQBytes;
+  const uint32_t v_s = k_s + 2 * kKTileBytes;
+
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int g = lane >> 2;
+  const int c = lane & 3;
+  const int half = blockIdx.x % kSplit;         /* which output columns */
+  const int d0 = half * kDV;                    /* first output column */
+  const int m0 = (blockIdx.x / kSplit) * kRows; /* first query row */
+  const int h = blockIdx.y;
+  const int b = blockIdx.z;
+  const int D = p.D, Sq = p.Sq, Sk = p.Sk;
+
+  const uint16_t *q = static_cast<const uint16_t *>(p.q) + b * p.q_stride_b + h * p.q_stride_h;
+  const uint16_t *k = static_cast<const uint16_t *>(p.k) + b * p.k_stride_b + h * p.k_stride_h;
+  const uint16_t *v = static_cast<const uint16_t *>(p.v) + b * p.v_stride_b + h * p.v_stride_h;
+
+  load_tile<kRows, kDQ, kLDQ>(q_s, q, p.q_stride_s, m0, Sq, 0, D);
+  load_tile<kKB, kDQ, kLDQ>(k_s, k, p.k_stride_s, 0, Sk, 0, D);
+  load_tile<kKB, kDV, kLDV>(v_s, v, p.v_stride_s, 0, Sk, d0, D);
+  cp_async_commit();
+
+  /* Per-lane ldmatrix byte offsets (see the header comment). */
+  const uint32_t q_off = static_cast<uint32_t>(((warp * 16 + (lane & 15)) * kLDQ + (lane >> 4) * 8) * 2);
+  const uint32_t k_off = static_cast<uint32_t>((((lane & 7) + (lane >> 4) * 8) * kLDQ + ((lane >> 3) & 1) * 8) * 2);
+  const uint32_t v_off = static_cast<uint32_t>(((lane & 15) * kLDV + (lane >> 4) * 8) * 2);
+
+  const int mkind = p.mask ? static_cast<int>(p.mask_kind) : DDA_MASK_NONE;
+  int64_t mrow[2] = {0, 0};  /* mask offsets of rows g and g + 8 (clamped into [0, Sq)) */
+  if (mkind != DDA_MASK_NONE) {
+    const int64_t mbase = b * p.mask_stride_b + h * p.mask_stride_h;
+    mrow[0] = mbase + static_cast<int64_t>(min(m0 + warp * 16 + g, Sq - 1)) * p.mask_stride_q;
+    mrow[1] = mbase + static_cast<int64_t>(min(m0 + warp * 16 + g + 8, Sq - 1)) * p.mask_stride_q;
+  }
+
+  float o[NO][4];
+#pragma unroll
+  for (int n = 0; n < NO; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+  float m[2] = {-INFINITY, -INFINITY};  /* running row max (log2 units) of rows g, g + 8 */
+  float l[2] = {0.0f, 0.0f};            /* this lane's part of the running row sums */
+
+  const int ntiles = (Sk + kKB - 1) / kKB;
+  for (int t = 0; t < ntiles; ++t) {
+    const int k0 = t * kKB;
+    const uint32_t kbuf = k_s + (t & 1) * kKTileBytes;
+    const uint32_t vbuf = v_s + (t & 1) * kVTileBytes;
+    /* Tile t landed, and every warp is done with tile t - 1, whose buffers tile t + 1 reuses. */
+    cp_async_wait_all();
+    __syncthreads();
+    if (t + 1 < ntiles) {
+      load_tile<kKB, kDQ, kLDQ>(k_s + ((t + 1) & 1) * kKTileBytes, k, p.k_stride_s, k0 + kKB, Sk, 0, D);
+      load_tile<kKB, kDV, kLDV>(v_s + ((t + 1) & 1) * kVTileBytes, v, p.v_stride_s, k0 + kKB, Sk, d0, D);
+      cp_async_commit();
+    }
+
+    /* S = Q K^T: s[j] is the 16x8 accumulator of keys k0 + 8j .. k0 + 8j + 7. */
+    float s[NS][4];
+#pragma unroll
+    for (int j = 0; j < NS; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+      uint32_t a[4];
+      ldsm_x4(a, q_s + q_off + ks * 32);
+#pragma unroll
+      for (int j = 0; j < NS; j += 2) {
+        uint32_t bk[4];
+        ldsm_x4(bk, kbuf + k_off + j * 8 * kLDQ * 2 + ks * 32);
+        mma16816<T>(s[j], a, bk[0], bk[1]);
+        mma16816<T>(s[j + 1], a, bk[2], bk[3]);
+      }
+    }
+
+    /* Scores in log2 units are s * sc. Full unmasked tiles keep s raw and fold
+     * sc = scale * log2(e) into the exponent's FMA (max(s) * sc == max(s * sc)
+     * for sc > 0); other tiles are scaled and masked in place (sc = 1). */
+    float sc = scale_log2;
+    if (k0 + kKB > Sk || mkind != DDA_MASK_NONE || !(scale_log2 > 0.0f)) {
+#pragma unroll
+      for (int j = 0; j < NS; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[j][e] *= scale_log2;
+      sc = 1.0f;
+      switch (mkind) {
+        case DDA_MASK_BOOL:
+          mask_tile(s, static_cast<const unsigned char *>(p.mask), mrow, p.mask_stride_k, k0, c, Sk);
+          break;
+        case DDA_MASK_ADD_F32:
+          mask_tile(s, static_cast<const float *>(p.mask), mrow, p.mask_stride_k, k0, c, Sk);
+          break;
+        case DDA_MASK_ADD_F16:
+          mask_tile(s, static_cast<const __half *>(p.mask), mrow, p.mask_stride_k, k0, c, Sk);
+          break;
+        case DDA_MASK_ADD_BF16:
+          mask_tile(s, static_cast<const __nv_bfloat16 *>(p.mask), mrow, p.mask_stride_k, k0, c, Sk);
+          break;
+        default:
+          mask_tile(s, static_cast<const unsigned char *>(nullptr), mrow, 0, k0, c, Sk);
+          break;
+      }
+    }
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int j = 0; j < NS; ++j) {
+      mx[0] = fmaxf(mx[0], fmaxf(s[j][0], s[j][1]));
+      mx[1] = fmaxf(mx[1], fmaxf(s[j][2], s[j][3]));
+    }
+
+    /* Online softmax: the 4 lanes of a quad (same g) hold one row between them. */
+    float alpha[2], m_use[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+      const float m_new = fmaxf(m[r], mx[r] * sc);
+      m_use[r] = m_new == -INFINITY ? 0.0f : m_new;  /* all masked so far: p and alpha stay 0 */
+      alpha[r] = fast_exp2(m[r] - m_use[r]);
+      m[r] = m_new;
+    }
+    float rs[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int j = 0; j < NS; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[j][e] = fast_exp2(fmaf(s[j][e], sc, -m_use[e >> 1]));
+        rs[e >> 1] += s[j][e];
+      }
+    l[0] = l[0] * alpha[0] + rs[0];
+    l[1] = l[1] * alpha[1] + rs[1];
+    /* The 128 accumulator registers are rescaled only when some row's max moved
+     * (alpha is exactly 1 otherwise); after the first tiles it rarely does. */
+    if (__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
+#pragma unroll
+      for (int n = 0; n < NO; ++n) {
+        o[n][0] *= alpha[0]; o[n][1] *= alpha[0];
+        o[n][2] *= alpha[1]; o[n][3] *= alpha[1];
+      }
+    }
+
+    /* O += P V, 16 keys per k-step. */
+#pragma unroll
+    for (int kk = 0; kk < kKB / 16; ++kk) {
+      const uint32_t a[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
+                             pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                             pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+      for (int n = 0; n < NO; n += 2) {
+        uint32_t bv[4];
+        ldsm_x4_trans(bv, vbuf + v_off + kk * 16 * kLDV * 2 + n * 16);
+        mma16816<T>(o[n], a, bv[0], bv[1]);
+        mma16816<T>(o[n + 1], a, bv[2], bv[3]);
+      }
+    }
+  }
+
+  /* Row sums over the quad; l == 0 means every key was masked: o = 0, lse = -inf. */
+  float inv[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    inv[r] = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+  }
+
+  /* O -> this warp's 16 rows of q_s (only this warp ever reads them), then 16-byte stores. */
+  uint16_t *qw = reinterpret_cast<uint16_t *>(smem) + warp * 16 * kLDQ;
+  __syncwarp();
+#pragma unroll
+  for (int n = 0; n < NO; ++n) {
+    *reinterpret_cast<uint32_t *>(qw + g * kLDQ + 8 * n + 2 * c) = pack2<T>(o[n][0] * inv[0], o[n][1] * inv[0]);
+    *reinterpret_cast<uint32_t *>(qw + (g + 8) * kLDQ + 8 * n + 2 * c) =
+        pack2<T>(o[n][2] * inv[1], o[n][3] * inv[1]);
+  }
+  __syncwarp();
+  uint16_t *out = static_cast<uint16_t *>(p.o) + b * p.o_stride_b + h * p.o_stride_h;
+#pragma unroll
+  for (int e = lane; e < 16 * NO; e += 32) {
+    const int r = e / NO;
+    const int d = (e - r * NO) * 8;
+    const int row = m0 + warp * 16 + r;
+    if (row < Sq && d0 + d < D)
+      *reinterpret_cast<uint4 *>(out + static_cast<int64_t>(row) * p.o_stride_s + d0 + d) =
+          *reinterpret_cast<const uint4 *>(qw + r * kLDQ + d);
+  }
+
+  if (p.lse && half == 0 && c == 0) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = m0 + warp * 16 + g + 8 * r;
+      if (row < Sq)
+        p.lse[(static_cast<int64_t>(b) * p.H + h) * Sq + row] =
+            l[r] > 0.0f ? (m[r] + log2f(l[r])) * kLn2 : -INFINITY;
+    }
+  }
+#endif
+}
+
+/* ----------------------------------------------------------- launcher -- */
+
+dda_status cuda_fail(cudaError_t e) {
+  dda_set_backend_error(static_cast<int>(e));
+  return DDA_ERR_CUDA;
+}
+
+template <typename T>
+dda_status launch(const dda_attention_params *p, cudaStream_t stream) {
+  auto kernel = attention_fwd_d512<T>;
+  /* Raise the dynamic shared memory limit once per device (bit per device id < 64). */
+  static std::atomic<unsigned long long> raised{0};
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess) return cuda_fail(e);
+  const unsigned long long bit = dev < 64 ? 1ull << dev : 0ull;
+  if (bit == 0 || (raised.load(std::memory_order_acquire) & bit) == 0) {
+    e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmemBytes));
+    if (e != cudaSuccess) return cuda_fail(e);
+    raised.fetch_or(bit, std::memory_order_release);
+  }
+  const unsigned row_tiles = static_cast<unsigned>((p->Sq + kRows - 1) / kRows);
+  const dim3 grid(row_tiles * kSplit, static_cast<unsigned>(p->H), static_cast<unsigned>(p->B));
+  kernel<<<grid, kThreads, kSmemBytes, stream>>>(*p, p->scale * kLog2e);
+  e = cudaGetLastError();
+  return e == cudaSuccess ? DDA_OK : cuda_fail(e);
+}
+
+}  // namespace
+
+/* The d512 kernel's name for (compute capability major, dtype, head dim) on a
+ * device with block_smem bytes of opt-in shared memory per block, or NULL when
+ * it does not take them (fp32, cc < 8.0, D <= 256 or > 512, too little shared
+ * memory). Alignment of the pointers is the caller's to check. */
+const char *dda_attention_d512_name(int cc_major, dda_dtype dtype, int head_dim, size_t block_smem) {
+  if (cc_major < 8 || (dtype != DDA_F16 && dtype != DDA_BF16)) return nullptr;
+  if (head_dim <= 256 || head_dim > kDQ || head_dim % 8 != 0) return nullptr;
+  if (kSmemBytes > block_smem) return nullptr;
+  return dtype == DDA_F16 ? "mma_d512_m64_kb32_dv256_f16" : "mma_d512_m64_kb32_dv256_bf16";
+}
+
+/* Runs the d512 kernel; the caller has checked p (dda_attention_check), that
+ * dda_attention_d512_name accepts it, and that q/k/v/o are 16-byte compatible. */
+dda_status dda_attention_fwd_d512(const dda_attention_params *p, cudaStream_t stream) {
+  if (p->D <= 256 || p->D > kDQ) return DDA_ERR_UNSUPPORTED_HEAD_DIM;
+  if (p->dtype == DDA_F16) return launch<__half>(p, stream);
+  if (p->dtype == DDA_BF16) return launch<__nv_bfloat16>(p, stream);
+  return DDA_ERR_UNSUPPORTED_DTYPE;
+}
