@@ -26,13 +26,13 @@ if [ "${SANITIZE:-1}" = 1 ]; then
   S="$OUT/sanitizer.log"; : > "$S"
   for tool in memcheck racecheck; do
     echo "== compute-sanitizer $tool (attention harness, small odd sizes)" | tee -a "$S"
-    timeout 240 compute-sanitizer --tool $tool --error-exitcode 9 /tmp/attn_harness >> "$S" 2>&1; echo "rc=$?" | tee -a "$S"; tail -2 "$S"
+    timeout ${SAN_TIMEOUT:-240} compute-sanitizer --tool $tool --error-exitcode 9 /tmp/attn_harness >> "$S" 2>&1; echo "rc=$?" | tee -a "$S"; tail -2 "$S"
   done
   echo "== compute-sanitizer memcheck (linear harness)" | tee -a "$S"
-  timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 /tmp/lin_harness --no-bench >> "$S" 2>&1; echo "rc=$?" | tee -a "$S"; tail -2 "$S"
+  timeout ${SAN_TIMEOUT:-120} compute-sanitizer --tool memcheck --error-exitcode 9 /tmp/lin_harness --no-bench >> "$S" 2>&1; echo "rc=$?" | tee -a "$S"; tail -2 "$S"
 fi
 echo "== pytest"
-timeout ${PYTEST_TIMEOUT:-300} python3 -m pytest -q -rs -p no:cacheprovider "$@" tests > "$OUT/pytest.log" 2>&1
+timeout ${PYTEST_TIMEOUT:-300} python3 -m pytest -q -rs -p no:cacheprovider "$@" ${TESTS:-tests} > "$OUT/pytest.log" 2>&1
 echo "pytest rc=$?"; grep -E "passed|failed|FAILED|Error|error" "$OUT/pytest.log" | tail -25
 if [ "${MAIN:-0}" = 1 ]; then
   echo "== main job"; timeout 300 python3 -m deepspeed_diffusers_attn --out /tmp/main_out > "$OUT/main.log" 2>&1; echo "rc=$?"

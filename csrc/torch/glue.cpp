@@ -3,24 +3,49 @@
 
 #include <c10/util/Exception.h>
 
-#include <sstream>
 #include <string>
+#include <type_traits>
+#include <vector>
 
 namespace dda_glue {
 namespace {
 
+// Messages are built with std::string and std::to_string, not iostreams: on some
+// toolchains (seen with torch 2.11 + g++ 13) an extension's inline ostream number
+// formatting crashes inside libstdc++'s locale facets, so none is used here.
+void append(std::string &s, const char *v) { s += v; }
+void append(std::string &s, const std::string &v) { s += v; }
+void append(std::string &s, at::ScalarType v) { s += c10::toString(v); }
+void append(std::string &s, const c10::Device &v) { s += v.str(); }
+void append(std::string &s, at::IntArrayRef v) {
+  s += "[";
+  for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
+  s += "]";
+}
+void append(std::string &s, const std::vector<int64_t> &v) { append(s, at::IntArrayRef(v)); }
+template <class T, class = std::enable_if_t<std::is_arithmetic_v<T>>>
+void append(std::string &s, T v) { s += std::to_string(v); }
+
+template <class... A>
+std::string cat(const A &...a) {
+  std::string s;
+  (append(s, a), ...);
+  return s;
+}
+
+// TORCH_CHECK with a message made by cat() (one std::string reaches c10).
+#define DDA_CHECK(cond, ...) TORCH_CHECK((cond), ::dda_glue::cat(__VA_ARGS__))
+
 std::string describe(const at::Tensor &t) {
-  std::ostringstream s;
-  s << "shape " << t.sizes() << ", strides " << t.strides() << ", dtype " << t.scalar_type()
-    << ", device " << t.device();
-  return s.str();
+  return cat("shape ", t.sizes(), ", strides ", t.strides(), ", dtype ", t.scalar_type(), ", device ",
+             t.device());
 }
 
 // The row stride of t seen as a [rows, t.size(-1)] matrix, if its leading dims
 // collapse into one strided dim without a copy (and its last dim is contiguous).
 int64_t row_stride(const at::Tensor &t, const char *op, const char *name) {
-  TORCH_CHECK(t.dim() >= 2, op, ": ", name, " must have at least 2 dims, got ", describe(t));
-  TORCH_CHECK(t.stride(-1) == 1 || t.size(-1) == 1, op, ": ", name,
+  DDA_CHECK(t.dim() >= 2, op, ": ", name, " must have at least 2 dims, got ", describe(t));
+  DDA_CHECK(t.stride(-1) == 1 || t.size(-1) == 1, op, ": ", name,
               " must be contiguous in its last dim, got ", describe(t));
   // Size-1 dims have no say; the others, innermost first, must nest exactly.
   int64_t stride = -1, expect = -1;
@@ -29,33 +54,33 @@ int64_t row_stride(const at::Tensor &t, const char *op, const char *name) {
     if (stride < 0) {
       stride = t.stride(d);
     } else {
-      TORCH_CHECK(t.stride(d) == expect, op, ": the leading dims of ", name,
+      DDA_CHECK(t.stride(d) == expect, op, ": the leading dims of ", name,
                   " must collapse into rows without a copy (call .contiguous()), got ",
                   describe(t));
     }
     expect = t.stride(d) * t.size(d);
   }
   if (stride < 0) return t.size(-1);  // a single row
-  TORCH_CHECK(stride >= t.size(-1), op, ": the rows of ", name,
+  DDA_CHECK(stride >= t.size(-1), op, ": the rows of ", name,
               " overlap (row stride < row length), got ", describe(t));
   return stride;
 }
 
 void check_same(const at::Tensor &a, const char *an, const at::Tensor &b, const char *bn,
                 const char *op) {
-  TORCH_CHECK(a.device() == b.device(), op, ": ", an, " and ", bn,
+  DDA_CHECK(a.device() == b.device(), op, ": ", an, " and ", bn,
               " must be on the same device, got ", a.device(), " and ", b.device());
-  TORCH_CHECK(a.scalar_type() == b.scalar_type(), op, ": ", an, " and ", bn,
+  DDA_CHECK(a.scalar_type() == b.scalar_type(), op, ": ", an, " and ", bn,
               " must have the same dtype, got ", a.scalar_type(), " and ", b.scalar_type());
 }
 
 void check_dtype(const at::Tensor &t, const char *op, const char *name, bool cpu) {
   const auto st = t.scalar_type();
   if (cpu) {
-    TORCH_CHECK(st == at::kFloat, op, ": the CPU reference supports float32 only; ", name,
+    DDA_CHECK(st == at::kFloat, op, ": the CPU reference supports float32 only; ", name,
                 " has dtype ", st, ". Use .float(), or run on CUDA for float16/bfloat16.");
   } else {
-    TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op,
+    DDA_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op,
                 ": supported dtypes are float32, float16 and bfloat16; ", name, " has dtype ", st);
   }
 }
@@ -65,10 +90,9 @@ void check_dtype(const at::Tensor &t, const char *op, const char *name, bool cpu
 void throw_on_error(dda_status st, const char *op) {
   if (st == DDA_OK) return;
   const int code = dda_last_backend_error();
-  std::ostringstream s;
-  s << op << " failed: " << dda_status_string(st);
-  if (st == DDA_ERR_CUDA || st == DDA_ERR_CUBLAS) s << " (backend code " << code << ")";
-  TORCH_CHECK(false, s.str());
+  std::string s = cat(op, " failed: ", dda_status_string(st));
+  if (st == DDA_ERR_CUDA || st == DDA_ERR_CUBLAS) s += cat(" (backend code ", code, ")");
+  TORCH_CHECK(false, s);
 }
 
 dda_dtype to_dda_dtype(at::ScalarType t) {
@@ -87,16 +111,16 @@ dda_linear_params linear_params(const at::Tensor &x, const at::Tensor &weight,
   check_dtype(x, op, "x", cpu);
   check_same(x, "x", weight, "weight", op);
   check_same(x, "x", out, "out", op);
-  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D [out_features, in_features], got ",
+  DDA_CHECK(weight.dim() == 2, op, ": weight must be 2-D [out_features, in_features], got ",
               describe(weight));
-  TORCH_CHECK(weight.is_contiguous(), op, ": weight must be contiguous, got ", describe(weight));
-  TORCH_CHECK(x.dim() >= 2 && x.size(-1) == weight.size(1), op, ": x [..., K] must match weight [N, K] = ",
+  DDA_CHECK(weight.is_contiguous(), op, ": weight must be contiguous, got ", describe(weight));
+  DDA_CHECK(x.dim() >= 2 && x.size(-1) == weight.size(1), op, ": x [..., K] must match weight [N, K] = ",
               weight.sizes(), ", got x ", describe(x));
-  TORCH_CHECK(x.numel() > 0, op, ": x is empty (", describe(x), "); nothing to compute");
+  DDA_CHECK(x.numel() > 0, op, ": x is empty (", describe(x), "); nothing to compute");
   const int64_t N = weight.size(0), K = weight.size(1), M = x.numel() / K;
   auto expected = x.sizes().vec();
   expected.back() = N;
-  TORCH_CHECK(out.sizes() == at::IntArrayRef(expected), op, ": out must have shape ", expected,
+  DDA_CHECK(out.sizes() == at::IntArrayRef(expected), op, ": out must have shape ", expected,
               ", got ", describe(out));
   dda_linear_params p{};
   p.x = x.data_ptr();
@@ -104,17 +128,17 @@ dda_linear_params linear_params(const at::Tensor &x, const at::Tensor &weight,
   p.y = out.data_ptr();
   p.x_stride_m = row_stride(x, op, "x");
   p.y_stride_m = row_stride(out, op, "out");
-  TORCH_CHECK(out.data_ptr() != x.data_ptr() && out.data_ptr() != weight.data_ptr(), op,
+  DDA_CHECK(out.data_ptr() != x.data_ptr() && out.data_ptr() != weight.data_ptr(), op,
               ": out must not alias x or weight");
   if (bias) {
     check_same(x, "x", *bias, "bias", op);
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->is_contiguous(), op,
+    DDA_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->is_contiguous(), op,
                 ": bias must be a contiguous [", N, "] tensor, got ", describe(*bias));
     p.bias = bias->data_ptr();
   }
   if (residual) {
     check_same(x, "x", *residual, "residual", op);
-    TORCH_CHECK(residual->sizes() == at::IntArrayRef(expected), op, ": residual must have shape ",
+    DDA_CHECK(residual->sizes() == at::IntArrayRef(expected), op, ": residual must have shape ",
                 expected, ", got ", describe(*residual));
     p.residual = residual->data_ptr();
     p.residual_stride_m = row_stride(*residual, op, "residual");
@@ -137,22 +161,22 @@ dda_attention_params attention_params(const at::Tensor &q, const at::Tensor &k,
   check_same(q, "q", k, "k", op);
   check_same(q, "q", v, "v", op);
   check_same(q, "q", out, "out", op);
-  TORCH_CHECK(q.dim() == 4, op, ": q must be [B, Sq, H, D], got ", describe(q));
-  TORCH_CHECK(k.dim() == 4, op, ": k must be [B, Sk, H, D], got ", describe(k));
-  TORCH_CHECK(v.sizes() == k.sizes(), op, ": v must have k's shape ", k.sizes(), ", got ", describe(v));
+  DDA_CHECK(q.dim() == 4, op, ": q must be [B, Sq, H, D], got ", describe(q));
+  DDA_CHECK(k.dim() == 4, op, ": k must be [B, Sk, H, D], got ", describe(k));
+  DDA_CHECK(v.sizes() == k.sizes(), op, ": v must have k's shape ", k.sizes(), ", got ", describe(v));
   const int64_t B = q.size(0), Sq = q.size(1), H = q.size(2), D = q.size(3), Sk = k.size(1);
-  TORCH_CHECK(k.size(0) == B && k.size(2) == H && k.size(3) == D, op,
+  DDA_CHECK(k.size(0) == B && k.size(2) == H && k.size(3) == D, op,
               ": k [B, Sk, H, D] must match q's batch, heads and head dim (", B, ", ", H, ", ", D,
               "), got ", describe(k));
-  TORCH_CHECK(q.numel() > 0 && k.numel() > 0, op, ": empty input (q ", describe(q), ", k ",
+  DDA_CHECK(q.numel() > 0 && k.numel() > 0, op, ": empty input (q ", describe(q), ", k ",
               describe(k), ")");
-  TORCH_CHECK(D % 8 == 0 && D >= 8 && D <= 512, op,
+  DDA_CHECK(D % 8 == 0 && D >= 8 && D <= 512, op,
               ": head dim must be a multiple of 8 in [8, 512], got ", D);
   for (const at::Tensor *t : {&q, &k, &v, &out}) {
-    TORCH_CHECK(t->stride(3) == 1, op, ": q, k, v and out must be contiguous in the head dim, got ",
+    DDA_CHECK(t->stride(3) == 1, op, ": q, k, v and out must be contiguous in the head dim, got ",
                 describe(*t));
   }
-  TORCH_CHECK(out.sizes() == q.sizes(), op, ": out must have q's shape ", q.sizes(), ", got ",
+  DDA_CHECK(out.sizes() == q.sizes(), op, ": out must have q's shape ", q.sizes(), ", got ",
               describe(out));
   dda_attention_params p{};
   p.q = q.data_ptr();
@@ -164,7 +188,7 @@ dda_attention_params attention_params(const at::Tensor &q, const at::Tensor &k,
   p.v_stride_b = v.stride(0); p.v_stride_s = v.stride(1); p.v_stride_h = v.stride(2);
   p.o_stride_b = out.stride(0); p.o_stride_s = out.stride(1); p.o_stride_h = out.stride(2);
   if (lse) {
-    TORCH_CHECK(lse->device() == q.device() && lse->scalar_type() == at::kFloat &&
+    DDA_CHECK(lse->device() == q.device() && lse->scalar_type() == at::kFloat &&
                     lse->sizes() == at::IntArrayRef({B, H, Sq}) && lse->is_contiguous(),
                 op, ": lse must be a contiguous float32 [B, H, Sq] = [", B, ", ", H, ", ", Sq,
                 "] tensor on q's device, got ", describe(*lse));
@@ -173,7 +197,7 @@ dda_attention_params attention_params(const at::Tensor &q, const at::Tensor &k,
   p.mask_kind = DDA_MASK_NONE;
   if (mask) {
     const at::Tensor &m = *mask;
-    TORCH_CHECK(m.device() == q.device(), op, ": mask must be on q's device ", q.device(), ", got ",
+    DDA_CHECK(m.device() == q.device(), op, ": mask must be on q's device ", q.device(), ", got ",
                 m.device());
     const auto mt = m.scalar_type();
     if (mt == at::kBool) {
@@ -185,16 +209,16 @@ dda_attention_params attention_params(const at::Tensor &q, const at::Tensor &k,
     } else if (mt == at::kBFloat16 && !cpu) {
       p.mask_kind = DDA_MASK_ADD_BF16;
     } else {
-      TORCH_CHECK(false, op, ": mask must be bool (True = attend) or an additive float mask ",
+      DDA_CHECK(false, op, ": mask must be bool (True = attend) or an additive float mask ",
                   cpu ? "(float32 on CPU)" : "(float32, float16 or bfloat16)", ", got dtype ", mt);
     }
-    TORCH_CHECK(m.dim() <= 4, op, ": mask must broadcast to [B, H, Sq, Sk] = [", B, ", ", H, ", ",
+    DDA_CHECK(m.dim() <= 4, op, ": mask must broadcast to [B, H, Sq, Sk] = [", B, ", ", H, ", ",
                 Sq, ", ", Sk, "], got ", describe(m));
     const int64_t target[4] = {B, H, Sq, Sk};
     int64_t strides[4] = {0, 0, 0, 0};
     for (int64_t i = 0; i < m.dim(); ++i) {
       const int64_t d = 4 - m.dim() + i;
-      TORCH_CHECK(m.size(i) == target[d] || m.size(i) == 1, op,
+      DDA_CHECK(m.size(i) == target[d] || m.size(i) == 1, op,
                   ": mask must broadcast to [B, H, Sq, Sk] = [", B, ", ", H, ", ", Sq, ", ", Sk,
                   "], got ", describe(m));
       strides[d] = m.size(i) == 1 ? 0 : m.stride(i);
