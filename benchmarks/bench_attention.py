@@ -328,16 +328,7 @@ def write_outputs(results, card, args, out_dir):
 
 def main(argv=None):
     args = parse_args(argv)
-    cuda = torch.cuda.is_available() and not args.dry_run
-    if not cuda and not args.dry_run:
-        sys.exit("bench_attention: no CUDA device; use --dry-run to check the script on a CPU")
-    device = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.float32 if args.dry_run else (torch.float16 if args.dtype == "fp16" else torch.bfloat16)
-    torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference must be true fp32
-    card = timing.card_info()
-    if args.dry_run:
-        card["name"] = "cpu (dry-run)"
-    print(timing.card_line(card))
+    device, dtype, card = timing.setup("bench_attention", args)
     print(f"dtype {dtype}, iters <= {args.iters}, budget {args.budget_ms} ms per measurement, "
           f"graph below {args.graph_below_us} us ({args.calls_per_graph} calls/graph)")
     shapes = select_shapes(args.shapes)

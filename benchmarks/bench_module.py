@@ -312,17 +312,7 @@ def write_outputs(results, card, args, out_dir):
 
 def main(argv=None):
     args = parse_args(argv)
-    cuda = torch.cuda.is_available() and not args.dry_run
-    if not cuda and not args.dry_run:
-        sys.exit("bench_module: no CUDA device; use --dry-run to check the script on a CPU")
-    device = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.float32 if args.dry_run else (torch.float16 if args.dtype == "fp16" else torch.bfloat16)
-    torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference must be true fp32
-    torch.backends.cudnn.allow_tf32 = False
-    card = timing.card_info()
-    if args.dry_run:
-        card["name"] = "cpu (dry-run)"
-    print(timing.card_line(card))
+    device, dtype, card = timing.setup("bench_module", args)
     print(f"dtype {dtype}, iters <= {args.iters}, budget {args.budget_ms} ms per eager measurement, "
           f"graph: {'off' if args.no_graph else f'{args.calls_per_graph} calls x {args.replays} replays'}")
     cases = select_cases(args.cases)

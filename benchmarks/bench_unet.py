@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -80,22 +79,6 @@ def unet_inputs(config: dict, latent: int) -> dict:
     return inputs
 
 
-def time_ms(fn, iters: int, warmup: int = 3) -> float:
-    """Median ms per call, CUDA events around each call (launch gaps included)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
-    for start, end in events:
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in events)
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
 
 
 def run_variant(name: str, setup, teardown, call, ref, iters: int) -> dict:
@@ -111,8 +94,8 @@ def run_variant(name: str, setup, teardown, call, ref, iters: int) -> dict:
         torch.cuda.synchronize()
         row["first_call_s"] = round(time.perf_counter() - t0, 3)
         with torch.no_grad():
-            row["ms"] = round(time_ms(lambda: call(fn), iters), 3)
-        row["rel_err"] = None if ref is None else rel_err(out, ref)
+            row["ms"] = round(timing.time_eager(lambda: call(fn), warmup=3, iters=iters), 3)
+        row["rel_err"] = None if ref is None else timing.rel_err(out, ref)
         row["finite"] = bool(torch.isfinite(out).all())
         row["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         row["_out"] = out

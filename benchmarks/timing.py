@@ -337,3 +337,24 @@ def _pil_bars(Image, ImageDraw, path, title, groups, series, ylabel) -> None:
 def fmt(x: Optional[float], spec: str = ".1f", none: str = "-") -> str:
     """Format a number, or ``none`` for None."""
     return none if x is None else format(x, spec)
+
+
+def setup(script: str, args) -> tuple:
+    """The common start of a benchmark's main: device, dtype and card, printed.
+
+    Exits with a clear message without CUDA unless ``args.dry_run`` (tiny CPU shapes in
+    float32, to check the script); turns TF32 off so float32 references are true float32.
+    """
+    cuda = torch.cuda.is_available() and not args.dry_run
+    if not cuda and not args.dry_run:
+        sys.exit(f"{script}: no CUDA device; use --dry-run to check the script on a CPU")
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.float32 if args.dry_run else (torch.float16 if args.dtype == "fp16" else torch.bfloat16)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    card = card_info()
+    if args.dry_run:
+        card["name"] = "cpu (dry-run)"
+    print(card_line(card))
+    return device, dtype, card
+
