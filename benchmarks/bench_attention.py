@@ -26,7 +26,6 @@ import json
 import math
 import os
 import sys
-import time
 import warnings
 
 import torch
@@ -336,14 +335,7 @@ def main(argv=None):
         shapes = [shrink(s) for s in shapes]
     if not shapes:
         sys.exit(f"no shape matches --shapes {args.shapes!r}; names: {[s[0] for s in SHAPES]}")
-    t0 = time.time()
-    results = []
-    with torch.inference_mode():
-        for shape in shapes:
-            res = bench_shape(shape, args, card, device, dtype)
-            print_shape(res)
-            results.append(res)
-    print(f"\n(total {time.time() - t0:.0f} s)")
+    results = timing.run_all(shapes, lambda shape: bench_shape(shape, args, card, device, dtype), print_shape)
     if args.out:
         write_outputs(results, card, args, args.out)
     print(summary(results, card))

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import sys
-import time
 
 import torch
 
@@ -320,14 +319,7 @@ def main(argv=None):
         cases = [shrink(c) for c in cases]
     if not cases:
         sys.exit(f"no case matches --cases {args.cases!r}; names: {[c[0] for c in CASES]}")
-    t0 = time.time()
-    results = []
-    with torch.inference_mode():
-        for case in cases:
-            res = bench_case(case, args, card, device, dtype)
-            print_case(res)
-            results.append(res)
-    print(f"\n(total {time.time() - t0:.0f} s)")
+    results = timing.run_all(cases, lambda case: bench_case(case, args, card, device, dtype), print_case)
     if args.out:
         write_outputs(results, card, args, args.out)
     print(summary(results, card))

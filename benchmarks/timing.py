@@ -358,3 +358,17 @@ def setup(script: str, args) -> tuple:
     print(card_line(card))
     return device, dtype, card
 
+
+def run_all(items, bench_one, show) -> list:
+    """``bench_one(item)`` for every item under inference mode, ``show``-ing each result as
+    it comes (long runs print progress); prints the total time; returns the results."""
+    t0 = time.time()
+    results = []
+    with torch.inference_mode():
+        for item in items:
+            res = bench_one(item)
+            show(res)
+            results.append(res)
+    print(f"\n(total {time.time() - t0:.0f} s)")
+    return results
+
