@@ -60,6 +60,7 @@ def _chart(path, stock_s, ours_s, title):
 
 
 def main(argv=None):
+    """Run the main job (see the module docstring); ``argv`` defaults to the command line."""
     ap = argparse.ArgumentParser(prog="python -m deepspeed_diffusers_attn", description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=None, help="denoising steps (default 20 on GPU, 3 on CPU)")
     ap.add_argument("--out", default="out", help="folder for the images and the chart")
@@ -94,7 +95,7 @@ def main(argv=None):
     print(f"stock diffusers: {steps} steps, {size}x{size}")
     stock_img, stock_s = _timed(pipe, latents, steps, size, device, repeats)
     report = patch(pipe)
-    print(report.summary() if hasattr(report, "summary") else report)
+    print(report.summary())
     print(f"patched: {steps} steps, {size}x{size}")
     ours_img, ours_s = _timed(pipe, latents, steps, size, device, repeats)
     unpatch(pipe)

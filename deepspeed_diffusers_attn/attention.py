@@ -172,7 +172,7 @@ class DeepSpeedDiffusersAttention(nn.Module):
     in-place update could not be seen; a warning says so once; use ``torch.no_grad()``).
     Because the object is part of the key, pass the same context tensor at every step:
     a new view or copy of it recomputes (correct, but no saving). A float32 context to a
-    float16/bfloat16 module is keyed before the cast, so the cast is cached too.
+    float16/bfloat16 module is keyed before the cast (the cast itself still runs each call).
 
     Memory: ``B * Sk * 2 * inner * element_size`` bytes per cross-attention layer, held
     until the cache is disabled or cleared, e.g. SD1.5 / SD2.1 at batch 2 (classifier-free
@@ -475,7 +475,7 @@ class DeepSpeedDiffusersAttention(nn.Module):
         b, f = self.attn_ob, self.config.rescale_output_factor
         if b is None or f == 1.0:
             return b
-        if compiling:
+        if compiling or b.is_inference():  # inference tensors have no version counter to key on
             return b / f
         key = (b.data_ptr(), b._version, b.dtype, b.device)
         if self._ob_cache is None or self._ob_cache[0] != key:

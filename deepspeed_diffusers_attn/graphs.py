@@ -367,6 +367,7 @@ class GraphedCallable:
     # ------------------------------------------------------------------ public
     @property
     def num_graphs(self) -> int:
+        """How many captured graphs (signatures) the cache holds now."""
         return len(self._graphs)
 
     def keys(self) -> list[tuple]:

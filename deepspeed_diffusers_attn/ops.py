@@ -94,9 +94,15 @@ def attention_out(
 def attention_kernel_name(
     device: torch.device | str | int, dtype: torch.dtype, head_dim: int, seq_k: int
 ) -> str:
-    """The name of the attention kernel that runs on ``device`` for this dtype, head dim and
-    key length, or ``"cpu_reference"`` on the CPU. Starts with ``"unsupported: "`` (and a
-    reason) when no kernel can run it."""
+    """The attention kernel chosen on ``device`` for this dtype and head dim, for inputs
+    whose pointers and strides are 16-byte aligned (the packed projection layouts are;
+    misaligned inputs run the generic kernel), or ``"cpu_reference"`` on the CPU.
+
+    Where the tensor-core kernel picks its tiling per call from B·H·Sq, the name lists the
+    candidates (``...m128kb64|m64kb64|m32kb64``); ``DDA_MMA_FORCE=m64`` (read once) pins one.
+    Starts with ``"unsupported: "`` and a reason when no kernel can run the case.
+    ``seq_k`` is accepted for future key-length specialisations and does not change the
+    choice today."""
     device = torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
     if device.type == "cpu":
         if dtype != torch.float32:

@@ -139,10 +139,12 @@ class PatchedAttention(nn.Module):
 
     @property
     def original(self) -> Attention:
+        """The diffusers ``Attention`` this module replaced (restored by :func:`unpatch`)."""
         return self._original
 
     @property
     def heads(self) -> int:
+        """The original's head count (diffusers code reads ``attn.heads``)."""
         return self._original.heads
 
     def get_processor(self, return_deprecated_lora: bool = False):
@@ -150,14 +152,19 @@ class PatchedAttention(nn.Module):
         return self._original.processor
 
     def set_processor(self, processor, *args, **kwargs) -> None:
+        """Refused: a patched attention runs no processor (unpatch first to set one)."""
         raise RuntimeError(
             f"this Attention is patched by deepspeed_diffusers_attn and ignores processors; to set "
             f"{type(processor).__name__}, {_UNPATCH_HINT}")
 
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, **cross_attention_kwargs) -> torch.Tensor:
-        # hidden_states [B, S, C] or [B, C, H, W]; encoder_hidden_states [B, Sk, Cctx];
-        # attention_mask: diffusers' mask (bool or additive), e.g. [B, 1, Sk] from the UNet.
+        """diffusers ``Attention.forward``'s signature, run by the fused module.
+
+        hidden_states [B, S, C] or [B, C, H, W]; encoder_hidden_states [B, Sk, Cctx];
+        attention_mask: diffusers' mask (bool or additive), e.g. [B, 1, Sk] from the UNet.
+        ``cross_attention_kwargs`` that would change the result raise ValueError naming them.
+        """
         _check_cross_attention_kwargs(cross_attention_kwargs)
         if isinstance(encoder_hidden_states, (tuple, list)):
             raise ValueError(
@@ -173,6 +180,7 @@ class PatchedAttention(nn.Module):
         return self
 
     def extra_repr(self) -> str:
+        """Names the replaced module in ``print(model)``."""
         return f"original={type(self._original).__name__}(heads={self._original.heads})"
 
 

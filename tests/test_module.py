@@ -487,3 +487,14 @@ def test_gpu_compile_fullgraph():
     with torch.no_grad():
         out = compiled(x, ctx)
     assert_upcast_close(out, attn, x, ctx, floor=1e-3)
+
+
+def test_inference_mode_with_rescale_and_out_bias():
+    """Parameters created under torch.inference_mode() have no version counter; the cached
+    out-bias / rescale_output_factor must not need one."""
+    attn = make_attention(32, 2, 16, bias=True, rescale_output_factor=2.0)
+    x = torch.randn(1, 5, 32)
+    with torch.inference_mode():
+        m = _convert(attn)
+        out = m(x)
+    assert_upcast_close(out, attn, x)

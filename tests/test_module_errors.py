@@ -91,7 +91,7 @@ OP_CASES = {
     ),
     "linear_out_aliases_x": (
         lambda: (lambda t: ops.linear_out(t, torch.randn(8, 8), None, None, 1.0, 1.0, t))(torch.randn(4, 8)),
-        RuntimeError, "must not alias",
+        RuntimeError, "out must not overlap x",
     ),
     "attention_head_mismatch": (
         lambda: ops.attention(torch.randn(B, S, H, D), *_qkv(h=H + 1)[1:]), RuntimeError, "must match q's batch, heads",

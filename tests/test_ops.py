@@ -320,3 +320,26 @@ def test_torch_compile_fullgraph_cuda():
 
     compiled = torch.compile(block, fullgraph=True)
     torch.testing.assert_close(compiled(x), block(x))
+
+
+def test_outputs_overlapping_inputs_are_refused():
+    gen = torch.Generator().manual_seed(8)
+    w = torch.randn(8, 8, generator=gen)
+    buf = torch.randn(4, 16, generator=gen)
+    with pytest.raises(RuntimeError, match="out must not overlap x"):
+        ops.linear_out(buf[:, :8], w, None, None, 1.0, 0.0, buf[:, :8])
+    dense = torch.randn(4, 8, generator=gen)
+    with pytest.raises(RuntimeError, match="out must not overlap weight"):
+        ops.linear_out(dense, w, None, None, 1.0, 0.0, w[:4])
+    r = torch.randn(4, 8, generator=gen)
+    expect = r + dense @ w.T
+    ops.linear_out(dense, w, None, r, 1.0, 1.0, r)  # in place on the residual: allowed
+    torch.testing.assert_close(r, expect)
+    with pytest.raises(RuntimeError, match="out must not overlap residual"):
+        big = torch.randn(5, 8, generator=gen)
+        ops.linear_out(dense, w, None, big[1:], 1.0, 1.0, big[:4])
+    q, k, v = packed_qkv(1, 6, 6, 2, 8, torch.float32, "cpu", gen, True)
+    with pytest.raises(RuntimeError, match="out must not overlap k"):
+        ops.attention_out(q, k, v, None, None, k)
+    with pytest.raises(RuntimeError, match="lse must not overlap"):
+        ops.attention_out(q, k, v, None, None, torch.empty_like(q), q.contiguous().view(-1)[: 2 * 6].view(1, 2, 6))

@@ -14,7 +14,6 @@ const char *dda_status_string(dda_status s) {
     case DDA_ERR_INVALID_ARGUMENT: return "invalid argument (null pointer, size < 1 or bad stride)";
     case DDA_ERR_UNSUPPORTED_DTYPE: return "unsupported dtype for this backend";
     case DDA_ERR_UNSUPPORTED_HEAD_DIM: return "unsupported head dim (must be a multiple of 8 in [8, 512])";
-    case DDA_ERR_WORKSPACE_TOO_SMALL: return "workspace too small";
     case DDA_ERR_OUT_OF_MEMORY: return "out of host memory";
     case DDA_ERR_CUDA: return "CUDA runtime error";
     case DDA_ERR_CUBLAS: return "cuBLASLt error";

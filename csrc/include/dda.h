@@ -39,7 +39,6 @@ typedef enum {
   DDA_ERR_INVALID_ARGUMENT = 1,   /* a null pointer, a size < 1, a bad stride */
   DDA_ERR_UNSUPPORTED_DTYPE = 2,  /* e.g. fp16 on the CPU reference */
   DDA_ERR_UNSUPPORTED_HEAD_DIM = 3, /* head dim not a multiple of 8, or > 512 */
-  DDA_ERR_WORKSPACE_TOO_SMALL = 4,
   DDA_ERR_OUT_OF_MEMORY = 5,      /* host allocation in a CPU reference failed */
   DDA_ERR_CUDA = 6,               /* a CUDA runtime call or a launch failed */
   DDA_ERR_CUBLAS = 7,             /* a cuBLASLt call failed or found no algorithm */

@@ -1,6 +1,7 @@
 // glue.cpp: input checks and tensor -> params for every backend.
 #include "glue.h"
 
+#include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 
 #include <string>
@@ -66,6 +67,20 @@ int64_t row_stride(const at::Tensor &t, const char *op, const char *name) {
   return stride;
 }
 
+// `out` is written while `in` is read. Refused: the same start address, or an overlap
+// that ATen can prove on dense tensors (get_overlap_status); `allow_same` admits `in`
+// being exactly `out` (an in-place residual). Overlaps between strided views that start
+// elsewhere are not detected.
+void check_no_overlap(const at::Tensor &out, const char *oname, const at::Tensor &in, const char *iname,
+                      const char *op, bool allow_same = false) {
+  const auto st = at::get_overlap_status(out, in);
+  const bool same = st == at::MemOverlapStatus::Full && out.sizes() == in.sizes() && out.strides() == in.strides();
+  const bool bad = st == at::MemOverlapStatus::Partial || (st == at::MemOverlapStatus::Full && !(allow_same && same)) ||
+                   (out.data_ptr() == in.data_ptr() && !(allow_same && same));
+  DDA_CHECK(!bad, op, ": ", oname, " must not overlap ", iname, allow_same ? " (unless it is the very same tensor)" : "",
+            "; got ", oname, " ", describe(out), " and ", iname, " ", describe(in));
+}
+
 void check_same(const at::Tensor &a, const char *an, const at::Tensor &b, const char *bn,
                 const char *op) {
   DDA_CHECK(a.device() == b.device(), op, ": ", an, " and ", bn,
@@ -128,10 +143,13 @@ dda_linear_params linear_params(const at::Tensor &x, const at::Tensor &weight,
   p.y = out.data_ptr();
   p.x_stride_m = row_stride(x, op, "x");
   p.y_stride_m = row_stride(out, op, "out");
-  DDA_CHECK(out.data_ptr() != x.data_ptr() && out.data_ptr() != weight.data_ptr(), op,
-              ": out must not alias x or weight");
+  // out is written while x, weight and bias are read: no overlap at all; the residual may
+  // be out itself (in place, same layout) but must not partly overlap it.
+  check_no_overlap(out, "out", x, "x", op);
+  check_no_overlap(out, "out", weight, "weight", op);
   if (bias) {
     check_same(x, "x", *bias, "bias", op);
+    check_no_overlap(out, "out", *bias, "bias", op);
     DDA_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->is_contiguous(), op,
                 ": bias must be a contiguous [", N, "] tensor, got ", describe(*bias));
     p.bias = bias->data_ptr();
@@ -140,6 +158,7 @@ dda_linear_params linear_params(const at::Tensor &x, const at::Tensor &weight,
     check_same(x, "x", *residual, "residual", op);
     DDA_CHECK(residual->sizes() == at::IntArrayRef(expected), op, ": residual must have shape ",
                 expected, ", got ", describe(*residual));
+    check_no_overlap(out, "out", *residual, "residual", op, true);
     p.residual = residual->data_ptr();
     p.residual_stride_m = row_stride(*residual, op, "residual");
   }
@@ -182,6 +201,8 @@ dda_attention_params attention_params(const at::Tensor &q, const at::Tensor &k,
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
+  for (const auto &[t, name] : {std::pair<const at::Tensor *, const char *>{&q, "q"}, {&k, "k"}, {&v, "v"}})
+    check_no_overlap(out, "out", *t, name, op);
   p.o = out.data_ptr();
   p.q_stride_b = q.stride(0); p.q_stride_s = q.stride(1); p.q_stride_h = q.stride(2);
   p.k_stride_b = k.stride(0); p.k_stride_s = k.stride(1); p.k_stride_h = k.stride(2);
@@ -192,6 +213,7 @@ dda_attention_params attention_params(const at::Tensor &q, const at::Tensor &k,
                     lse->sizes() == at::IntArrayRef({B, H, Sq}) && lse->is_contiguous(),
                 op, ": lse must be a contiguous float32 [B, H, Sq] = [", B, ", ", H, ", ", Sq,
                 "] tensor on q's device, got ", describe(*lse));
+    for (const at::Tensor *t : {&q, &k, &v, &out}) check_no_overlap(*lse, "lse", *t, "an input or out", op);
     p.lse = lse->data_ptr<float>();
   }
   p.mask_kind = DDA_MASK_NONE;
@@ -223,6 +245,7 @@ dda_attention_params attention_params(const at::Tensor &q, const at::Tensor &k,
                   "], got ", describe(m));
       strides[d] = m.size(i) == 1 ? 0 : m.stride(i);
     }
+    check_no_overlap(out, "out", m, "mask", op);
     p.mask = m.data_ptr();
     p.mask_stride_b = strides[0];
     p.mask_stride_h = strides[1];
