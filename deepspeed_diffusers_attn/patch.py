@@ -201,22 +201,15 @@ def _check_cross_attention_kwargs(kwargs: dict) -> None:
 def _fused_sources(attn: Attention, fused: DeepSpeedDiffusersAttention):
     """(original parameter, the fused tensor holding its values) for each tensor the fused module copied.
 
-    The fused tensors are detached views: ``attn_qkvw [3*inner, C]`` splits into q, k, v
-    along dim 0; ``attn_qkvb [3*inner]`` likewise. A fused bias slice whose original is
-    None (the fused module zero-fills it) has no pair.
+    The fused tensors are detached views, in the layout ``DeepSpeedDiffusersAttention._linears``
+    gives. A fused bias slice whose original is None (the fused module zero-fills it) has no pair.
     """
+    projections = (attn.to_q, attn.to_k, attn.to_v, attn.to_out[0])
     pairs = []
-    if getattr(fused, "attn_qkvw", None) is not None:
-        q, k, v = fused.attn_qkvw.data.chunk(3, dim=0)
-    else:
-        q, k, v = fused.attn_qw.data, fused.attn_kw.data, fused.attn_vw.data
-    pairs += [(attn.to_q.weight, q), (attn.to_k.weight, k), (attn.to_v.weight, v)]
-    if getattr(fused, "attn_qkvb", None) is not None:
-        qb, kb, vb = fused.attn_qkvb.data.chunk(3, dim=0)
-        pairs += [(attn.to_q.bias, qb), (attn.to_k.bias, kb), (attn.to_v.bias, vb)]
-    pairs.append((attn.to_out[0].weight, fused.attn_ow.data))
-    if getattr(fused, "attn_ob", None) is not None:
-        pairs.append((attn.to_out[0].bias, fused.attn_ob.data))
+    for (w, b), linear in zip(fused._linears(), projections):  # the fused layout, in one place
+        pairs.append((linear.weight, w.data))
+        if b is not None:
+            pairs.append((linear.bias, b.data))
     if getattr(fused, "norm_w", None) is not None:
         pairs += [(attn.group_norm.weight, fused.norm_w.data), (attn.group_norm.bias, fused.norm_b.data)]
     return [(p, t) for p, t in pairs if p is not None]
