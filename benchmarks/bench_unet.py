@@ -9,8 +9,10 @@ Configs: SD1.5 @ 512 (latent 64, text 77x768), SD2.1 @ 768 (latent 96, 77x1024),
 1024 (latent 128, 77x2048, added_cond_kwargs). ms/step is the median over ``--iters``
 calls timed with CUDA events after 3 warm-up calls (so a graph's capture is not timed);
 speedups are relative to stock + CUDA graph + channels-last, the strongest stock setup
-without a compiler. Every variant's output is compared with stock eager (relative max
-error). Variants:
+without a compiler. Every variant's output is compared with stock eager (relative error,
+||out - ref|| / ||ref||). Each row also gives the first call's seconds (graph capture, or
+the compile for the compile variants), peak allocated memory and the variant's wall time.
+Variants:
 
   stock            diffusers as is (SDPA attention)
   stock+graph      + our CUDA-graph wrapper (deepspeed_diffusers_attn.graphs), no attention patching
@@ -22,12 +24,15 @@ error). Variants:
   ours+compile-ro  patch, then torch.compile(mode="reduce-overhead", fullgraph=True) (--compile)
 
 VAE decode (batch 1) at 512 and 1024 px: stock and ours, eager and graphed. Writes
-results.json and results.png to --out. Without --compile it takes about 1-2 minutes on
-an H100 (each compile adds about a minute).
+results.json after every variant (a run cut short by a timeout keeps what it measured) and
+results.png at the end, to --out. Time on an H100: without --compile about 1-2 minutes for
+all three configs; ``--configs sd15 --compile`` an estimated 4 minutes (three compiles of about
+65 s each; the second stock compile reuses the first one's Triton kernels).
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -56,34 +61,88 @@ BATCH = 2
 DTYPE = torch.float16
 
 
-def build(cls, config: dict):
-    """A diffusers model from its config, initialised directly on the GPU, in fp16, eval mode."""
+def build(cls, config: dict, device: str = "cuda", dtype: torch.dtype = DTYPE):
+    """A diffusers model from its config, initialised directly on ``device``, eval mode."""
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = cls.from_config(config)
-    return model.to(DTYPE).eval()
+    return model.to(dtype).eval()
 
 
-def unet_inputs(config: dict, latent: int) -> dict:
-    gen = torch.Generator(device="cuda").manual_seed(1)
+def unet_inputs(config: dict, latent: int, device: str = "cuda", dtype: torch.dtype = DTYPE) -> dict:
+    """A UNet call's keyword arguments as a pipeline passes them (B=2, 77 text tokens)."""
+    gen = torch.Generator(device=device).manual_seed(1)
     inputs = {
-        "sample": torch.randn(BATCH, 4, latent, latent, generator=gen, device="cuda", dtype=DTYPE),
-        "timestep": torch.tensor(500, device="cuda"),
+        "sample": torch.randn(BATCH, 4, latent, latent, generator=gen, device=device, dtype=dtype),
+        "timestep": torch.tensor(500, device=device),
         "encoder_hidden_states": torch.randn(BATCH, 77, config["cross_attention_dim"], generator=gen,
-                                             device="cuda", dtype=DTYPE),
+                                             device=device, dtype=dtype),
         "return_dict": False,
     }
     if config.get("addition_embed_type") == "text_time":
-        inputs["added_cond_kwargs"] = {k: torch.randn(s, generator=gen, device="cuda", dtype=DTYPE)
+        inputs["added_cond_kwargs"] = {k: torch.randn(s, generator=gen, device=device, dtype=dtype)
                                        for k, s in sdxl_added_cond_shapes(config, BATCH).items()}
     return inputs
 
 
+def _nothing() -> None:
+    return None
+
+
+def unet_variants(unet) -> dict:
+    """Every UNet variant: name -> (setup, teardown). ``setup()`` applies it and returns the callable.
+
+    ``+cl`` without ``+graph`` is channels-last run eagerly (the graph wrapper with
+    ``cuda_graph=False``); profile_unet.py falls back to it when the profiler cannot see
+    inside a graph replay. bench_unet.py times UNET_BENCH.
+    """
+    def graph(**options):
+        return lambda: (graph_module_forward(unet, **options), unet)[1]
+
+    def ours(setup):
+        return lambda: (dda.patch(unet), setup())[1]
+
+    def compiled(**options):
+        return lambda: torch.compile(unet, fullgraph=True, **options)
+
+    ungraph = lambda: ungraph_module(unet)  # noqa: E731
+    unpatch = lambda: dda.unpatch(unet)  # noqa: E731
+    both = lambda: (ungraph_module(unet), dda.unpatch(unet))  # noqa: E731
+    eager_cl = dict(channels_last=True, cuda_graph=False)
+    return {
+        "stock": (lambda: unet, _nothing),
+        "stock+cl": (graph(**eager_cl), ungraph),
+        "stock+graph": (graph(), ungraph),
+        "stock+graph+cl": (graph(channels_last=True), ungraph),
+        "stock+compile": (compiled(), _nothing),
+        "stock+compile-ro": (compiled(mode="reduce-overhead"), _nothing),
+        "ours": (ours(lambda: unet), unpatch),
+        "ours+cl": (ours(graph(**eager_cl)), both),
+        "ours+graph": (ours(graph()), both),
+        "ours+graph+cl": (ours(graph(channels_last=True)), both),
+        "ours+compile-ro": (ours(compiled(mode="reduce-overhead")), unpatch),
+    }
+
+
+UNET_BENCH = ("stock", "stock+graph", "stock+graph+cl", "stock+compile", "stock+compile-ro",
+              "ours", "ours+graph", "ours+graph+cl", "ours+compile-ro")
+
+
+def vae_variants(vae) -> dict:
+    """VAE decode variants: name -> (setup, teardown); ``setup()`` returns the decode callable."""
+    graph = lambda: (graph_module_forward(vae, "decode"), vae.decode)[1]  # noqa: E731
+    return {
+        "stock": (lambda: vae.decode, _nothing),
+        "stock+graph": (graph, lambda: ungraph_module(vae)),
+        "ours": (lambda: (dda.patch(vae), vae.decode)[1], lambda: dda.unpatch(vae)),
+        "ours+graph": (lambda: (dda.patch(vae), graph())[1], lambda: (ungraph_module(vae), dda.unpatch(vae))),
+    }
 
 
 def run_variant(name: str, setup, teardown, call, ref, iters: int) -> dict:
     """Set up, time the first call (compile / capture) and the steady state, check the output."""
     row = {"variant": name}
+    start = time.perf_counter()
     try:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -93,6 +152,8 @@ def run_variant(name: str, setup, teardown, call, ref, iters: int) -> dict:
             out = call(fn).clone()
         torch.cuda.synchronize()
         row["first_call_s"] = round(time.perf_counter() - t0, 3)
+        if "compile" in name:
+            row["compile_s"] = row["first_call_s"]  # the first call is where torch.compile compiles
         with torch.no_grad():
             row["ms"] = round(timing.time_eager(lambda: call(fn), warmup=3, iters=iters), 3)
         row["rel_err"] = None if ref is None else timing.rel_err(out, ref)
@@ -108,99 +169,68 @@ def run_variant(name: str, setup, teardown, call, ref, iters: int) -> dict:
             row["teardown_error"] = f"{type(e).__name__}: {e}"
         torch._dynamo.reset()
         release_workspaces()
+        row["variant_s"] = round(time.perf_counter() - start, 1)
     return row
 
 
-def bench_unet(name: str, iters: int, compile_: bool) -> list[dict]:
+def bench_unet(name: str, iters: int, compile_: bool, emit) -> None:
+    """Every UNET_BENCH variant of config ``name``; ``emit(row)`` gets each result as it comes."""
     from diffusers import UNet2DConditionModel
 
     config, latent, px = CONFIGS[name]
     unet = build(UNet2DConditionModel, config)
     inputs = unet_inputs(config, latent)
     call = lambda fn: fn(**inputs)[0]  # noqa: E731
-    nothing = lambda: None  # noqa: E731
-    state = {}
-
-    def patched(fn):
-        def setup():
-            dda.patch(unet)
-            return fn()
-        return setup
-
-    variants = [
-        ("stock", lambda: unet, nothing),
-        ("stock+graph", lambda: (graph_module_forward(unet), unet)[1], lambda: ungraph_module(unet)),
-        ("stock+graph+cl", lambda: (graph_module_forward(unet, channels_last=True), unet)[1],
-         lambda: ungraph_module(unet)),
-    ]
-    if compile_:
-        variants += [
-            ("stock+compile", lambda: torch.compile(unet, fullgraph=True), nothing),
-            ("stock+compile-ro", lambda: torch.compile(unet, mode="reduce-overhead", fullgraph=True), nothing),
-        ]
-    variants += [
-        ("ours", patched(lambda: unet), lambda: dda.unpatch(unet)),
-        ("ours+graph", patched(lambda: (graph_module_forward(unet), unet)[1]),
-         lambda: (ungraph_module(unet), dda.unpatch(unet))),
-        ("ours+graph+cl", patched(lambda: (graph_module_forward(unet, channels_last=True), unet)[1]),
-         lambda: (ungraph_module(unet), dda.unpatch(unet))),
-    ]
-    if compile_:
-        variants.append(("ours+compile-ro",
-                         patched(lambda: torch.compile(unet, mode="reduce-overhead", fullgraph=True)),
-                         lambda: dda.unpatch(unet)))
-    rows = []
-    for vname, setup, teardown in variants:
-        row = run_variant(vname, setup, teardown, call, state.get("ref"), iters)
+    table = unet_variants(unet)
+    ref = None
+    for vname in UNET_BENCH:
+        if "compile" in vname and not compile_:
+            continue
+        row = run_variant(vname, *table[vname], call, ref, iters)
         if vname == "stock" and "_out" in row:
-            state["ref"] = row["_out"]
-            row["rel_err"] = 0.0
+            ref, row["rel_err"] = row["_out"], 0.0
         row.pop("_out", None)
         row.update(config=name, px=px, latent=latent)
-        rows.append(row)
-        print(_fmt(row), flush=True)
-    del unet, inputs, state
-    torch.cuda.empty_cache()
-    return rows
+        emit(row)
 
 
-def bench_vae(iters: int) -> list[dict]:
+def bench_vae(iters: int, emit) -> None:
+    """VAE decode at 512 and 1024 px, every vae_variants entry; ``emit(row)`` gets each result."""
     from diffusers import AutoencoderKL
 
     vae = build(AutoencoderKL, SD_VAE)
-    rows = []
     for px in (512, 1024):
         z = torch.randn(1, 4, px // 8, px // 8, device="cuda", dtype=DTYPE,
                         generator=torch.Generator(device="cuda").manual_seed(2))
         call = lambda fn: fn(z, return_dict=False)[0]  # noqa: E731
-        graph = lambda: (graph_module_forward(vae, "decode"), vae.decode)[1]  # noqa: E731
-        variants = [
-            ("stock", lambda: vae.decode, lambda: None),
-            ("stock+graph", graph, lambda: ungraph_module(vae)),
-            ("ours", lambda: (dda.patch(vae), vae.decode)[1], lambda: dda.unpatch(vae)),
-            ("ours+graph", lambda: (dda.patch(vae), graph())[1], lambda: (ungraph_module(vae), dda.unpatch(vae))),
-        ]
         ref = None
-        for vname, setup, teardown in variants:
+        for vname, (setup, teardown) in vae_variants(vae).items():
             row = run_variant(vname, setup, teardown, call, ref, max(5, iters // 2))
             if vname == "stock" and "_out" in row:
                 ref, row["rel_err"] = row["_out"], 0.0
             row.pop("_out", None)
             row.update(config=f"vae-decode@{px}", px=px, latent=px // 8)
-            rows.append(row)
-            print(_fmt(row), flush=True)
-    del vae
+            emit(row)
+
+
+def free_memory() -> None:
+    """Return the last model's memory to the driver (it went with its bench function's frame)."""
+    gc.collect()
     torch.cuda.empty_cache()
-    return rows
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """speedup = baseline ms / variant ms, the baseline being stock+graph+cl (stock+graph for the VAE)."""
+    """speedup = baseline ms / variant ms, the baseline being stock+graph+cl (stock+graph for the VAE).
+
+    Runs again after every row: a config's baseline may change as rows come, so old ratios go first.
+    """
     for config in {r["config"] for r in rows}:
         group = [r for r in rows if r["config"] == config and "ms" in r]
         base = next((r for r in group if r["variant"] == BASELINE), None) or \
             next((r for r in group if r["variant"] == "stock+graph"), None)
         for r in group:
+            for key in [k for k in r if k.startswith("speedup_vs_")]:
+                del r[key]
             if base is not None:
                 r["speedup_vs_" + base["variant"]] = round(base["ms"] / r["ms"], 3)
 
@@ -209,8 +239,10 @@ def _fmt(row: dict) -> str:
     if "error" in row:
         return f"{row['config']:>16} {row['variant']:<17} ERROR {row['error']}"
     err = "-" if row.get("rel_err") is None else f"{row['rel_err']:.2e}"
-    return (f"{row['config']:>16} {row['variant']:<17} {row['ms']:9.2f} ms  first call {row['first_call_s']:7.2f} s  "
-            f"peak {row['peak_mem_gb']:6.2f} GB  rel err vs stock {err}{'' if row['finite'] else '  NON-FINITE'}")
+    first = "compile   " if "compile_s" in row else "first call"
+    return (f"{row['config']:>16} {row['variant']:<17} {row['ms']:9.2f} ms  {first} {row['first_call_s']:7.2f} s  "
+            f"peak {row['peak_mem_gb']:6.2f} GB  rel err vs stock {err}{'' if row['finite'] else '  NON-FINITE'}"
+            f"  ({row['variant_s']:.0f} s)")
 
 
 def chart(path: str, rows: list[dict], title: str) -> None:
@@ -263,7 +295,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench_out")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        raise SystemExit("bench_unet.py needs a CUDA device")
+        raise SystemExit("bench_unet.py: no CUDA device (torch.cuda.is_available() is False); it times GPU runs only")
     names = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
@@ -274,19 +306,28 @@ def main() -> None:
     print(json.dumps(info))
     t0 = time.perf_counter()
     rows = []
+
+    def emit(row: dict) -> None:
+        """Print a result and rewrite results.json with it (a timeout keeps what was measured)."""
+        print(_fmt(row), flush=True)
+        rows.append(row)
+        add_ratios(rows)
+        info["total_s"] = round(time.perf_counter() - t0, 1)
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump({"conditions": info, "rows": rows}, f, indent=1)
+
     for name in names:
-        rows += bench_unet(name, args.iters, args.compile)
+        bench_unet(name, args.iters, args.compile, emit)
+        free_memory()
     if not args.skip_vae:
-        rows += bench_vae(args.iters)
-    add_ratios(rows)
-    print(f"\nspeedup vs {BASELINE} (VAE: vs stock+graph); > 1 is faster")
+        bench_vae(args.iters, emit)
+    print(f"\n{timing.card_line(info)}\nspeedup vs {BASELINE} (VAE: vs stock+graph); > 1 is faster")
     for r in rows:
         ratio = next((v for k, v in r.items() if k.startswith("speedup_vs_")), None)
         if ratio is not None:
-            print(f"{r['config']:>16} {r['variant']:<17} {r['ms']:9.2f} ms  x{ratio:.2f}")
-    info["total_s"] = round(time.perf_counter() - t0, 1)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"conditions": info, "rows": rows}, f, indent=1)
+            extra = f"  compile {r['compile_s']:.0f} s" if "compile_s" in r else ""
+            print(f"{r['config']:>16} {r['variant']:<17} {r['ms']:9.2f} ms  x{ratio:.2f}  "
+                  f"peak {r['peak_mem_gb']:.2f} GB{extra}")
     chart(os.path.join(args.out, "results.png"), rows,
           f"UNet step / VAE decode, B={BATCH} fp16, {info['card']} (ms, lower is better)")
     print(f"wrote {args.out}/results.json, results.png ({info['total_s']} s)")

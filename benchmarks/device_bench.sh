@@ -16,6 +16,7 @@ B=/tmp/bench; mkdir -p $B
 python3 benchmarks/bench_attention.py --out $B 2>&1 | tail -${ATTN_TAIL:-20}
 python3 benchmarks/bench_module.py --out $B 2>&1 | tail -${MODULE_TAIL:-12}
 timeout 300 python3 benchmarks/bench_unet.py --out $B/unet 2>&1 | tail -${UNET_TAIL:-25}
+timeout 150 python3 benchmarks/profile_unet.py --config sd15 --out $B/profile 2>&1 | tail -${PROFILE_TAIL:-30}; cp $B/profile/profile_sd15.json $B/profile/profile_sd15.md "$OUT/" 2>/dev/null
 timeout 200 python3 -m deepspeed_diffusers_attn --out /tmp/main_out > "$OUT/main.log" 2>&1; echo "main job rc=$?"
 grep -v "it/s\]" "$OUT/main.log" | tail -6
 cp $B/*.json $OUT/ 2>/dev/null; cp $B/unet/*.json "$OUT/bench_unet.json" 2>/dev/null; ls $OUT
