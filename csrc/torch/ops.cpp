@@ -7,6 +7,7 @@
 #include <string>
 
 #include "dda.h"
+#include "glue.h"
 
 extern "C" {
 PyObject *PyInit__C(void) {
@@ -35,6 +36,14 @@ bool cuda_built() {
 #endif
 }
 
+int64_t linear_scratch_nbytes() {
+#ifdef DDA_WITH_CUDA
+  return dda_glue::linear_scratch_nbytes();
+#else
+  return 0;
+#endif
+}
+
 }  // namespace
 
 TORCH_LIBRARY(dda, m) {
@@ -47,4 +56,6 @@ TORCH_LIBRARY(dda, m) {
   m.def("attention_kernel_name(int cc_major, int cc_minor, ScalarType dtype, int head_dim, int seq_k) -> str",
         &attention_kernel_name);
   m.def("cuda_built() -> bool", &cuda_built);
+  // bytes of dda.linear's cuBLASLt scratch, one per (device, stream) used (cuda_impl.cpp)
+  m.def("linear_scratch_nbytes() -> int", &linear_scratch_nbytes);
 }
