@@ -171,8 +171,10 @@ class DeepSpeedDiffusersAttention(nn.Module):
     (created under ``torch.inference_mode()``: they have no version counter, so an
     in-place update could not be seen; a warning says so once; use ``torch.no_grad()``).
     Because the object is part of the key, pass the same context tensor at every step:
-    a new view or copy of it recomputes (correct, but no saving). A float32 context to a
-    float16/bfloat16 module is keyed before the cast (the cast itself still runs each call).
+    a new view or copy of it recomputes (correct, but no saving). The lookup comes before
+    any conversion of the context: a float32 context to a float16/bfloat16 module, or a
+    non-contiguous one, is cast / copied only on a miss, so a hit reads nothing but its
+    metadata.
 
     Memory: ``B * Sk * 2 * inner * element_size`` bytes per cross-attention layer, held
     until the cache is disabled or cleared, e.g. SD1.5 / SD2.1 at batch 2 (classifier-free
@@ -545,12 +547,13 @@ class DeepSpeedDiffusersAttention(nn.Module):
             (t.data_ptr(), t._version, tuple(t.shape), t.stride(), t.dtype, t.device) for t in sources
         )
 
-    def _cached_kv(self, context, ctx, B, Sk) -> Optional[torch.Tensor]:
+    def _cached_kv(self, context, B, Sk) -> Optional[torch.Tensor]:
         """kv [B, Sk, 2, H, D] from the cache (computing it on a miss), or None to bypass.
 
-        context: the caller's tensor (the key); ctx: it cast and made contiguous (the GEMM input).
+        context: the caller's tensor, the key. A hit only reads its metadata; a miss casts
+        it / makes it contiguous for the GEMM as needed.
         """
-        device = ctx.device
+        device = context.device
         if not self._kv_cache_usable(context, device):
             return None
         sources = self._kv_sources(context)
@@ -563,8 +566,9 @@ class DeepSpeedDiffusersAttention(nn.Module):
         self.kv_cache_misses += 1
         self._kv_entry = None  # free the old tensor before allocating the new one
         H, D = self.config.heads, self.config.dim_head
-        kv = torch.empty((B, Sk, 2, H, D), dtype=ctx.dtype, device=device)
-        self._project_kv(ctx, kv)
+        dtype = self.attn_ow.dtype
+        kv = torch.empty((B, Sk, 2, H, D), dtype=dtype, device=device)
+        self._project_kv(_gemm_input(context, dtype), kv)
         self._kv_entry = _KVEntry(key, tuple(weakref.ref(t) for t in sources), kv)
         return kv
 
@@ -628,15 +632,17 @@ class DeepSpeedDiffusersAttention(nn.Module):
 
         ctx = None
         if context is not None:
-            ctx = _check_input(context, "context", dtype, device)
+            # Checked here but cast / made contiguous only where a GEMM reads it
+            # (_gemm_input), so a K/V cache hit makes no copy of it.
+            _check_tensor(context, "context", dtype, device)
             want = cfg.cross_attention_dim or cfg.hidden_size
-            if ctx.dim() != 3 or ctx.shape[0] != B or ctx.shape[2] != want:
+            if context.dim() != 3 or context.shape[0] != B or context.shape[2] != want:
                 raise ValueError(
-                    f"context must be [B={B}, Sk, {want}], got shape {tuple(ctx.shape)}"
+                    f"context must be [B={B}, Sk, {want}], got shape {tuple(context.shape)}"
                 )
-            if ctx.shape[1] == 0:
-                raise ValueError(f"context is empty (shape {tuple(ctx.shape)})")
-            ctx = _rows(ctx)
+            if context.shape[1] == 0:
+                raise ValueError(f"context is empty (shape {tuple(context.shape)})")
+            ctx = context
         elif cfg.is_cross_attention:
             if cfg.cross_attention_dim != cfg.hidden_size:
                 raise ValueError(
@@ -652,9 +658,9 @@ class DeepSpeedDiffusersAttention(nn.Module):
         ob = self._out_bias(compiling)
 
         if compiling:
-            o = self._attend_functional(h, ctx, mask, B, Sq, Sk)
+            o = self._attend_functional(h, None if ctx is None else _gemm_input(ctx, dtype), mask, B, Sq, Sk)
         else:
-            o = self._attend_workspace(h, ctx, mask, B, Sq, Sk, context)
+            o = self._attend_workspace(h, ctx, mask, B, Sq, Sk, cacheable=context is not None)
         # y = (o Wo^T + bo + r) / f = (1/f) o Wo^T + (1/f) r + bo/f: one GEMM epilogue.
         y = ops.linear(o.view(B, Sq, inner), self.attn_ow, ob, residual, 1.0 / f, 1.0 / f)
 
@@ -676,10 +682,12 @@ class DeepSpeedDiffusersAttention(nn.Module):
         w = self.attn_qkvw
         return w[:inner], bq, w[inner:], (w[inner : 2 * inner], w[2 * inner :]), bkv
 
-    def _attend_workspace(self, h, ctx, mask, B, Sq, Sk, context=None) -> torch.Tensor:
+    def _attend_workspace(self, h, ctx, mask, B, Sq, Sk, cacheable=False) -> torch.Tensor:
         """Projections and attention through the shared workspace; returns o [B, Sq, H, D].
 
-        context: the caller's context tensor, the K/V cache key (None: no cache).
+        ctx: None (self-attention), or the K/V source [B, Sk, Cctx] as the caller passed it
+        (any float32 cast and contiguous copy happen only if the K/V GEMM runs).
+        cacheable: ctx is the caller's context, which keys the K/V cache.
         """
         H, D, inner = self.config.heads, self.config.dim_head, self.config.inner_dim
         dtype = h.dtype
@@ -702,10 +710,10 @@ class DeepSpeedDiffusersAttention(nn.Module):
         q = ws.take(shapes[0], dtype)
         kv_ws = ws.take(shapes[1], dtype)
         o = ws.take(shapes[2], dtype)
-        kv = self._cached_kv(context, ctx, B, Sk)  # the module's own tensor, or None
+        kv = self._cached_kv(ctx, B, Sk) if cacheable else None  # the module's own tensor, or None
         if kv is None:
             kv = kv_ws
-            self._project_kv(ctx, kv)
+            self._project_kv(_gemm_input(ctx, dtype), kv)
         wq, bq = self._qkv_weights()[:2]
         ops.linear_out(h, wq, bq, None, 1.0, 1.0, q.view(B, Sq, inner))
         k, v = kv.unbind(2)
@@ -787,20 +795,30 @@ def _has_hooks(m) -> bool:
     )
 
 
-def _check_input(t, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """t cast to the module dtype (only float32 -> float16/bfloat16), on the module device."""
+def _check_tensor(t, name: str, dtype: torch.dtype, device: torch.device) -> None:
+    """Raises unless t is a tensor on the module device, in its dtype or float32 (which is
+    cast to a float16/bfloat16 module's dtype)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.device != device:
         raise ValueError(f"{name} is on {t.device} but the module is on {device}")
-    if t.dtype != dtype:
-        if t.dtype == torch.float32 and dtype in (torch.float16, torch.bfloat16):
-            return t.to(dtype)
+    if t.dtype != dtype and not (t.dtype == torch.float32 and dtype in (torch.float16, torch.bfloat16)):
         raise TypeError(
             f"{name} has dtype {t.dtype} but the module is {dtype}; pass {dtype}"
             + (" (float32 is cast)" if dtype != torch.float32 else "")
         )
-    return t
+
+
+def _check_input(t, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """t checked (_check_tensor) and cast to the module dtype."""
+    _check_tensor(t, name, dtype, device)
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _gemm_input(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A checked t [B, S, C] as a GEMM reads it: in the module dtype and contiguous
+    (cast / copied only if it is not)."""
+    return _rows(t if t.dtype == dtype else t.to(dtype))
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,8 @@ import weakref
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from conftest import make_attention, requires_cuda
 from deepspeed_diffusers_attn.attention import DeepSpeedDiffusersAttention, DeepSpeedDiffusersAttentionConfig
@@ -62,6 +64,28 @@ def _check(m, x, ctx, expect, mask=None):
     return out
 
 
+class _OpsOn(TorchDispatchMode):
+    """Records the name of every op (aten or dda) that gets a tensor in ``target``'s storage."""
+
+    def __init__(self, target: torch.Tensor):
+        super().__init__()
+        self.storage = target.untyped_storage().data_ptr()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if any(isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == self.storage
+               for t in tree_leaves((args, kwargs))):
+            self.ops.append(str(func))
+        return func(*args, **kwargs)
+
+
+def _ops_on_context(m, x, ctx) -> list:
+    with _OpsOn(ctx) as seen:
+        _run(m, x, ctx)
+    return seen.ops
+
+
 # ------------------------------------------------------------------------------ API
 def test_off_by_default_and_counts_nothing():
     m = _module(kv_cache=False)
@@ -102,6 +126,19 @@ def test_same_context_hits_and_equals_uncached():
     other.load_state_dict(m.state_dict())
     x = torch.randn(B, SQ, C)
     assert torch.equal(_run(m, x, ctx), _run(other, x, ctx))
+
+
+def test_hit_makes_no_copy_of_the_context():
+    """The lookup comes first: a non-contiguous context is made contiguous for the K/V GEMM
+    on a miss only; a hit runs no op at all on it (only its metadata is read)."""
+    m = _module()
+    x = torch.randn(B, SQ, C)
+    ctx = torch.randn(B, CCTX, SK).transpose(1, 2)  # [B, SK, CCTX], not contiguous
+    assert _ops_on_context(m, x, ctx) == ["aten.clone.default"] and _stats(m) == (0, 1)
+    assert _ops_on_context(m, x, ctx) == [] and _stats(m) == (1, 1)
+    _check(m, x, ctx, "hit")
+    ctx.mul_(2)  # a miss again: copied again
+    assert _ops_on_context(m, x, ctx) == ["aten.clone.default"] and _stats(m) == (2, 2)
 
 
 def test_cache_survives_other_layers_calls():
@@ -361,8 +398,9 @@ def test_bad_call_does_not_disturb_the_cache():
 def test_gpu_fp16_cache_with_fp32_context_streams_and_graph_capture():
     m = _module(device="cuda", dtype=torch.float16)
     x = torch.randn(B, SQ, C, device="cuda", dtype=torch.float16)
-    ctx32 = torch.randn(B, SK, CCTX, device="cuda")  # fp32: cast inside, keyed before the cast
-    _check(m, x, ctx32, "miss")
+    ctx32 = torch.randn(B, SK, CCTX, device="cuda")  # fp32: cast inside, on a miss only
+    assert "aten._to_copy.default" in _ops_on_context(m, x, ctx32) and _stats(m) == (0, 1)
+    assert _ops_on_context(m, x, ctx32) == [] and _stats(m) == (1, 1)  # a hit: no cast
     _check(m, x, ctx32, "hit")
     ctx32.mul_(0.5)
     _check(m, x, ctx32, "miss")
