@@ -214,6 +214,7 @@ class DeepSpeedDiffusersAttention(nn.Module):
         self.norm_b = param(C) if affine else None
 
         self._ob_cache = None  # (key, attn_ob / rescale_output_factor)
+        self._kv_weight_cache = None  # (key, attn_kw and attn_vw as one weight, or None); see _kv_weight
         self._warned_split_kv = False
         self._kv_cache_on = bool(kv_cache)
         self._kv_entry: Optional[_KVEntry] = None
@@ -431,6 +432,7 @@ class DeepSpeedDiffusersAttention(nn.Module):
         # .to()/.half()/.cuda() give every parameter its own storage; put K and V back
         # into one, so the KV projection stays a single GEMM.
         super()._apply(fn, recurse)
+        self._kv_weight_cache = None  # its view would keep the old storage alive
         self._fuse_kv()
         self.clear_kv_cache()  # it would hold memory on the old device / in the old dtype
         return self
@@ -438,14 +440,17 @@ class DeepSpeedDiffusersAttention(nn.Module):
     def __getstate__(self):
         # For pickle and copy.deepcopy: the K/V cache holds weak references (which cannot be
         # pickled) to the original's tensors, so a copy starts without it.
+        # The fused-weight view is dropped too (a copy would not share the copied weights' storage).
         state = self.__dict__.copy()
         state["_kv_entry"] = None
+        state["_kv_weight_cache"] = None
         return state
 
     def __setstate__(self, state):
         # A copy gives attn_kw and attn_vw their own storages (Parameter.__deepcopy__ clones
         # each); fuse them again, as _apply does.
         super().__setstate__(state)
+        self.__dict__.setdefault("_kv_weight_cache", None)  # a pickle from before it existed
         self._fuse_kv()
 
     @torch.no_grad()
@@ -458,8 +463,32 @@ class DeepSpeedDiffusersAttention(nn.Module):
         self.attn_vw.data = kv[inner:]
 
     def _kv_weight(self) -> Optional[torch.Tensor]:
-        """attn_kw and attn_vw as one [2*inner, Cctx] weight, or None if not adjacent."""
+        """attn_kw and attn_vw as one [2*inner, Cctx] weight, or None if not adjacent.
+
+        Every K/V projection asks, so the answer is cached, keyed by the two tensors' data
+        pointers, shapes, strides, dtypes and devices (attribute reads only; the full check
+        below makes storage objects and a view, several times the cost). Sound because the
+        cached view holds the fused storage: while it lives, no other storage can hold its
+        addresses, so an unchanged key means attn_kw and attn_vw still lie in that storage
+        at the same places (in-place writes change values, never the layout, and
+        the view reads the same memory). Reassigning either weight (``.data =``, a new
+        Parameter) changes a pointer and rebuilds the answer at the next call; until then
+        the old view keeps the old storage alive (``.to()`` / ``.half()`` drop it at once).
+        A cached None (not adjacent) only costs speed if it goes stale: K and V then take
+        two GEMMs.
+        """
         kw, vw = self.attn_kw, self.attn_vw
+        key = (kw.data_ptr(), vw.data_ptr(), kw.shape, vw.shape, kw.stride(), vw.stride(),
+               kw.dtype, vw.dtype, kw.device, vw.device)
+        cached = self._kv_weight_cache
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        fused = self._kv_weight_uncached(kw, vw)
+        self._kv_weight_cache = (key, fused)
+        return fused
+
+    @staticmethod
+    def _kv_weight_uncached(kw: torch.Tensor, vw: torch.Tensor) -> Optional[torch.Tensor]:
         if not (
             kw.is_contiguous()
             and vw.is_contiguous()
@@ -714,7 +743,7 @@ class DeepSpeedDiffusersAttention(nn.Module):
         if kv is None:
             kv = kv_ws
             self._project_kv(_gemm_input(ctx, dtype), kv)
-        wq, bq = self._qkv_weights()[:2]
+        wq, bq = self._qkv_weights(fused=False)[:2]
         ops.linear_out(h, wq, bq, None, 1.0, 1.0, q.view(B, Sq, inner))
         k, v = kv.unbind(2)
         ops.attention_out(q, k, v, mask, scale, o)

@@ -240,6 +240,42 @@ def test_kv_not_adjacent_warns_once_and_stays_correct():
         _run(m, x, ctx)
 
 
+def test_kv_adjacency_check_is_cached_until_a_weight_moves(monkeypatch):
+    """The storage check behind the one-GEMM K/V projection runs once, not on every cross
+    call; in-place writes are read through the cached fused view; re-pointing a weight (a new
+    Parameter, ``.to()``) is seen at the next call."""
+    checks = []
+    real = M._kv_weight_uncached
+    monkeypatch.setattr(M, "_kv_weight_uncached", staticmethod(lambda kw, vw: checks.append(1) or real(kw, vw)))
+    attn = make_attention(64, 2, 32, cross_attention_dim=48, bias=True)
+    m = _convert(attn)
+    x, ctx = torch.randn(2, 5, 64), torch.randn(2, 7, 48)
+
+    def same_as_a_fresh_copy():
+        fresh = _convert(attn)
+        fresh.load_state_dict(m.state_dict())
+        assert torch.equal(_run(m, x, ctx), _run(fresh, x, ctx))
+
+    for _ in range(3):
+        assert_upcast_close(_run(m, x, ctx), attn, x, ctx)
+    assert len(checks) == 1
+    with torch.no_grad():
+        m.attn_kw.mul_(2)  # in place: same layout, new values
+    checks.clear()
+    same_as_a_fresh_copy()
+    assert len(checks) == 1  # the fresh copy's own check; m used its cached view
+    m.attn_vw = torch.nn.Parameter(m.attn_vw.detach().clone(), requires_grad=False)
+    checks.clear()
+    with pytest.warns(UserWarning, match="not two adjacent halves"):
+        same_as_a_fresh_copy()
+    assert len(checks) == 2  # m noticed the move (and the fresh copy checked itself)
+    m.double().float()  # _apply fuses K and V again
+    assert m._kv_weight() is not None
+    checks.clear()
+    same_as_a_fresh_copy()
+    assert len(checks) == 1
+
+
 def test_layer_ids_and_reset():
     a, b = M(DeepSpeedDiffusersAttentionConfig(32, 2, 16)), M(DeepSpeedDiffusersAttentionConfig(32, 2, 16))
     assert (a.layer_id, b.layer_id) == (0, 1)
