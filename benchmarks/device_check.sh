@@ -19,14 +19,20 @@ NV="nvcc -std=c++17 -O2 -lineinfo -I csrc/include -gencode=arch=compute_90a,code
 CPU_SRC="csrc/cpu/check.c csrc/cpu/status.c"
 $NV csrc/tests/attention_harness.cu csrc/cuda/attention_fwd*.cu csrc/cpu/attention_fwd.c $CPU_SRC -o /tmp/attn_harness 2>&1 | tail -5
 $NV -I $CU/include csrc/tests/linear_harness.cu csrc/cuda/linear.cu csrc/cpu/linear.c $CPU_SRC -L $CU/lib64 -lcublasLt -o /tmp/lin_harness 2>&1 | tail -5
+$NV csrc/tests/wgmma_probe.cu -o /tmp/wgmma_probe 2>&1 | tail -5
 H="$OUT/harness.log"
+echo "== wgmma probe"; /tmp/wgmma_probe | tail -3
 echo "== attention harness"; /tmp/attn_harness --big > "$H" 2>&1; echo "rc=$?"; grep -v "^ok " "$H" | tail -14
+echo "== attention harness, every eligible case on the sm_90a kernel (DDA_SM90=force)"
+DDA_SM90=force /tmp/attn_harness --big >> "$H" 2>&1; echo "rc=$?"; tail -1 "$H"
 echo "== linear harness"; /tmp/lin_harness >> "$H" 2>&1; echo "rc=$?"; tail -3 "$H"
 if [ "${SANITIZE:-1}" = 1 ]; then
   S="$OUT/sanitizer.log"; : > "$S"
   for tool in memcheck racecheck; do
-    echo "== compute-sanitizer $tool (attention harness, small odd sizes)" | tee -a "$S"
-    timeout ${SAN_TIMEOUT:-240} compute-sanitizer --tool $tool --error-exitcode 9 /tmp/attn_harness >> "$S" 2>&1; echo "rc=$?" | tee -a "$S"; tail -2 "$S"
+    for sm90 in auto force; do
+      echo "== compute-sanitizer $tool (attention harness, small odd sizes, DDA_SM90=$sm90)" | tee -a "$S"
+      DDA_SM90=$sm90 timeout ${SAN_TIMEOUT:-240} compute-sanitizer --tool $tool --error-exitcode 9 /tmp/attn_harness >> "$S" 2>&1; echo "rc=$?" | tee -a "$S"; tail -2 "$S"
+    done
   done
   echo "== compute-sanitizer memcheck (linear harness)" | tee -a "$S"
   timeout ${SAN_TIMEOUT:-120} compute-sanitizer --tool memcheck --error-exitcode 9 /tmp/lin_harness --no-bench >> "$S" 2>&1; echo "rc=$?" | tee -a "$S"; tail -2 "$S"

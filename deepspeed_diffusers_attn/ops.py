@@ -18,6 +18,7 @@ __all__ = [
     "linear_out",
     "attention",
     "attention_out",
+    "attention_kernel_for",
     "attention_kernel_name",
     "cuda_built",
     "linear_scratch_nbytes",
@@ -99,8 +100,10 @@ def attention_kernel_name(
     whose pointers and strides are 16-byte aligned (the packed projection layouts are;
     misaligned inputs run the generic kernel), or ``"cpu_reference"`` on the CPU.
 
-    Where the tensor-core kernel picks its tiling per call from B·H·Sq, the name lists the
-    candidates (``...m128kb64|m64kb64|m32kb64``); ``DDA_MMA_FORCE=m64`` (read once) pins one.
+    Where the choice depends on B·H·Sq (the mma kernel's tiling; on Hopper, the sm_90a
+    kernel needs a full wave of 128-row blocks), the name lists the candidates
+    (``wgmma_sm90_...|mma_sm80_..._m128kb64|m64kb64|m32kb64``); :func:`attention_kernel_for`
+    answers exactly for given tensors. ``DDA_MMA_FORCE=m64`` (read once) pins an mma tile.
     Starts with ``"unsupported: "`` and a reason when no kernel can run the case.
     ``seq_k`` is accepted for future key-length specialisations and does not change the
     choice today."""
@@ -113,6 +116,17 @@ def attention_kernel_name(
         return "cpu_reference"
     major, minor = torch.cuda.get_device_capability(device)
     return torch.ops.dda.attention_kernel_name(major, minor, dtype, int(head_dim), int(seq_k))
+
+
+def attention_kernel_for(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None
+) -> str:
+    """The exact kernel :func:`attention` runs for these inputs on their device: the same
+    decision as the launch (compute capability, build, dtype, head dim, alignment of the
+    pointers and strides, grid size; ``DDA_SM90`` and ``DDA_MMA_FORCE``, read once).
+    ``"cpu_reference"`` on the CPU. Bad inputs raise the op's own errors; ``"unsupported:
+    <why>"`` where no kernel runs them. Launches nothing."""
+    return torch.ops.dda.attention_kernel_for(q, k, v, mask)
 
 
 def cuda_built() -> bool:

@@ -282,6 +282,44 @@ def test_cuda_kernel_name_reported():
     assert ops.attention_kernel_name("cuda", torch.float16, 44, 77).startswith("unsupported")
 
 
+# Shapes where the automatic dispatch takes each tensor-core kernel on a Hopper card
+# with an sm_90a build (a full wave of 192-row blocks, Sk > 128), and where it does not.
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B,H,Sq,Sk,D,cross,expect", [
+    (2, 10, 4097, 4097, 64, False, "wgmma_sm90"),   # SDXL down1 self, odd length
+    (2, 9, 2000, 3001, 128, True, "wgmma_sm90"),    # d128, ragged Sq / Sk
+    (2, 10, 4096, 77, 64, True, "mma_sm80"),        # cross-attention: short key loop
+    (2, 8, 4096, 4096, 40, False, "mma_sm80"),      # d40 (DP 48): mma measured faster
+])
+def test_attention_cuda_kernel_choice_and_accuracy(B, H, Sq, Sk, D, cross, expect, dtype):
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((B, H, Sq, Sk, D, dtype)).encode()))
+    q, k, v = packed_qkv(B, Sq, Sk, H, D, dtype, "cuda", gen, cross)
+    name = ops.attention_kernel_for(q, k, v)
+    hopper = torch.cuda.get_device_capability()[0] == 9
+    sm90 = hopper and "wgmma_sm90" in ops.attention_kernel_name("cuda", dtype, D, Sk)
+    if expect == "wgmma_sm90" and not sm90:
+        expect = "mma_sm80"  # pre-Hopper card, or a build without sm_90a
+    assert name.startswith(expect), name
+    # the misaligned copy of q (offset by one element) must leave the tensor-core kernels
+    q_mis = torch.empty(q.numel() + 1, device="cuda", dtype=dtype)[1:].view(q.shape).copy_(q)
+    assert ops.attention_kernel_for(q_mis, k, v).startswith("generic_simt"), ops.attention_kernel_for(q_mis, k, v)
+    out = torch.full((B, Sq, H, D), float("nan"), device="cuda", dtype=dtype)
+    ops.attention_out(q, k, v, None, 1.0 / math.sqrt(D), out, None)
+    ref = sdpa_ref(q.double(), k.double(), v.double(), None, 1.0 / math.sqrt(D))
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        torch_err = rel_err(sdpa_ref(q, k, v, None, 1.0 / math.sqrt(D)), ref)
+    assert torch.isfinite(out).all(), "some outputs were not written"
+    assert rel_err(out, ref) <= max(2 * torch_err, 4 * EPS[dtype])
+
+
+def test_attention_kernel_for_cpu():
+    q, k, v = torch.randn(3, 1, 5, 2, 8).unbind(0)
+    assert ops.attention_kernel_for(q, k, v) == "cpu_reference"
+    with pytest.raises(RuntimeError):
+        ops.attention_kernel_for(q, k[..., :4], v)
+
+
 @requires_cuda
 def test_cuda_graph_capture_of_ops():
     gen = torch.Generator().manual_seed(6)

@@ -18,3 +18,8 @@ const char *dda_attention_kernel_name(int cc_major, int cc_minor, dda_dtype dtyp
   (void)cc_major; (void)cc_minor; (void)dtype; (void)head_dim; (void)seq_k;
   return "unsupported: deepspeed_diffusers_attn was built without CUDA";
 }
+
+const char *dda_attention_kernel_for(const dda_attention_params *p) {
+  (void)p;
+  return "unsupported: deepspeed_diffusers_attn was built without CUDA";
+}

@@ -35,6 +35,10 @@
 #include <cuda_bf16.h>
 #include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <atomic>
 
 #include "dda.h"
 
@@ -46,6 +50,14 @@ dda_status dda_attention_fwd_mma(const dda_attention_params *p, cudaStream_t str
 const char *dda_attention_d512_name(int cc_major, dda_dtype dtype, int head_dim, size_t block_smem);
 dda_status dda_attention_fwd_d512(const dda_attention_params *p, cudaStream_t stream);
 /* ---- end large-head-dim tensor-core path declarations ---- */
+/* ---- Hopper path (attention_fwd_sm90.cu): fp16/bf16, sm_90a builds on cc 9.x, D <= 256 ---- */
+int dda_attention_sm90_available(void);
+size_t dda_attention_sm90_smem(int head_dim);
+int dda_attention_sm90_preferred(const dda_attention_params *p, int sms);
+const char *dda_attention_sm90_name(dda_dtype dtype, int head_dim);
+dda_status dda_attention_fwd_sm90(const dda_attention_params *p, cudaStream_t stream);
+const char *dda_attention_mma_name_for(const dda_attention_params *p, int sms, size_t block_smem);
+/* ---- end Hopper path declarations ---- */
 
 namespace {
 
@@ -456,9 +468,17 @@ dda_status launch(const dda_attention_params *p, cudaStream_t stream) {
   constexpr size_t smem = smem_bytes(static_cast<int>(sizeof(T)), NP, KB);
   auto kernel = attention_fwd_simt<T, NP, KB>;
   if (smem > 48 * 1024) {
-    const cudaError_t e =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    /* Raise the dynamic shared memory limit once per device (bit per device id < 64). */
+    static std::atomic<unsigned long long> raised{0};
+    int dev = 0;
+    cudaError_t e = cudaGetDevice(&dev);
     if (e != cudaSuccess) return cuda_fail(e);
+    const unsigned long long bit = dev < 64 ? 1ull << dev : 0ull;
+    if (bit == 0 || (raised.load(std::memory_order_acquire) & bit) == 0) {
+      e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+      if (e != cudaSuccess) return cuda_fail(e);
+      raised.fetch_or(bit, std::memory_order_release);
+    }
   }
   const bool vec = aligned16(p->k, p->k_stride_b, p->k_stride_s, p->k_stride_h, sizeof(T)) &&
                    aligned16(p->v, p->v_stride_b, p->v_stride_s, p->v_stride_h, sizeof(T));
@@ -525,6 +545,91 @@ void smem_limits_for_cc(int major, int minor, size_t *block, size_t *sm) {
   }
 }
 
+
+/* --------------------------------------------------------- dispatcher -- */
+
+/* Device facts the dispatcher needs, read once per device id < 64. */
+struct DevInfo {
+  int cc_major, cc_minor, sms;
+  size_t block_smem, sm_smem;  /* opt-in shared memory per block, per SM */
+  bool sm90;                   /* this binary has the sm_90a kernels for the device */
+};
+
+cudaError_t dev_info(DevInfo *out) {
+  static DevInfo cache[64];
+  static std::atomic<bool> ready[64];
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess) return e;
+  const bool cacheable = dev >= 0 && dev < 64;
+  if (cacheable && ready[dev].load(std::memory_order_acquire)) {
+    *out = cache[dev];
+    return cudaSuccess;
+  }
+  int major = 0, minor = 0, sms = 0, block = 0, sm = 0;
+  e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&block, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev);
+  if (e != cudaSuccess) return e;
+  const int sm90 = dda_attention_sm90_available();
+  if (sm90 < 0) {
+    const cudaError_t le = cudaGetLastError();
+    return le != cudaSuccess ? le : cudaErrorUnknown;
+  }
+  DevInfo d{major, minor, sms > 0 ? sms : 1, static_cast<size_t>(block), static_cast<size_t>(sm), sm90 == 1};
+  *out = d;
+  if (cacheable) {  /* benign race: every thread writes the same facts */
+    cache[dev] = d;
+    ready[dev].store(true, std::memory_order_release);
+  }
+  return cudaSuccess;
+}
+
+/* DDA_SM90 (read once): "0" never runs the sm_90a kernel, "force" runs it for every
+ * call it takes (tests, A/B benchmarks), anything else / unset: automatic. */
+enum Sm90Policy { kSm90Off = 0, kSm90Auto = 1, kSm90Force = 2 };
+int sm90_policy() {
+  static const int policy = [] {
+    const char *s = getenv("DDA_SM90");
+    if (s == nullptr) return static_cast<int>(kSm90Auto);
+    if (strcmp(s, "0") == 0) return static_cast<int>(kSm90Off);
+    if (strcmp(s, "force") == 0) return static_cast<int>(kSm90Force);
+    return static_cast<int>(kSm90Auto);
+  }();
+  return policy;
+}
+
+enum Path { kPathGeneric, kPathMma, kPathD512, kPathSm90 };
+
+/* The one decision both dda_attention_fwd_cuda and dda_attention_kernel_for use.
+ * Tensor-core kernels need every q/k/v/o pointer and stride 16-byte compatible
+ * (cp.async, 16-byte stores); otherwise, and for fp32, the generic kernel runs.
+ *   sm90  Hopper + an sm_90a build, D <= 256, where dda_attention_sm90_preferred says
+ *         it beats mma (padded head dim 64..128, Sk > 128, a full wave of blocks)
+ *   mma   cc >= 8.0, D <= 256
+ *   d512  cc >= 8.0, 256 < D <= 512 */
+Path select_path(const dda_attention_params *p, const DevInfo &d) {
+  if (p->dtype == DDA_F32) return kPathGeneric;
+  const size_t es = 2;
+  if (!(aligned16(p->q, p->q_stride_b, p->q_stride_s, p->q_stride_h, es) &&
+        aligned16(p->k, p->k_stride_b, p->k_stride_s, p->k_stride_h, es) &&
+        aligned16(p->v, p->v_stride_b, p->v_stride_s, p->v_stride_h, es) &&
+        aligned16(p->o, p->o_stride_b, p->o_stride_s, p->o_stride_h, es)))
+    return kPathGeneric;
+  const int policy = sm90_policy();
+  if (d.sm90 && policy != kSm90Off && dda_attention_sm90_name(p->dtype, p->D) != nullptr &&
+      dda_attention_sm90_smem(p->D) <= d.block_smem) {
+    if (policy == kSm90Force || dda_attention_sm90_preferred(p, d.sms)) return kPathSm90;
+  }
+  if (dda_attention_mma_name(d.cc_major, p->dtype, p->D, d.block_smem) != nullptr) return kPathMma;
+  if (dda_attention_d512_name(d.cc_major, p->dtype, p->D, d.block_smem) != nullptr) return kPathD512;
+  return kPathGeneric;
+}
+
+const char *generic_name(dda_dtype dtype, int head_dim, size_t block_smem, size_t sm_smem);
+
 }  // namespace
 
 extern "C" dda_status dda_attention_fwd_cuda(const dda_attention_params *p, cudaStream_t stream) {
@@ -532,54 +637,40 @@ extern "C" dda_status dda_attention_fwd_cuda(const dda_attention_params *p, cuda
   if (st != DDA_OK) return st;
   if (p->dtype != DDA_F32 && p->dtype != DDA_F16 && p->dtype != DDA_BF16) return DDA_ERR_UNSUPPORTED_DTYPE;
   if (p->H > 65535 || p->B > 65535) return DDA_ERR_INVALID_ARGUMENT;  /* grid y / z limits */
-
-  int dev = 0, block_smem = 0, sm_smem = 0;
-  cudaError_t e = cudaGetDevice(&dev);
-  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&block_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sm_smem, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev);
+  DevInfo d;
+  const cudaError_t e = dev_info(&d);
   if (e != cudaSuccess) return cuda_fail(e);
-  const size_t bl = static_cast<size_t>(block_smem), sl = static_cast<size_t>(sm_smem);
-
-  /* ---- tensor-core path: taken only when every q/k/v/o pointer and stride is
-   * 16-byte compatible (cp.async and 16-byte stores); otherwise the generic kernel. ---- */
-  if (p->dtype != DDA_F32) {
-    int cc_major = 0;
-    e = cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, dev);
-    if (e != cudaSuccess) return cuda_fail(e);
-    const size_t es = 2;
-    if (dda_attention_mma_name(cc_major, p->dtype, p->D, bl) != nullptr &&
-        aligned16(p->q, p->q_stride_b, p->q_stride_s, p->q_stride_h, es) &&
-        aligned16(p->k, p->k_stride_b, p->k_stride_s, p->k_stride_h, es) &&
-        aligned16(p->v, p->v_stride_b, p->v_stride_s, p->v_stride_h, es) &&
-        aligned16(p->o, p->o_stride_b, p->o_stride_s, p->o_stride_h, es))
-      return dda_attention_fwd_mma(p, stream);
+  switch (select_path(p, d)) {
+    case kPathSm90: return dda_attention_fwd_sm90(p, stream);
+    case kPathMma: return dda_attention_fwd_mma(p, stream);
+    case kPathD512: return dda_attention_fwd_d512(p, stream);
+    default: break;
   }
-  /* ---- end tensor-core path ---- */
-
-  /* ---- large-head-dim tensor-core path: the same 16-byte requirement ---- */
-  if (p->dtype != DDA_F32) {
-    int cc_major = 0;
-    e = cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, dev);
-    if (e != cudaSuccess) return cuda_fail(e);
-    const size_t es = 2;
-    if (dda_attention_d512_name(cc_major, p->dtype, p->D, bl) != nullptr &&
-        aligned16(p->q, p->q_stride_b, p->q_stride_s, p->q_stride_h, es) &&
-        aligned16(p->k, p->k_stride_b, p->k_stride_s, p->k_stride_h, es) &&
-        aligned16(p->v, p->v_stride_b, p->v_stride_s, p->v_stride_h, es) &&
-        aligned16(p->o, p->o_stride_b, p->o_stride_s, p->o_stride_h, es))
-      return dda_attention_fwd_d512(p, stream);
-  }
-  /* ---- end large-head-dim tensor-core path ---- */
-
   switch (p->dtype) {
-    case DDA_F32: return launch_dtype<float>(p, bl, sl, stream);
-    case DDA_F16: return launch_dtype<__half>(p, bl, sl, stream);
-    default: return launch_dtype<__nv_bfloat16>(p, bl, sl, stream);
+    case DDA_F32: return launch_dtype<float>(p, d.block_smem, d.sm_smem, stream);
+    case DDA_F16: return launch_dtype<__half>(p, d.block_smem, d.sm_smem, stream);
+    default: return launch_dtype<__nv_bfloat16>(p, d.block_smem, d.sm_smem, stream);
   }
 }
 
-extern "C" const char *dda_attention_kernel_name(int cc_major, int cc_minor, dda_dtype dtype, int head_dim,
-                                                 int seq_k) {
+extern "C" const char *dda_attention_kernel_for(const dda_attention_params *p) {
+  const dda_status st = dda_attention_check(p);
+  if (st != DDA_OK) return "unsupported: invalid arguments (dda_attention_check failed)";
+  if (p->H > 65535 || p->B > 65535) return "unsupported: B or H above 65535";
+  DevInfo d;
+  if (dev_info(&d) != cudaSuccess) return "unsupported: CUDA error reading the device";
+  switch (select_path(p, d)) {
+    case kPathSm90: return dda_attention_sm90_name(p->dtype, p->D);
+    case kPathMma: return dda_attention_mma_name_for(p, d.sms, d.block_smem);
+    case kPathD512: return dda_attention_d512_name(d.cc_major, p->dtype, p->D, d.block_smem);
+    default: return generic_name(p->dtype, p->D, d.block_smem, d.sm_smem);
+  }
+}
+
+namespace {
+
+/* The generic kernel's name for the tile pick_tile chooses, or why it cannot run. */
+const char *generic_name(dda_dtype dtype, int head_dim, size_t block_smem, size_t sm_smem) {
   /* names[dtype][bucket][tile]: built once, thread-safe (function-local static). */
   struct Names {
     char s[3][5][3][48];
@@ -593,24 +684,48 @@ extern "C" const char *dda_attention_kernel_name(int cc_major, int cc_minor, dda
     }
   };
   static const Names names;
-
-  if (dtype != DDA_F32 && dtype != DDA_F16 && dtype != DDA_BF16) return "unsupported: unknown dtype";
-  if (head_dim < 8 || head_dim > 512 || head_dim % 8 != 0)
-    return "unsupported: head dim must be a multiple of 8 in [8, 512]";
-  if (seq_k < 1) return "unsupported: seq_k must be >= 1";
-  if (cc_major < 7) return "unsupported: compute capability below 7.0";
   const int np = np_bucket(head_dim);
-  size_t block_smem = 0, sm_smem = 0;
-  smem_limits_for_cc(cc_major, cc_minor, &block_smem, &sm_smem);
-  /* ---- tensor-core path (for 16-byte aligned q/k/v/o; misaligned ones run the generic kernel) ---- */
-  if (const char *mma = dda_attention_mma_name(cc_major, dtype, head_dim, block_smem)) return mma;
-  /* ---- end tensor-core path ---- */
-  /* ---- large-head-dim tensor-core path (likewise for 16-byte aligned q/k/v/o) ---- */
-  if (const char *big = dda_attention_d512_name(cc_major, dtype, head_dim, block_smem)) return big;
-  /* ---- end large-head-dim tensor-core path ---- */
   const int kb = pick_tile(elem_bytes(dtype), np, block_smem, sm_smem);
   if (kb == 0) return "unsupported: not enough shared memory per block on this device for this head dim";
   const int bucket = np <= 4 ? np - 1 : 4;
   const int tile = kb == 64 ? 0 : kb == 32 ? 1 : 2;
   return names.s[static_cast<int>(dtype)][bucket][tile];
+}
+
+}  // namespace
+
+extern "C" const char *dda_attention_kernel_name(int cc_major, int cc_minor, dda_dtype dtype, int head_dim,
+                                                 int seq_k) {
+  if (dtype != DDA_F32 && dtype != DDA_F16 && dtype != DDA_BF16) return "unsupported: unknown dtype";
+  if (head_dim < 8 || head_dim > 512 || head_dim % 8 != 0)
+    return "unsupported: head dim must be a multiple of 8 in [8, 512]";
+  if (seq_k < 1) return "unsupported: seq_k must be >= 1";
+  if (cc_major < 7) return "unsupported: compute capability below 7.0";
+  size_t block_smem = 0, sm_smem = 0;
+  smem_limits_for_cc(cc_major, cc_minor, &block_smem, &sm_smem);
+  /* Tensor-core kernels run for 16-byte aligned q/k/v/o; misaligned ones run the generic kernel.
+   * Hopper: the sm_90a kernel where the build has it and the grid fills the SMs, else mma
+   * (dda_attention_kernel_for answers exactly for given tensors). */
+  if (cc_major == 9 && dda_attention_sm90_name(dtype, head_dim) != nullptr) {
+    /* "sm90 name|mma candidates" per (dtype, padded head dim), built once. */
+    static const int dps[8] = {48, 64, 80, 96, 128, 160, 192, 256};
+    struct Both {
+      char s[2][8][112];
+      Both() {
+        for (int a = 0; a < 2; ++a)
+          for (int i = 0; i < 8; ++i) {
+            const dda_dtype t = a == 0 ? DDA_F16 : DDA_BF16;
+            snprintf(s[a][i], sizeof s[a][i], "%s|%s", dda_attention_sm90_name(t, dps[i]),
+                     dda_attention_mma_name(9, t, dps[i], kSmemLarge));
+          }
+      }
+    };
+    static const Both both;
+    int i = 0;
+    while (dps[i] < head_dim) ++i;  /* head_dim <= 256 here */
+    return both.s[dtype == DDA_F16 ? 0 : 1][i];
+  }
+  if (const char *mma = dda_attention_mma_name(cc_major, dtype, head_dim, block_smem)) return mma;
+  if (const char *big = dda_attention_d512_name(cc_major, dtype, head_dim, block_smem)) return big;
+  return generic_name(dtype, head_dim, block_smem, sm_smem);
 }

@@ -534,6 +534,34 @@ dda_status launch_dtype(const dda_attention_params *p, cudaStream_t stream) {
   }
 }
 
+/* Kernel names per (dtype, padded head dim): `any` lists the tile candidates,
+ * `one` names a single tile. Built once (function-local static). */
+struct Names {
+  char any[2][kNumPadded][80];
+  char one[2][kNumPadded][kNumTiles][40];
+  Names() {
+    for (int a = 0; a < 2; ++a)
+      for (int i = 0; i < kNumPadded; ++i) {
+        const int dp = kPadded[i];
+        const char *dt = a == 0 ? "f16" : "bf16";
+        for (int t = 0; t < kNumTiles; ++t)
+          snprintf(one[a][i][t], sizeof one[a][i][t], "mma_sm80_dp%d_m%d_kb%d_%s", dp, tile_rows(t),
+                   tile_kb(dp, t), dt);
+        if (tile_exists(dp, kM128))
+          snprintf(any[a][i], sizeof any[a][i], "mma_sm80_dp%d_%s_m128kb%d|m64kb%d|m32kb%d", dp, dt,
+                   tile_kb(dp, kM128), tile_kb(dp, kM64), tile_kb(dp, kM32));
+        else
+          snprintf(any[a][i], sizeof any[a][i], "mma_sm80_dp%d_%s_m64kb%d|m32kb%d", dp, dt,
+                   tile_kb(dp, kM64), tile_kb(dp, kM32));
+      }
+  }
+};
+
+const Names &mma_names() {
+  static const Names names;
+  return names;
+}
+
 }  // namespace
 
 /* The mma kernel's name for (compute capability major, dtype, head dim) on a
@@ -543,27 +571,7 @@ dda_status launch_dtype(const dda_attention_params *p, cudaStream_t stream) {
  * lists the candidates, e.g. "mma_sm80_dp48_f16_m128kb128|m64kb64|m32kb64", or
  * names the one DDA_MMA_FORCE selects. Alignment of the pointers is the caller's to check. */
 const char *dda_attention_mma_name(int cc_major, dda_dtype dtype, int head_dim, size_t block_smem) {
-  struct Names {
-    char any[2][kNumPadded][80];
-    char one[2][kNumPadded][kNumTiles][40];
-    Names() {
-      for (int a = 0; a < 2; ++a)
-        for (int i = 0; i < kNumPadded; ++i) {
-          const int dp = kPadded[i];
-          const char *dt = a == 0 ? "f16" : "bf16";
-          for (int t = 0; t < kNumTiles; ++t)
-            snprintf(one[a][i][t], sizeof one[a][i][t], "mma_sm80_dp%d_m%d_kb%d_%s", dp, tile_rows(t),
-                     tile_kb(dp, t), dt);
-          if (tile_exists(dp, kM128))
-            snprintf(any[a][i], sizeof any[a][i], "mma_sm80_dp%d_%s_m128kb%d|m64kb%d|m32kb%d", dp, dt,
-                     tile_kb(dp, kM128), tile_kb(dp, kM64), tile_kb(dp, kM32));
-          else
-            snprintf(any[a][i], sizeof any[a][i], "mma_sm80_dp%d_%s_m64kb%d|m32kb%d", dp, dt,
-                     tile_kb(dp, kM64), tile_kb(dp, kM32));
-        }
-    }
-  };
-  static const Names names;
+  const Names &names = mma_names();
   if (cc_major < 8 || (dtype != DDA_F16 && dtype != DDA_BF16)) return nullptr;
   if (head_dim < 8 || head_dim % 8 != 0) return nullptr;
   const int dp = padded_dim(head_dim);
@@ -574,6 +582,18 @@ const char *dda_attention_mma_name(int cc_major, dda_dtype dtype, int head_dim, 
   const int f = forced_tile();
   if (f >= 0 && tile_exists(dp, f) && tile_smem(dp, f) <= block_smem) return names.one[a][i][f];
   return names.any[a][i];
+}
+
+/* The exact mma kernel (tile included) launch_dp picks for p on a device with
+ * `sms` SMs and block_smem bytes of opt-in shared memory per block; NULL where
+ * dda_attention_mma_name is. */
+const char *dda_attention_mma_name_for(const dda_attention_params *p, int sms, size_t block_smem) {
+  if (dda_attention_mma_name(8, p->dtype, p->D, block_smem) == nullptr) return nullptr;
+  const int dp = padded_dim(p->D);
+  int i = 0;
+  while (kPadded[i] != dp) ++i;
+  const DeviceInfo dev{sms, block_smem};
+  return mma_names().one[p->dtype == DDA_F16 ? 0 : 1][i][pick_tile(dp, p, dev)];
 }
 
 /* Runs the mma kernel; the caller has checked p (dda_attention_check), that

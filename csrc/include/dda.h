@@ -155,6 +155,12 @@ dda_status dda_attention_fwd_cuda(const dda_attention_params *p, cudaStream_t st
 const char *dda_attention_kernel_name(int cc_major, int cc_minor, dda_dtype dtype,
                                       int head_dim, int seq_k);
 
+/* The name of the kernel dda_attention_fwd_cuda would run for p on the current
+ * device (the same decision: device, dtype, head dim, alignment, grid size, the
+ * DDA_SM90 and DDA_MMA_FORCE settings). Static string; never NULL; "unsupported:
+ * <why>" where nothing runs. Reads device attributes, launches nothing. */
+const char *dda_attention_kernel_for(const dda_attention_params *p);
+
 #ifdef __cplusplus
 }
 #endif

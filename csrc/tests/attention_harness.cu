@@ -300,10 +300,10 @@ static void run_case(const Case &c, Rng &rng) {
     CUDA_CHECK(cudaGetLastError());
     CUDA_CHECK(cudaDeviceSynchronize());
 
-    char label[256];
-    snprintf(label, sizeof label, "%s B=%d H=%d Sq=%d Sk=%d D=%d %s mask=%s%s%s", dname(t), c.B, c.H,
+    char label[320];
+    snprintf(label, sizeof label, "%s B=%d H=%d Sq=%d Sk=%d D=%d %s mask=%s%s%s [%s]", dname(t), c.B, c.H,
              c.Sq, c.Sk, c.D, c.cross ? "cross" : "self", mask_name(c.mask), c.lse ? " lse" : "",
-             c.misalign ? " misaligned" : "");
+             c.misalign ? " misaligned" : "", dda_attention_kernel_for(&p));
     if (st != DDA_OK) {
       printf("FAIL %s: status %s (backend %d)\n", label, dda_status_string(st), dda_last_backend_error());
       ++g_failures;
@@ -457,8 +457,8 @@ static void bench(int B, int H, int Sq, int Sk, int D, int iters, int cc_major, 
   const double med = ms[(size_t)iters / 2];
   const double flop = 4.0 * B * H * (double)Sq * Sk * D;
   printf("%s fp16 %dx%dx%dx%d d%d %s: %.4f ms  %.2f TFLOP/s  [%s]\n", ok ? "    " : "FAIL", B, H, Sq, Sk, D,
-         c.cross ? "cross" : "self ", med, flop / (med * 1e-3) / 1e12,
-         dda_attention_kernel_name(cc_major, cc_minor, t, D, Sk));
+         c.cross ? "cross" : "self ", med, flop / (med * 1e-3) / 1e12, dda_attention_kernel_for(&p));
+  (void)cc_major; (void)cc_minor;
   if (!ok) ++g_failures;
   for (cudaEvent_t &e : ev) CUDA_CHECK(cudaEventDestroy(e));
   CUDA_CHECK(cudaStreamDestroy(s));
@@ -470,11 +470,14 @@ static void bench(int B, int H, int Sq, int Sk, int D, int iters, int cc_major, 
 int main(int argc, char **argv) {
   bool big = false;
   int iters = 20;
+  int one[5] = {0, 0, 0, 0, 0};  // --bench B,H,Sq,Sk,D: time only that shape (for ncu)
   for (int a = 1; a < argc; ++a) {
     if (!strcmp(argv[a], "--big")) big = true;
     else if (!strcmp(argv[a], "--iters") && a + 1 < argc) iters = std::max(1, atoi(argv[++a]));
-    else {
-      fprintf(stderr, "usage: %s [--big] [--iters N]\n", argv[0]);
+    else if (!strcmp(argv[a], "--bench") && a + 1 < argc &&
+             sscanf(argv[++a], "%d,%d,%d,%d,%d", &one[0], &one[1], &one[2], &one[3], &one[4]) == 5) {
+    } else {
+      fprintf(stderr, "usage: %s [--big] [--iters N] [--bench B,H,Sq,Sk,D]\n", argv[0]);
       return 2;
     }
   }
@@ -486,6 +489,10 @@ int main(int argc, char **argv) {
   printf("device: %s (sm_%d%d, %d SMs), CUDA runtime %d\n", prop.name, prop.major, prop.minor,
          prop.multiProcessorCount, rt);
 
+  if (one[0] > 0) {
+    bench(one[0], one[1], one[2], one[3], one[4], iters, prop.major, prop.minor);
+    return g_failures ? 1 : 0;
+  }
   Rng rng{0x5eedULL};
   run_errors();
   run_small(rng);
@@ -496,8 +503,12 @@ int main(int argc, char **argv) {
     bench(2, 8, 1024, 1024, 80, iters, prop.major, prop.minor);
     bench(2, 8, 256, 256, 160, iters, prop.major, prop.minor);
     bench(2, 8, 4096, 77, 40, iters, prop.major, prop.minor);
+    bench(2, 5, 9216, 9216, 64, iters, prop.major, prop.minor);
     bench(2, 10, 4096, 4096, 64, iters, prop.major, prop.minor);
+    bench(2, 20, 1024, 1024, 64, iters, prop.major, prop.minor);
+    bench(2, 10, 4096, 77, 64, iters, prop.major, prop.minor);
     bench(1, 1, 4096, 4096, 512, iters, prop.major, prop.minor);
+    bench(2, 16, 8192, 8192, 128, iters, prop.major, prop.minor);
   }
   printf("%s: %d failure(s)\n", g_failures ? "FAILED" : "PASSED", g_failures);
   return g_failures ? 1 : 0;

@@ -57,6 +57,15 @@ void attention_out_cpu(const at::Tensor &q, const at::Tensor &k, const at::Tenso
   dda_glue::throw_on_error(static_cast<dda_status>(status.load()), "dda.attention (cpu)");
 }
 
+// The CPU reference runs every case attention_params accepts (fp32 only); bad
+// inputs raise the same errors as the op itself.
+std::string attention_kernel_for_cpu(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
+                                     const std::optional<at::Tensor> &mask) {
+  const at::Tensor out = dda_glue::attention_output(q);
+  dda_glue::attention_params(q, k, v, mask, 1.0, out, std::nullopt, true);
+  return "cpu_reference";
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dda, CPU, m) {
@@ -64,4 +73,5 @@ TORCH_LIBRARY_IMPL(dda, CPU, m) {
   m.impl("linear_out", &linear_out_cpu);
   m.impl("attention", &dda_glue::attention<&attention_out_cpu>);
   m.impl("attention_out", &attention_out_cpu);
+  m.impl("attention_kernel_for", &attention_kernel_for_cpu);
 }

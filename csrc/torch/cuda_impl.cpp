@@ -33,6 +33,7 @@
 
 #include <map>
 #include <mutex>
+#include <string>
 #include <utility>
 
 #include "dda.h"
@@ -60,7 +61,9 @@ void *persistent_scratch(c10::DeviceIndex device, cudaStream_t stream) {
   std::lock_guard<std::mutex> lock(s.mutex);
   auto it = s.buffers.find(key);
   if (it != s.buffers.end()) return it->second.get();
-  if (c10::cuda::captureStatusMayInitCtx(stream) != c10::cuda::CaptureStatus::None) return nullptr;
+  cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;  // plain CUDA: works on torch 2.11 too
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capturing));
+  if (capturing != cudaStreamCaptureStatusNone) return nullptr;
   c10::DataPtr block = c10::cuda::CUDACachingAllocator::get()->allocate(DDA_LINEAR_WORKSPACE_BYTES);
   return s.buffers.emplace(key, std::move(block)).first->second.get();
 }
@@ -91,6 +94,16 @@ void attention_out_cuda(const at::Tensor &q, const at::Tensor &k, const at::Tens
                            "dda.attention (cuda)");
 }
 
+// The kernel dda_attention_fwd_cuda would run for these inputs on their device; bad
+// inputs raise the same errors as the op itself. Launches nothing.
+std::string attention_kernel_for_cuda(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
+                                      const std::optional<at::Tensor> &mask) {
+  const at::Tensor out = dda_glue::attention_output(q);
+  const dda_attention_params p = dda_glue::attention_params(q, k, v, mask, 1.0, out, std::nullopt, false);
+  const c10::cuda::CUDAGuard guard(q.device());
+  return dda_attention_kernel_for(&p);
+}
+
 }  // namespace
 
 namespace dda_glue {
@@ -108,4 +121,5 @@ TORCH_LIBRARY_IMPL(dda, CUDA, m) {
   m.impl("linear_out", &linear_out_cuda);
   m.impl("attention", &dda_glue::attention<&attention_out_cuda>);
   m.impl("attention_out", &attention_out_cuda);
+  m.impl("attention_kernel_for", &attention_kernel_for_cuda);
 }

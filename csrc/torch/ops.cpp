@@ -55,6 +55,8 @@ TORCH_LIBRARY(dda, m) {
   m.def("attention_out(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, Tensor(a!) out, Tensor(b!)? lse) -> ()");
   m.def("attention_kernel_name(int cc_major, int cc_minor, ScalarType dtype, int head_dim, int seq_k) -> str",
         &attention_kernel_name);
+  // the kernel attention would run for these inputs (backend impls: cpu_impl.cpp, cuda_impl.cpp)
+  m.def("attention_kernel_for(Tensor q, Tensor k, Tensor v, Tensor? mask) -> str");
   m.def("cuda_built() -> bool", &cuda_built);
   // bytes of dda.linear's cuBLASLt scratch, one per (device, stream) used (cuda_impl.cpp)
   m.def("linear_scratch_nbytes() -> int", &linear_scratch_nbytes);
