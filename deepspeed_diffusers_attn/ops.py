@@ -21,7 +21,6 @@ __all__ = [
     "attention_kernel_for",
     "attention_kernel_name",
     "cuda_built",
-    "linear_scratch_nbytes",
 ]
 
 
@@ -132,17 +131,6 @@ def attention_kernel_for(
 def cuda_built() -> bool:
     """True when the extension was built with its CUDA kernels."""
     return bool(torch.ops.dda.cuda_built())
-
-
-def linear_scratch_nbytes() -> int:
-    """Bytes held by the cuBLASLt scratch of :func:`linear` on CUDA, all devices and streams.
-
-    Each (device, stream) that runs :func:`linear` eagerly gets 32 MiB from torch's caching
-    allocator on its first call, kept for the life of the process (a CUDA graph captured on
-    that stream may read it at every replay), like torch's own cuBLAS workspaces. 0 before
-    any CUDA call and in a CPU-only build.
-    """
-    return int(torch.ops.dda.linear_scratch_nbytes())
 
 
 @torch.library.register_fake("dda::linear")

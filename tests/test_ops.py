@@ -346,58 +346,6 @@ def test_cuda_graph_capture_of_ops():
     assert not torch.equal(captured, eager)
 
 
-def test_linear_scratch_query():
-    ops.linear(torch.randn(3, 4), torch.randn(5, 4))  # the CPU reference takes no scratch
-    assert isinstance(ops.linear_scratch_nbytes(), int)
-    if not torch.cuda.is_available():
-        assert ops.linear_scratch_nbytes() == 0
-
-
-@requires_cuda
-def test_cuda_linear_scratch_is_taken_once_per_stream():
-    """dda.linear's 32 MiB cuBLASLt scratch comes once per (device, stream), not per call; a
-    capture on a stream that never ran linear eagerly uses a graph-pool temporary instead."""
-    gen = torch.Generator().manual_seed(9)
-    x = torch.randn(64, 32, generator=gen).cuda().half()
-    w = torch.randn(96, 32, generator=gen).cuda().half()
-    out = torch.empty(64, 96, device="cuda", dtype=torch.half)
-    scratch = 32 << 20
-
-    def run():
-        ops.linear_out(x, w, None, None, 1.0, 0.0, out)
-
-    run()  # this stream's scratch exists from here on
-    held = ops.linear_scratch_nbytes()
-    assert held >= scratch
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    for _ in range(3):
-        run()
-    torch.cuda.synchronize()
-    assert torch.cuda.max_memory_allocated() == base, "a call allocated (a per-call scratch?)"
-    assert ops.linear_scratch_nbytes() == held
-
-    side = torch.cuda.Stream()  # from torch's pool: an earlier test may have given it a scratch
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        run()
-        assert ops.linear_scratch_nbytes() in (held, held + scratch)
-        held = ops.linear_scratch_nbytes()
-        run()
-        assert ops.linear_scratch_nbytes() == held
-    torch.cuda.current_stream().wait_stream(side)
-
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):  # torch's capture stream: with or without a scratch, none is added
-        run()
-    assert ops.linear_scratch_nbytes() == held
-    x.mul_(2)
-    graph.replay()
-    torch.cuda.synchronize()
-    torch.testing.assert_close(out, ops.linear(x, w), rtol=2e-3, atol=2e-3)
-
-
 @requires_cuda
 def test_torch_compile_fullgraph_cuda():
     gen = torch.Generator().manual_seed(7)

@@ -27,10 +27,6 @@ dda_attention_params attention_params(const at::Tensor &q, const at::Tensor &k,
                                       double scale, const at::Tensor &out,
                                       const std::optional<at::Tensor> &lse, bool cpu);
 
-// Bytes held by dda.linear's persistent cuBLASLt scratch, all devices and streams
-// (cuda_impl.cpp; CUDA builds only).
-int64_t linear_scratch_nbytes();
-
 // The fresh outputs of the functional ops.
 at::Tensor linear_output(const at::Tensor &x, const at::Tensor &weight);
 at::Tensor attention_output(const at::Tensor &q);

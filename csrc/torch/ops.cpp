@@ -7,7 +7,6 @@
 #include <string>
 
 #include "dda.h"
-#include "glue.h"
 
 extern "C" {
 PyObject *PyInit__C(void) {
@@ -36,14 +35,6 @@ bool cuda_built() {
 #endif
 }
 
-int64_t linear_scratch_nbytes() {
-#ifdef DDA_WITH_CUDA
-  return dda_glue::linear_scratch_nbytes();
-#else
-  return 0;
-#endif
-}
-
 }  // namespace
 
 TORCH_LIBRARY(dda, m) {
@@ -58,6 +49,4 @@ TORCH_LIBRARY(dda, m) {
   // the kernel attention would run for these inputs (backend impls: cpu_impl.cpp, cuda_impl.cpp)
   m.def("attention_kernel_for(Tensor q, Tensor k, Tensor v, Tensor? mask) -> str");
   m.def("cuda_built() -> bool", &cuda_built);
-  // bytes of dda.linear's cuBLASLt scratch, one per (device, stream) used (cuda_impl.cpp)
-  m.def("linear_scratch_nbytes() -> int", &linear_scratch_nbytes);
 }
