@@ -165,9 +165,9 @@ def bench_shape(shape, args, card, device, dtype):
     flops = 4.0 * B * H * Sq * Sk * D
     nbytes = float(esize * B * H * D * (2 * Sq + 2 * Sk))
     fl = timing.floors(flops, nbytes, card)
-    kernel = ops.attention_kernel_name(device, dtype, D, Sk)
     rot = timing.Rotation(lambda i: make_set(B, H, Sq, Sk, D, is_self, dtype, device, 1000 + i),
                           int(nbytes), max_sets=2 if args.dry_run else 16)
+    kernel = ops.attention_kernel_for(*rot.sets[0]["ours"][:3])  # the exact kernel for these tensors
     res = {
         "name": name, "desc": desc, "B": B, "H": H, "Sq": Sq, "Sk": Sk, "D": D,
         "layout": "packed qkv [B,S,3,H,D]" if is_self else "q [B,Sq,H,D] + packed kv [B,Sk,2,H,D]",

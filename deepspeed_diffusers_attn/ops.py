@@ -122,7 +122,8 @@ def attention_kernel_for(
 ) -> str:
     """The exact kernel :func:`attention` runs for these inputs on their device: the same
     decision as the launch (compute capability, build, dtype, head dim, alignment of the
-    pointers and strides, grid size; ``DDA_SM90`` and ``DDA_MMA_FORCE``, read once).
+    pointers and strides, grid size; ``DDA_SM90``, ``DDA_SM90_TMA`` and ``DDA_MMA_FORCE``,
+    read once).
     ``"cpu_reference"`` on the CPU. Bad inputs raise the op's own errors; ``"unsupported:
     <why>"`` where no kernel runs them. Launches nothing."""
     return torch.ops.dda.attention_kernel_for(q, k, v, mask)

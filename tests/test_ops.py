@@ -283,14 +283,16 @@ def test_cuda_kernel_name_reported():
 
 
 # Shapes where the automatic dispatch takes each tensor-core kernel on a Hopper card
-# with an sm_90a build (a full wave of 192-row blocks, Sk > 128), and where it does not.
+# with an sm_90a build (unmasked, Sk > 128: the TMA kernel), and where it does not.
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("B,H,Sq,Sk,D,cross,expect", [
-    (2, 10, 4097, 4097, 64, False, "wgmma_sm90"),   # SDXL down1 self, odd length
-    (2, 9, 2000, 3001, 128, True, "wgmma_sm90"),    # d128, ragged Sq / Sk
+    (2, 10, 4097, 4097, 64, False, "tma_ws_sm90"),  # SDXL down1 self, odd length
+    (2, 9, 2000, 3001, 128, True, "tma_ws_sm90"),   # d128, ragged Sq / Sk
     (2, 10, 4096, 77, 64, True, "mma_sm80"),        # cross-attention: short key loop
-    (2, 8, 4096, 4096, 40, False, "mma_sm80"),      # d40 (DP 48): mma measured faster
+    (2, 8, 4097, 4097, 40, False, "tma_ws_sm90"),   # d40 at its own width (DP 48)
+    (2, 8, 1025, 1025, 80, False, "tma_ws_sm90"),   # d80
+    (2, 12, 2000, 2000, 96, False, "wgmma_sm90"),   # D 96: the cp.async Hopper kernel
 ])
 def test_attention_cuda_kernel_choice_and_accuracy(B, H, Sq, Sk, D, cross, expect, dtype):
     gen = torch.Generator().manual_seed(zlib.crc32(repr((B, H, Sq, Sk, D, dtype)).encode()))
@@ -298,8 +300,10 @@ def test_attention_cuda_kernel_choice_and_accuracy(B, H, Sq, Sk, D, cross, expec
     name = ops.attention_kernel_for(q, k, v)
     hopper = torch.cuda.get_device_capability()[0] == 9
     sm90 = hopper and "wgmma_sm90" in ops.attention_kernel_name("cuda", dtype, D, Sk)
-    if expect == "wgmma_sm90" and not sm90:
+    if expect in ("wgmma_sm90", "tma_ws_sm90") and not sm90:
         expect = "mma_sm80"  # pre-Hopper card, or a build without sm_90a
+    if expect == "wgmma_sm90" and B * H * ((Sq + 191) // 192) < torch.cuda.get_device_properties(0).multi_processor_count:
+        expect = "mma_sm80"  # the cp.async kernel wants a full wave of 192-row blocks
     assert name.startswith(expect), name
     # the misaligned copy of q (offset by one element) must leave the tensor-core kernels
     q_mis = torch.empty(q.numel() + 1, device="cuda", dtype=dtype)[1:].view(q.shape).copy_(q)
@@ -311,6 +315,29 @@ def test_attention_cuda_kernel_choice_and_accuracy(B, H, Sq, Sk, D, cross, expec
         torch_err = rel_err(sdpa_ref(q, k, v, None, 1.0 / math.sqrt(D)), ref)
     assert torch.isfinite(out).all(), "some outputs were not written"
     assert rel_err(out, ref) <= max(2 * torch_err, 4 * EPS[dtype])
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_attention_cuda_head_major_layout_and_mask(dtype):
+    # q/k/v as [B, H, S, D] tensors seen as [B, S, H, D] (the head the larger stride): the TMA
+    # kernel maps them in (d, s, h, b) order. An additive mask moves the call off the TMA kernel.
+    B, H, S, D = 2, 4, 1000, 64
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(B, H, S, D, generator=gen, dtype=torch.float64).to("cuda", dtype).transpose(1, 2)
+               for _ in range(3))
+    mask = torch.randn(B, 1, S, S, generator=gen, dtype=torch.float64).to("cuda", dtype)
+    tma = torch.cuda.get_device_capability()[0] == 9 and "tma_ws_sm90" in ops.attention_kernel_name("cuda", dtype, D, S)
+    assert ops.attention_kernel_for(q, k, v).startswith("tma_ws_sm90" if tma else "mma_sm80")
+    assert not ops.attention_kernel_for(q, k, v, mask).startswith("tma_ws_sm90")
+    for m in (None, mask):
+        out = torch.full((B, S, H, D), float("nan"), device="cuda", dtype=dtype)
+        ops.attention_out(q, k, v, m, 1.0 / math.sqrt(D), out, None)
+        ref = sdpa_ref(q.double(), k.double(), v.double(), None if m is None else m.double(), 1.0 / math.sqrt(D))
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+            torch_err = rel_err(sdpa_ref(q, k, v, m, 1.0 / math.sqrt(D)), ref)
+        assert torch.isfinite(out).all(), "some outputs were not written"
+        assert rel_err(out, ref) <= max(2 * torch_err, 4 * EPS[dtype])
 
 
 def test_attention_kernel_for_cpu():

@@ -56,6 +56,12 @@ size_t dda_attention_sm90_smem(int head_dim);
 int dda_attention_sm90_preferred(const dda_attention_params *p, int sms);
 const char *dda_attention_sm90_name(dda_dtype dtype, int head_dim);
 dda_status dda_attention_fwd_sm90(const dda_attention_params *p, cudaStream_t stream);
+/* ---- Hopper TMA + warp-specialised path (attention_fwd_sm90_tma.cu): D 33..80, 113..128, no mask ---- */
+int dda_attention_sm90_tma_takes(const dda_attention_params *p);
+size_t dda_attention_sm90_tma_smem(int head_dim);
+int dda_attention_sm90_tma_preferred(const dda_attention_params *p);
+const char *dda_attention_sm90_tma_name(dda_dtype dtype, int head_dim);
+dda_status dda_attention_fwd_sm90_tma(const dda_attention_params *p, cudaStream_t stream);
 const char *dda_attention_mma_name_for(const dda_attention_params *p, int sms, size_t block_smem);
 /* ---- end Hopper path declarations ---- */
 
@@ -587,27 +593,35 @@ cudaError_t dev_info(DevInfo *out) {
   return cudaSuccess;
 }
 
-/* DDA_SM90 (read once): "0" never runs the sm_90a kernel, "force" runs it for every
- * call it takes (tests, A/B benchmarks), anything else / unset: automatic. */
+/* DDA_SM90 and DDA_SM90_TMA (read once): "0" never runs that sm_90a kernel, "force"
+ * runs it for every call it takes (tests, A/B benchmarks), anything else / unset:
+ * automatic. DDA_SM90=0 turns off both Hopper kernels. */
 enum Sm90Policy { kSm90Off = 0, kSm90Auto = 1, kSm90Force = 2 };
+int read_policy(const char *name) {
+  const char *s = getenv(name);
+  if (s == nullptr) return kSm90Auto;
+  if (strcmp(s, "0") == 0) return kSm90Off;
+  if (strcmp(s, "force") == 0) return kSm90Force;
+  return kSm90Auto;
+}
 int sm90_policy() {
-  static const int policy = [] {
-    const char *s = getenv("DDA_SM90");
-    if (s == nullptr) return static_cast<int>(kSm90Auto);
-    if (strcmp(s, "0") == 0) return static_cast<int>(kSm90Off);
-    if (strcmp(s, "force") == 0) return static_cast<int>(kSm90Force);
-    return static_cast<int>(kSm90Auto);
-  }();
+  static const int policy = read_policy("DDA_SM90");
+  return policy;
+}
+int sm90_tma_policy() {
+  static const int policy = read_policy("DDA_SM90_TMA");
   return policy;
 }
 
-enum Path { kPathGeneric, kPathMma, kPathD512, kPathSm90 };
+enum Path { kPathGeneric, kPathMma, kPathD512, kPathSm90, kPathSm90Tma };
 
 /* The one decision both dda_attention_fwd_cuda and dda_attention_kernel_for use.
  * Tensor-core kernels need every q/k/v/o pointer and stride 16-byte compatible
  * (cp.async, 16-byte stores); otherwise, and for fp32, the generic kernel runs.
- *   sm90  Hopper + an sm_90a build, D <= 256, where dda_attention_sm90_preferred says
- *         it beats mma (padded head dim 64..128, Sk > 128, a full wave of blocks)
+ *   sm90_tma  Hopper + an sm_90a build, D 33..80 or 113..128, no mask, strides TMA
+ *         accepts, Sk > 128 (dda_attention_sm90_tma_preferred)
+ *   sm90  the same for the cp.async Hopper kernel (D <= 256, masks): padded head dim
+ *         64..128, Sk > 128, a full wave of blocks
  *   mma   cc >= 8.0, D <= 256
  *   d512  cc >= 8.0, 256 < D <= 512 */
 Path select_path(const dda_attention_params *p, const DevInfo &d) {
@@ -618,7 +632,11 @@ Path select_path(const dda_attention_params *p, const DevInfo &d) {
         aligned16(p->v, p->v_stride_b, p->v_stride_s, p->v_stride_h, es) &&
         aligned16(p->o, p->o_stride_b, p->o_stride_s, p->o_stride_h, es)))
     return kPathGeneric;
-  const int policy = sm90_policy();
+  const int policy = sm90_policy(), tma = sm90_tma_policy();
+  if (d.sm90 && policy != kSm90Off && tma != kSm90Off && dda_attention_sm90_tma_takes(p) &&
+      dda_attention_sm90_tma_smem(p->D) <= d.block_smem) {
+    if (policy == kSm90Force || tma == kSm90Force || dda_attention_sm90_tma_preferred(p)) return kPathSm90Tma;
+  }
   if (d.sm90 && policy != kSm90Off && dda_attention_sm90_name(p->dtype, p->D) != nullptr &&
       dda_attention_sm90_smem(p->D) <= d.block_smem) {
     if (policy == kSm90Force || dda_attention_sm90_preferred(p, d.sms)) return kPathSm90;
@@ -641,6 +659,7 @@ extern "C" dda_status dda_attention_fwd_cuda(const dda_attention_params *p, cuda
   const cudaError_t e = dev_info(&d);
   if (e != cudaSuccess) return cuda_fail(e);
   switch (select_path(p, d)) {
+    case kPathSm90Tma: return dda_attention_fwd_sm90_tma(p, stream);
     case kPathSm90: return dda_attention_fwd_sm90(p, stream);
     case kPathMma: return dda_attention_fwd_mma(p, stream);
     case kPathD512: return dda_attention_fwd_d512(p, stream);
@@ -660,6 +679,7 @@ extern "C" const char *dda_attention_kernel_for(const dda_attention_params *p) {
   DevInfo d;
   if (dev_info(&d) != cudaSuccess) return "unsupported: CUDA error reading the device";
   switch (select_path(p, d)) {
+    case kPathSm90Tma: return dda_attention_sm90_tma_name(p->dtype, p->D);
     case kPathSm90: return dda_attention_sm90_name(p->dtype, p->D);
     case kPathMma: return dda_attention_mma_name_for(p, d.sms, d.block_smem);
     case kPathD512: return dda_attention_d512_name(d.cc_major, p->dtype, p->D, d.block_smem);
@@ -704,26 +724,29 @@ extern "C" const char *dda_attention_kernel_name(int cc_major, int cc_minor, dda
   size_t block_smem = 0, sm_smem = 0;
   smem_limits_for_cc(cc_major, cc_minor, &block_smem, &sm_smem);
   /* Tensor-core kernels run for 16-byte aligned q/k/v/o; misaligned ones run the generic kernel.
-   * Hopper: the sm_90a kernel where the build has it and the grid fills the SMs, else mma
-   * (dda_attention_kernel_for answers exactly for given tensors). */
+   * Hopper: the TMA kernel (unmasked, Sk > 128) or the cp.async sm_90a kernel where the
+   * build has them, else mma (dda_attention_kernel_for answers exactly for given tensors). */
   if (cc_major == 9 && dda_attention_sm90_name(dtype, head_dim) != nullptr) {
-    /* "sm90 name|mma candidates" per (dtype, padded head dim), built once. */
+    /* "[tma name|]sm90 name|mma candidates" per (dtype, padded head dim, TMA takes it), built once. */
     static const int dps[8] = {48, 64, 80, 96, 128, 160, 192, 256};
     struct Both {
-      char s[2][8][112];
+      char s[2][8][2][160];
       Both() {
         for (int a = 0; a < 2; ++a)
           for (int i = 0; i < 8; ++i) {
             const dda_dtype t = a == 0 ? DDA_F16 : DDA_BF16;
-            snprintf(s[a][i], sizeof s[a][i], "%s|%s", dda_attention_sm90_name(t, dps[i]),
+            const char *tma = dda_attention_sm90_tma_name(t, dps[i]);
+            snprintf(s[a][i][0], sizeof s[a][i][0], "%s|%s", dda_attention_sm90_name(t, dps[i]),
                      dda_attention_mma_name(9, t, dps[i], kSmemLarge));
+            snprintf(s[a][i][1], sizeof s[a][i][1], "%s|%s", tma ? tma : "", s[a][i][0]);
           }
       }
     };
     static const Both both;
     int i = 0;
     while (dps[i] < head_dim) ++i;  /* head_dim <= 256 here */
-    return both.s[dtype == DDA_F16 ? 0 : 1][i];
+    const bool tma = dda_attention_sm90_tma_name(dtype, head_dim) != nullptr;
+    return both.s[dtype == DDA_F16 ? 0 : 1][i][tma ? 1 : 0];
   }
   if (const char *mma = dda_attention_mma_name(cc_major, dtype, head_dim, block_smem)) return mma;
   if (const char *big = dda_attention_d512_name(cc_major, dtype, head_dim, block_smem)) return big;

@@ -63,6 +63,7 @@
 
 #include "dda.h"
 #include "mma_common.cuh"
+#include "sm90_common.cuh"
 #include "wgmma_ops.cuh"
 
 namespace {
@@ -91,30 +92,9 @@ int padded_dim(int D) {
 /* Device helpers exist only where the kernel body is compiled (host pass, sm_90a). */
 #if !defined(__CUDA_ARCH__) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
-constexpr float kLn2 = 0.6931471805599453f;
-
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-/* Waits until at most N committed wgmma groups are pending (groups complete in order). */
-template <int N>
-__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
 /* Orders this thread's generic-proxy shared-memory writes (cp.async) before later
  * async-proxy reads (wgmma operands); followed by a barrier for the other threads. */
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-
-/* Pins the accumulator registers at this point of the program: the compiler may
- * not move reads (or writes) of r across it, so reads after wgmma_wait<N>() stay there. */
-template <int N>
-__device__ __forceinline__ void fence_regs(float *r) {
-#pragma unroll
-  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
-}
-
-/* Matrix descriptor: start address, leading and stride byte offsets, no swizzle. */
-__device__ __forceinline__ uint64_t make_desc(uint32_t saddr, uint32_t lbo, uint32_t sbo) {
-  return static_cast<uint64_t>((saddr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(lbo >> 4) << 16) |
-         (static_cast<uint64_t>(sbo >> 4) << 32);
-}
 
 /* Stages rows [r0, r0 + ROWS) x columns [0, DP) of src (row stride `stride`
  * elements) into dst in the interleaved layout (chunk i at byte 16 i, see the
@@ -215,63 +195,8 @@ attention_fwd_sm90(const dda_attention_params p, const float scale_log2) {
   float s[NS][4];            /* S of the next tile, then its exponentials */
   float alpha[2] = {0.0f, 0.0f};  /* O's rescale factor for the P held in s */
 
-  /* Softmax of s = Q K(tile)^T in place: s <- 2^(s * sc - m_new) (fp32), running max m,
-   * sums l, and alpha = 2^(m_old - m_new). Scores in log2 units are s * sc; full unmasked
-   * tiles fold sc = scale * log2(e) into the exponent's FMA (see attention_fwd_mma.cu). */
   auto softmax = [&](int tile) {
-    const int k0 = tile * KB;
-    float sc = scale_log2;
-    if (k0 + KB > Sk || MASK || !(scale_log2 > 0.0f)) {
-#pragma unroll
-      for (int j = 0; j < NS; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[j][e] *= scale_log2;
-      sc = 1.0f;
-      switch (mkind) {  /* DDA_MASK_NONE only, unless MASK */
-        case DDA_MASK_BOOL:
-          mask_tile(s, static_cast<const unsigned char *>(p.mask), mrow, p.mask_stride_k, k0, c, Sk);
-          break;
-        case DDA_MASK_ADD_F32:
-          mask_tile(s, static_cast<const float *>(p.mask), mrow, p.mask_stride_k, k0, c, Sk);
-          break;
-        case DDA_MASK_ADD_F16:
-          mask_tile(s, static_cast<const __half *>(p.mask), mrow, p.mask_stride_k, k0, c, Sk);
-          break;
-        case DDA_MASK_ADD_BF16:
-          mask_tile(s, static_cast<const __nv_bfloat16 *>(p.mask), mrow, p.mask_stride_k, k0, c, Sk);
-          break;
-        default:
-          mask_tile(s, static_cast<const unsigned char *>(nullptr), mrow, 0, k0, c, Sk);
-          break;
-      }
-    }
-    /* The 4 lanes of a quad (same g) hold one row between them. */
-    float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (int j = 0; j < NS; ++j) {
-      mx[0] = fmaxf(mx[0], fmaxf(s[j][0], s[j][1]));
-      mx[1] = fmaxf(mx[1], fmaxf(s[j][2], s[j][3]));
-    }
-    float m_use[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-      const float m_new = fmaxf(m[r], mx[r] * sc);
-      m_use[r] = m_new == -INFINITY ? 0.0f : m_new;  /* all masked so far: p and alpha stay 0 */
-      alpha[r] = fast_exp2(m[r] - m_use[r]);
-      m[r] = m_new;
-    }
-    float rs[2] = {0.0f, 0.0f};
-#pragma unroll
-    for (int j = 0; j < NS; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[j][e] = fast_exp2(fmaf(s[j][e], sc, -m_use[e >> 1]));
-        rs[e >> 1] += s[j][e];
-      }
-    l[0] = l[0] * alpha[0] + rs[0];
-    l[1] = l[1] * alpha[1] + rs[1];
+    online_softmax<NS, MASK>(s, m, l, alpha, p, mkind, mrow, scale_log2, tile * KB, c);
   };
 
   /* Prologue: Q and tile 0 landed; S of tile 0 and its softmax. */
@@ -289,13 +214,7 @@ attention_fwd_sm90(const dda_attention_params p, const float scale_log2) {
     const bool has_next = t + 1 < ntiles;
     /* P(t) as A fragments: k-step kk = keys 16 kk .. 16 kk + 15 = S tiles 2 kk, 2 kk + 1. */
     uint32_t pa[KB / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < KB / 16; ++kk) {
-      pa[kk][0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
-      pa[kk][1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
-      pa[kk][2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      pa[kk][3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-    }
+    pack_p<T, NS>(pa, s);
     /* A: tile t + 1 landed; the stage of tile t + 2 (last read in iteration t - 1) is free. */
     cp_async_wait_all();
     fence_proxy_async();
@@ -330,29 +249,7 @@ attention_fwd_sm90(const dda_attention_params p, const float scale_log2) {
     fence_regs<DP / 2>(&o[0][0]);
   }
 
-  /* Row sums over the quad; l == 0 means every key was masked: o = 0, lse = -inf. */
-  float inv[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-    inv[r] = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
-  }
-
-  uint16_t *out = static_cast<uint16_t *>(p.o) + b * p.o_stride_b + h * p.o_stride_h;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int row = m0 + wr0 + g + 8 * r;
-    if (row >= Sq) continue;
-    uint16_t *orow = out + static_cast<int64_t>(row) * p.o_stride_s + 2 * c;
-#pragma unroll
-    for (int n = 0; n < NO; ++n)
-      if (8 * n < D)
-        *reinterpret_cast<uint32_t *>(orow + 8 * n) = pack2<T>(o[n][2 * r] * inv[r], o[n][2 * r + 1] * inv[r]);
-    if (p.lse && c == 0)
-      p.lse[(static_cast<int64_t>(b) * p.H + h) * Sq + row] =
-          l[r] > 0.0f ? (m[r] + log2f(l[r])) * kLn2 : -INFINITY;
-  }
+  store_o<T, NO>(o, l, m, p, b, h, m0 + wr0, g, c);
 #endif
 }
 

@@ -388,11 +388,28 @@ static void run_small(Rng &rng) {
     }
 }
 
+// Unmasked, aligned cases: the ones the TMA Hopper kernel takes (D 33..48, 49..64,
+// 65..80, 113..128), at tile edges (128, 129) and odd sizes.
+static void run_unmasked(Rng &rng) {
+  const int Ds[] = {40, 48, 56, 64, 72, 80, 120, 128};
+  const int pairs[][2] = {{1, 1}, {77, 77}, {128, 128}, {129, 129}, {257, 257}, {1, 77}, {97, 257}, {300, 77}};
+  int n = 0;
+  for (int D : Ds)
+    for (const auto &sk : pairs) {
+      Case c = {2, 3, sk[0], sk[1], D, sk[0] != sk[1] || n % 2 == 1, M_NONE, n % 3 != 2, false};
+      ++n;
+      run_case(c, rng);
+    }
+}
+
 static void run_big_checks(Rng &rng) {
   //      B  H  Sq    Sk    D    cross  mask            lse   misalign
   const Case cases[] = {
       {1, 2, 4097, 4097, 64, false, M_BOOL_ROWS, true, false},
       {1, 2, 4097, 4097, 40, false, M_NONE, true, false},
+      {1, 2, 4097, 4097, 64, false, M_NONE, true, false},
+      {1, 2, 4097, 4097, 80, false, M_NONE, false, false},
+      {1, 2, 4097, 4097, 128, false, M_NONE, true, false},
       {2, 2, 4097, 77, 80, true, M_ADD_F32_KEY, true, false},
       {1, 2, 77, 4097, 160, true, M_ADD_BF16_QK, true, true},
       {1, 1, 4097, 4097, 512, false, M_NONE, true, false},
@@ -468,16 +485,17 @@ static void bench(int B, int H, int Sq, int Sk, int D, int iters, int cc_major, 
 }
 
 int main(int argc, char **argv) {
-  bool big = false;
+  bool big = false, unmasked_only = false;
   int iters = 20;
   int one[5] = {0, 0, 0, 0, 0};  // --bench B,H,Sq,Sk,D: time only that shape (for ncu)
   for (int a = 1; a < argc; ++a) {
     if (!strcmp(argv[a], "--big")) big = true;
+    else if (!strcmp(argv[a], "--unmasked")) unmasked_only = true;  // only run_unmasked (sanitizer runs)
     else if (!strcmp(argv[a], "--iters") && a + 1 < argc) iters = std::max(1, atoi(argv[++a]));
     else if (!strcmp(argv[a], "--bench") && a + 1 < argc &&
              sscanf(argv[++a], "%d,%d,%d,%d,%d", &one[0], &one[1], &one[2], &one[3], &one[4]) == 5) {
     } else {
-      fprintf(stderr, "usage: %s [--big] [--iters N] [--bench B,H,Sq,Sk,D]\n", argv[0]);
+      fprintf(stderr, "usage: %s [--big] [--unmasked] [--iters N] [--bench B,H,Sq,Sk,D]\n", argv[0]);
       return 2;
     }
   }
@@ -494,8 +512,14 @@ int main(int argc, char **argv) {
     return g_failures ? 1 : 0;
   }
   Rng rng{0x5eedULL};
+  if (unmasked_only) {
+    run_unmasked(rng);
+    printf("%s: %d failure(s)\n", g_failures ? "FAILED" : "PASSED", g_failures);
+    return g_failures ? 1 : 0;
+  }
   run_errors();
   run_small(rng);
+  run_unmasked(rng);
   if (big) {
     run_big_checks(rng);
     printf("timing: FLOP = 4*B*H*Sq*Sk*D, median of %d after 3 warm-ups, CUDA events\n", iters);
