@@ -50,6 +50,11 @@ if [ "${SANITIZE:-1}" != 0 ]; then
     echo "== compute-sanitizer $tool (attention harness --unmasked: every case on the TMA kernel)" | tee -a "$S"
     DDA_SM90_TMA=force timeout ${SAN_TIMEOUT:-240} compute-sanitizer --tool $tool --error-exitcode 9 /tmp/attn_harness --unmasked >> "$S" 2>&1; echo "rc=$?" | tee -a "$S"; tail -2 "$S"
   done
+  for tool in memcheck racecheck; do
+    echo "== compute-sanitizer $tool (GEGLU / GroupNorm CUDA tests)" | tee -a "$S"
+    timeout ${SAN_TIMEOUT:-240} compute-sanitizer --tool $tool --error-exitcode 9 python3 -m pytest -q -x -p no:cacheprovider \
+      tests/test_blocks.py -k "cuda and not unet" >> "$S" 2>&1; echo "rc=$?" | tee -a "$S"; tail -2 "$S"
+  done
   echo "== compute-sanitizer memcheck (linear harness)" | tee -a "$S"
   timeout ${SAN_TIMEOUT:-120} compute-sanitizer --tool memcheck --error-exitcode 9 /tmp/lin_harness --no-bench >> "$S" 2>&1; echo "rc=$?" | tee -a "$S"; tail -2 "$S"
 fi

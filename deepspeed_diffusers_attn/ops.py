@@ -21,6 +21,9 @@ __all__ = [
     "attention_kernel_for",
     "attention_kernel_name",
     "cuda_built",
+    "geglu",
+    "group_norm",
+    "group_norm_supported",
 ]
 
 
@@ -129,6 +132,56 @@ def attention_kernel_for(
     return torch.ops.dda.attention_kernel_for(q, k, v, mask)
 
 
+def geglu(x: torch.Tensor, approximate: bool = False) -> torch.Tensor:
+    """diffusers' GEGLU activation in one pass: ``x[..., :N] * gelu(x[..., N:])`` for
+    ``x [..., 2N]`` (the FeedForward projection output; last dim contiguous, leading dims
+    collapsible into rows). ``approximate``: the tanh form of gelu. fp32 math; returns a
+    new ``[..., N]`` tensor in x's dtype."""
+    return torch.ops.dda.geglu(x, bool(approximate))
+
+
+def group_norm(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    eps: float = 1e-5,
+    silu: bool = False,
+) -> torch.Tensor:
+    """``F.group_norm`` (then ``F.silu`` if ``silu``) for a channels-last ``[N, C, H, W]`` x,
+    in x's layout: no NCHW round trip. fp32 statistics (per-channel shifted sums, combined in
+    double). weight / bias: ``[C]`` in x's dtype, or None. On CUDA the channel count must be a
+    multiple of ``16 // x.element_size()`` and the tensors 16-byte aligned
+    (:func:`group_norm_supported` says whether a call is taken). Returns a new channels-last tensor."""
+    return torch.ops.dda.group_norm(x, int(num_groups), weight, bias, float(eps), bool(silu))
+
+
+def group_norm_supported(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] = None,
+                         bias: Optional[torch.Tensor] = None) -> str:
+    """Why :func:`group_norm` would refuse these inputs, or ``""`` if it takes them."""
+    if x.dim() != 4 or x.numel() == 0:
+        return "x is not a non-empty 4-D tensor"
+    if not x.is_contiguous(memory_format=torch.channels_last):
+        return "x is not channels-last contiguous"
+    C = x.shape[1]
+    if C % num_groups != 0:
+        return f"num_groups {num_groups} does not divide {C} channels"
+    if x.device.type == "cpu":
+        return "" if x.dtype == torch.float32 else "the CPU reference is float32 only"
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {x.dtype}"
+    vec = 16 // x.element_size()
+    if C % vec != 0 or C // vec > 1024:
+        return f"{C} channels is not a multiple of {vec} (or above {1024 * vec})"
+    for t in (x, weight, bias):
+        if t is not None and t.data_ptr() % 16 != 0:
+            return "a tensor is not 16-byte aligned"
+    for t, name in ((weight, "weight"), (bias, "bias")):
+        if t is not None and (t.dtype != x.dtype or t.device != x.device or not t.is_contiguous()):
+            return f"{name} is not a contiguous {x.dtype} tensor on {x.device}"
+    return ""
+
+
 def cuda_built() -> bool:
     """True when the extension was built with its CUDA kernels."""
     return bool(torch.ops.dda.cuda_built())
@@ -160,3 +213,15 @@ def _attention_fake(q, k, v, mask, scale, return_lse):
 @torch.library.register_fake("dda::attention_out")
 def _attention_out_fake(q, k, v, mask, scale, out, lse):
     return None
+
+
+@torch.library.register_fake("dda::geglu")
+def _geglu_fake(x, approximate):
+    torch._check(x.dim() >= 1 and x.shape[-1] % 2 == 0, lambda: "dda.geglu: the last dim of x must be even")
+    return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
+
+
+@torch.library.register_fake("dda::group_norm")
+def _group_norm_fake(x, num_groups, weight, bias, eps, silu):
+    torch._check(x.dim() == 4, lambda: "dda.group_norm: x must be [N, C, H, W]")
+    return torch.empty_like(x, memory_format=torch.channels_last)

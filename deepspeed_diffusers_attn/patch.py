@@ -47,6 +47,8 @@ from torch import nn
 from diffusers.models.attention_processor import Attention
 
 from .attention import DeepSpeedDiffusersAttention
+from .blocks import (ChannelsLastGroupNorm, FusedGEGLU, fusable_reasons, keep_output_layout,
+                     restore_output_layout)
 from .graphs import DEFAULT_MAX_GRAPHS, _check_options, graph_module_forward, graphed_methods, ungraph_module
 
 __all__ = ["patch", "unpatch", "PatchReport", "PatchRow", "PatchedAttention"]
@@ -79,12 +81,16 @@ class PatchReport:
     """What :func:`patch` or :func:`unpatch` did, one row per Attention module."""
 
     def __init__(self, action: str, statuses: tuple[str, ...], rows: list[PatchRow], options: dict,
-                 wrapped: tuple[str, ...] = ()):
+                 wrapped: tuple[str, ...] = (), blocks: dict | None = None,
+                 blocks_declined: tuple[PatchRow, ...] = ()):
         self.action = action
         self.statuses = statuses
         self.rows = rows
         self.options = options
         self.wrapped = wrapped  # e.g. ("unet.forward", "vae.decode", "vae.encode"): methods (un)wrapped
+        # GEGLU / GroupNorm modules replaced (patch) or restored (unpatch), by kind: {"GEGLU": 16, ...}
+        self.blocks = dict(blocks or {})
+        self.blocks_declined = tuple(blocks_declined)  # rows for GEGLU modules left as they are
 
     def summary(self) -> PatchSummary:
         """Counts per status, e.g. ``{'patched': 140, 'declined': 0, 'already patched': 0}``."""
@@ -113,6 +119,13 @@ class PatchReport:
         if self.wrapped:
             verb = "wrapped" if self.action == "patch" else "unwrapped"
             head += f"\n{verb} (CUDA graph / channels-last): " + ", ".join(self.wrapped)
+        if self.blocks:
+            verb = "fused" if self.action == "patch" else "restored"
+            head += f"\n{verb}: " + ", ".join(f"{kind} {n}" for kind, n in self.blocks.items())
+            if self.action == "patch":
+                head += " (GroupNorm: channels-last CUDA inputs; others run torch's group_norm)"
+        for r in self.blocks_declined:
+            head += f"\nnot fused: {r.name}: {'; '.join(r.reasons)}"
         if not self.rows:
             return head + "\n(no diffusers Attention modules " + (
                 "found)" if self.action == "patch" else "to restore)")
@@ -317,9 +330,69 @@ def _wrap(obj, cuda_graph: bool, channels_last: bool, max_graphs: int, clone_out
     return tuple(wrapped)
 
 
+_BLOCK_KINDS = {FusedGEGLU: "GEGLU", ChannelsLastGroupNorm: "GroupNorm"}
+
+
+def _block_sites(obj, want) -> dict[int, list[tuple[str, nn.Module, str, nn.Module]]]:
+    """Like :func:`_sites` for the modules ``want(module)`` picks, never inside attention modules."""
+    found: dict[int, list] = {}
+    seen: set[int] = set()
+
+    def walk(prefix: str, parent: nn.Module) -> None:
+        if id(parent) in seen:
+            return
+        seen.add(id(parent))
+        for attr, child in parent.named_children():
+            name = f"{prefix}.{attr}" if prefix else attr
+            if want(child):
+                found.setdefault(id(child), []).append((name, parent, attr, child))
+            elif not isinstance(child, (Attention, PatchedAttention)):
+                walk(name, child)
+
+    for prefix, root in _roots(obj):
+        walk(prefix, root)
+    return found
+
+
+def _fuse_blocks(obj) -> tuple[dict, tuple[PatchRow, ...]]:
+    """Replace diffusers GEGLU and torch GroupNorm modules by the fused stand-ins of :mod:`.blocks`."""
+    from diffusers.models.activations import GEGLU
+
+    counts = {"GEGLU": 0, "GroupNorm": 0}
+    declined = []
+    for places in _block_sites(obj, lambda m: type(m) in (GEGLU, nn.GroupNorm)).values():
+        name, _, _, module = places[0]
+        reasons = fusable_reasons(module)
+        if reasons:
+            declined.append(PatchRow(name, DECLINED, tuple(reasons)))
+            continue
+        new = FusedGEGLU(module) if type(module) is GEGLU else ChannelsLastGroupNorm(module)
+        new.train(module.training)
+        for _, parent, attr, _ in places:
+            setattr(parent, attr, new)
+        counts[_BLOCK_KINDS[type(new)]] += 1
+    counts["Transformer2D output layout"] = sum(keep_output_layout(m) for _, root in _roots(obj) for m in root.modules())
+    return {k: n for k, n in counts.items() if n}, tuple(declined)
+
+
+def _unfuse_blocks(obj) -> dict:
+    counts: dict[str, int] = {}
+    for places in _block_sites(obj, lambda m: type(m) in _BLOCK_KINDS).values():
+        module = places[0][3]
+        module.original.train(module.training)
+        for _, parent, attr, _ in places:
+            setattr(parent, attr, module.original)
+        counts[_BLOCK_KINDS[type(module)]] = counts.get(_BLOCK_KINDS[type(module)], 0) + 1
+    layout = sum(restore_output_layout(m) for _, root in _roots(obj) for m in root.modules())
+    if layout:
+        counts["Transformer2D output layout"] = layout
+    return counts
+
+
 @torch.no_grad()
 def patch(obj, *, cuda_graph: bool = False, channels_last: bool = False, kv_cache: bool = False,
-          max_graphs: int = DEFAULT_MAX_GRAPHS, clone_outputs: bool = True) -> PatchReport:
+          fuse_blocks: bool = True, max_graphs: int = DEFAULT_MAX_GRAPHS,
+          clone_outputs: bool = True) -> PatchReport:
     """Replace every supported diffusers ``Attention`` in ``obj`` by a :class:`PatchedAttention`.
 
     ``obj``: a diffusers pipeline (each nn.Module component is searched: unet, vae,
@@ -340,8 +413,15 @@ def patch(obj, *, cuda_graph: bool = False, channels_last: bool = False, kv_cach
     fp16 (7.3 MiB for SD1.5 at B=2, 49 MiB for SDXL). Inside CUDA graphs the cache is
     bypassed (a graph recomputes K/V). Writes that bypass the version counter (``.data``)
     need ``clear_kv_cache()`` on the modules.
+    ``fuse_blocks=True`` (default) also replaces diffusers ``GEGLU`` modules by
+    :class:`.blocks.FusedGEGLU` and ``torch.nn.GroupNorm`` modules (outside attention
+    modules) by :class:`.blocks.ChannelsLastGroupNorm`, and lets each ``Transformer2DModel``
+    keep its input's memory format (:func:`.blocks.keep_output_layout`); ``report.blocks``
+    counts them. GEGLU modules with adapter layers are left alone and listed in
+    ``report.blocks_declined``.
     """
-    options = {"cuda_graph": cuda_graph, "channels_last": channels_last, "kv_cache": kv_cache}
+    options = {"cuda_graph": cuda_graph, "channels_last": channels_last, "kv_cache": kv_cache,
+               "fuse_blocks": fuse_blocks}
     for key, value in options.items():
         if not isinstance(value, bool):
             raise TypeError(f"patch({key}=...) must be a bool, got {value!r}")
@@ -364,8 +444,10 @@ def patch(obj, *, cuda_graph: bool = False, channels_last: bool = False, kv_cach
         for _, parent, attr, _ in places:
             setattr(parent, attr, wrapper)
         rows.append(PatchRow(name, PATCHED))
+    blocks, blocks_declined = _fuse_blocks(obj) if fuse_blocks else ({}, ())
     wrapped = _wrap(obj, cuda_graph, channels_last, max_graphs, clone_outputs) if cuda_graph or channels_last else ()
-    return PatchReport("patch", (PATCHED, DECLINED, ALREADY_PATCHED), rows, options, wrapped)
+    return PatchReport("patch", (PATCHED, DECLINED, ALREADY_PATCHED), rows, options, wrapped, blocks,
+                       blocks_declined)
 
 
 @torch.no_grad()
@@ -378,6 +460,7 @@ def unpatch(obj) -> PatchReport:
     left alone (the report has no rows). Graph / channels-last wrappers added by
     :func:`patch` are removed first: the original bound methods come back, the graphs
     are freed, the weights' memory format is restored (``report.wrapped`` lists them).
+    Fused GEGLU / GroupNorm stand-ins give way to their originals (``report.blocks``).
     """
     wrapped = []
     for name, module, method in _graph_targets(obj):
@@ -395,4 +478,5 @@ def unpatch(obj) -> PatchReport:
                 setattr(parent, attr, original)
         reasons = ("it is the object passed to unpatch(); use its .original",) if places[0][1] is None else ()
         rows.append(PatchRow(name, RESTORED, reasons))
-    return PatchReport("unpatch", (RESTORED,), rows, {}, tuple(wrapped))
+    blocks = _unfuse_blocks(obj)
+    return PatchReport("unpatch", (RESTORED,), rows, {}, tuple(wrapped), blocks)

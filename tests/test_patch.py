@@ -249,7 +249,7 @@ def test_report_rows_and_format():
     text = str(report)
     assert text.splitlines()[0].startswith(f"deepspeed_diffusers_attn.patch: {len(report)} patched")
     assert "down_blocks.1.attentions.0.transformer_blocks.0.attn2" in text
-    assert report.options == {"cuda_graph": False, "channels_last": False, "kv_cache": False}
+    assert report.options == {"cuda_graph": False, "channels_last": False, "kv_cache": False, "fuse_blocks": True}
 
 
 class OwnProcessor:

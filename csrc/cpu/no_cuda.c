@@ -23,3 +23,19 @@ const char *dda_attention_kernel_for(const dda_attention_params *p) {
   (void)p;
   return "unsupported: deepspeed_diffusers_attn was built without CUDA";
 }
+
+dda_status dda_geglu_cuda(const dda_geglu_params *p, cudaStream_t stream) {
+  (void)p; (void)stream;
+  return DDA_ERR_NOT_BUILT;
+}
+
+size_t dda_group_norm_workspace_bytes(const dda_group_norm_params *p) {
+  (void)p;
+  return 0;
+}
+
+dda_status dda_group_norm_cuda(const dda_group_norm_params *p, void *workspace, size_t workspace_bytes,
+                               cudaStream_t stream) {
+  (void)p; (void)workspace; (void)workspace_bytes; (void)stream;
+  return DDA_ERR_NOT_BUILT;
+}

@@ -126,13 +126,49 @@ typedef struct {
   dda_dtype dtype;
 } dda_attention_params;
 
+/* ----------------------------------------------------------------- geglu --
+ * The gated GELU of diffusers' FeedForward (GEGLU), one pass over the projection:
+ *   y[m, n] = x[m, n] * gelu(x[m, N + n])       x [M, 2N] (row stride x_stride_m), y [M, N]
+ * gelu exact (erf) or, with approximate = 1, the tanh form; fp32 math. */
+typedef struct {
+  const void *x;
+  void *y;
+  int64_t x_stride_m, y_stride_m;
+  int64_t M, N;
+  int approximate;
+  dda_dtype dtype;
+} dda_geglu_params;
+
+/* ------------------------------------------------------------ group norm --
+ * GroupNorm over a channels-last (NHWC) tensor, optionally followed by SiLU:
+ *   x, y [N, HW, C] (pixel stride C, sample strides x_stride_n / y_stride_n)
+ *   groups of C / G consecutive channels; per (sample, group) mean and biased variance
+ *   over HW * C / G values (fp32 statistics);
+ *   y = (x - mean) * rsqrt(var + eps) * gamma[c] + beta[c], then y * sigmoid(y) if silu
+ * gamma, beta [C] in x's dtype, or NULL (1 and 0). */
+typedef struct {
+  const void *x;
+  void *y;
+  const void *gamma, *beta;
+  int64_t x_stride_n, y_stride_n;
+  int64_t N, HW, C;
+  int G;
+  float eps;
+  int silu;
+  dda_dtype dtype;
+} dda_group_norm_params;
+
 /* Checks shared by every backend: pointers, sizes, head dim, strides. */
 dda_status dda_linear_check(const dda_linear_params *p);
 dda_status dda_attention_check(const dda_attention_params *p);
+dda_status dda_geglu_check(const dda_geglu_params *p);
+dda_status dda_group_norm_check(const dda_group_norm_params *p);
 
 /* CPU references (fp32 only; DDA_ERR_UNSUPPORTED_DTYPE otherwise). */
 dda_status dda_linear_cpu(const dda_linear_params *p);
 dda_status dda_attention_fwd_cpu(const dda_attention_params *p);
+dda_status dda_geglu_cpu(const dda_geglu_params *p);
+dda_status dda_group_norm_cpu(const dda_group_norm_params *p);
 
 /* The attention tile over keys that both the CPU reference and the generic
  * CUDA kernel use for the online softmax. */
@@ -148,6 +184,14 @@ dda_status dda_attention_fwd_cpu(const dda_attention_params *p);
 dda_status dda_linear_cuda(const dda_linear_params *p, void *workspace,
                            size_t workspace_bytes, cudaStream_t stream);
 dda_status dda_attention_fwd_cuda(const dda_attention_params *p, cudaStream_t stream);
+dda_status dda_geglu_cuda(const dda_geglu_params *p, cudaStream_t stream);
+/* dda_group_norm_cuda needs dda_group_norm_workspace_bytes(p) bytes of device
+ * scratch (per-block partial sums and the statistics); it needs C % 8 == 0 and
+ * 16-byte aligned x / y / gamma / beta and sample strides (DDA_ERR_INVALID_ARGUMENT
+ * otherwise: the caller runs another implementation). Three kernels, no sync. */
+size_t dda_group_norm_workspace_bytes(const dda_group_norm_params *p);
+dda_status dda_group_norm_cuda(const dda_group_norm_params *p, void *workspace, size_t workspace_bytes,
+                               cudaStream_t stream);
 
 /* The name of the attention kernel dda_attention_fwd_cuda runs for a device of
  * compute capability cc_major.cc_minor, a dtype, a head dim and a key length.

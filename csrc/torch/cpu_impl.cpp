@@ -66,9 +66,26 @@ std::string attention_kernel_for_cpu(const at::Tensor &q, const at::Tensor &k, c
   return "cpu_reference";
 }
 
+at::Tensor geglu_cpu(const at::Tensor &x, bool approximate) {
+  at::Tensor out = dda_glue::geglu_output(x);
+  const dda_geglu_params p = dda_glue::geglu_params(x, approximate, out, true);
+  dda_glue::throw_on_error(dda_geglu_cpu(&p), "dda.geglu (cpu)");
+  return out;
+}
+
+at::Tensor group_norm_cpu(const at::Tensor &x, int64_t num_groups, const std::optional<at::Tensor> &weight,
+                          const std::optional<at::Tensor> &bias, double eps, bool silu) {
+  at::Tensor out = dda_glue::group_norm_output(x);
+  const dda_group_norm_params p = dda_glue::group_norm_params(x, num_groups, weight, bias, eps, silu, out, true);
+  dda_glue::throw_on_error(dda_group_norm_cpu(&p), "dda.group_norm (cpu)");
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dda, CPU, m) {
+  m.impl("geglu", &geglu_cpu);
+  m.impl("group_norm", &group_norm_cpu);
   m.impl("linear", &dda_glue::linear<&linear_out_cpu>);
   m.impl("linear_out", &linear_out_cpu);
   m.impl("attention", &dda_glue::attention<&attention_out_cpu>);

@@ -44,9 +44,40 @@ std::string attention_kernel_for_cuda(const at::Tensor &q, const at::Tensor &k, 
   return dda_attention_kernel_for(&p);
 }
 
+at::Tensor geglu_cuda(const at::Tensor &x, bool approximate) {
+  at::Tensor out = dda_glue::geglu_output(x);
+  const dda_geglu_params p = dda_glue::geglu_params(x, approximate, out, false);
+  const c10::cuda::CUDAGuard guard(x.device());
+  dda_glue::throw_on_error(dda_geglu_cuda(&p, c10::cuda::getCurrentCUDAStream().stream()), "dda.geglu (cuda)");
+  return out;
+}
+
+// The statistics scratch comes from torch's caching allocator (capture-safe, like linear's).
+at::Tensor group_norm_cuda(const at::Tensor &x, int64_t num_groups, const std::optional<at::Tensor> &weight,
+                           const std::optional<at::Tensor> &bias, double eps, bool silu) {
+  at::Tensor out = dda_glue::group_norm_output(x);
+  const dda_group_norm_params p = dda_glue::group_norm_params(x, num_groups, weight, bias, eps, silu, out, false);
+  const int64_t vec = 16 / static_cast<int64_t>(x.element_size());
+  TORCH_CHECK(p.C % vec == 0 && p.C / vec <= 1024,
+              "dda.group_norm (cuda): the channel count must be a multiple of ", vec, " (at most ", 1024 * vec,
+              ") for ", x.scalar_type(), ", got ", p.C);
+  const auto a16 = [](const void *ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+  TORCH_CHECK(a16(p.x) && a16(p.y) && (!p.gamma || a16(p.gamma)) && (!p.beta || a16(p.beta)) &&
+                  (p.x_stride_n * x.element_size()) % 16 == 0,
+              "dda.group_norm (cuda): x, weight and bias must be 16-byte aligned (a fresh or .contiguous() tensor is)");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const size_t bytes = dda_group_norm_workspace_bytes(&p);
+  at::Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, x.options().dtype(at::kByte));
+  dda_glue::throw_on_error(dda_group_norm_cuda(&p, workspace.data_ptr(), bytes, c10::cuda::getCurrentCUDAStream().stream()),
+                           "dda.group_norm (cuda)");
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dda, CUDA, m) {
+  m.impl("geglu", &geglu_cuda);
+  m.impl("group_norm", &group_norm_cuda);
   m.impl("linear", &dda_glue::linear<&linear_out_cuda>);
   m.impl("linear_out", &linear_out_cuda);
   m.impl("attention", &dda_glue::attention<&attention_out_cuda>);

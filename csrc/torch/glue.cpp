@@ -262,6 +262,87 @@ dda_attention_params attention_params(const at::Tensor &q, const at::Tensor &k,
   return p;
 }
 
+dda_geglu_params geglu_params(const at::Tensor &x, bool approximate, const at::Tensor &out, bool cpu) {
+  const char *op = cpu ? "dda.geglu (cpu)" : "dda.geglu (cuda)";
+  check_dtype(x, op, "x", cpu);
+  check_same(x, "x", out, "out", op);
+  DDA_CHECK(x.size(-1) % 2 == 0 && x.size(-1) >= 2, op, ": the last dim of x must be even (value half, gate half), got ",
+            describe(x));
+  const int64_t N = x.size(-1) / 2;
+  auto want = x.sizes().vec();
+  want.back() = N;
+  DDA_CHECK(out.sizes() == at::IntArrayRef(want), op, ": out must have shape ", want, ", got ", describe(out));
+  dda_geglu_params p{};
+  p.M = x.numel() / x.size(-1);
+  p.N = N;
+  DDA_CHECK(p.M >= 1, op, ": x is empty: ", describe(x));
+  p.x_stride_m = row_stride(x, op, "x");
+  p.y_stride_m = row_stride(out, op, "out");
+  check_no_overlap(out, "out", x, "x", op);
+  p.x = x.data_ptr();
+  p.y = out.data_ptr();
+  p.approximate = approximate ? 1 : 0;
+  p.dtype = to_dda_dtype(x.scalar_type());
+  return p;
+}
+
+dda_group_norm_params group_norm_params(const at::Tensor &x, int64_t num_groups, const std::optional<at::Tensor> &weight,
+                                        const std::optional<at::Tensor> &bias, double eps, bool silu,
+                                        const at::Tensor &out, bool cpu) {
+  const char *op = cpu ? "dda.group_norm (cpu)" : "dda.group_norm (cuda)";
+  check_dtype(x, op, "x", cpu);
+  check_same(x, "x", out, "out", op);
+  DDA_CHECK(x.dim() == 4 && x.numel() > 0, op, ": x must be a non-empty [N, C, H, W] tensor, got ", describe(x));
+  const int64_t C = x.size(1);
+  DDA_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast) && out.is_contiguous(at::MemoryFormat::ChannelsLast) &&
+                (x.stride(1) == 1 || C == 1),
+            op, ": x and out must be channels-last contiguous (x.contiguous(memory_format=torch.channels_last)); got x ",
+            describe(x), " and out ", describe(out));
+  DDA_CHECK(out.sizes() == x.sizes(), op, ": out must have x's shape, got ", describe(out));
+  DDA_CHECK(num_groups >= 1 && C % num_groups == 0, op, ": num_groups (", num_groups, ") must divide the ", C,
+            " channels");
+  DDA_CHECK(eps >= 0.0, op, ": eps must be >= 0, got ", eps);
+  dda_group_norm_params p{};
+  const char *names[2] = {"weight", "bias"};
+  const std::optional<at::Tensor> *affine[2] = {&weight, &bias};
+  const void *ptrs[2] = {nullptr, nullptr};
+  for (int i = 0; i < 2; ++i) {
+    if (!affine[i]->has_value()) continue;
+    const at::Tensor &t = affine[i]->value();
+    check_same(x, "x", t, names[i], op);
+    DDA_CHECK(t.dim() == 1 && t.size(0) == C && t.is_contiguous(), op, ": ", names[i],
+              " must be a contiguous [C] tensor with C = ", C, ", got ", describe(t));
+    ptrs[i] = t.data_ptr();
+  }
+  check_no_overlap(out, "out", x, "x", op);
+  p.x = x.data_ptr();
+  p.y = out.data_ptr();
+  p.gamma = ptrs[0];
+  p.beta = ptrs[1];
+  p.N = x.size(0);
+  p.C = C;
+  p.HW = x.size(2) * x.size(3);
+  p.x_stride_n = x.size(0) == 1 ? p.HW * C : x.stride(0);
+  p.y_stride_n = out.size(0) == 1 ? p.HW * C : out.stride(0);
+  p.G = static_cast<int>(num_groups);
+  p.eps = static_cast<float>(eps);
+  p.silu = silu ? 1 : 0;
+  p.dtype = to_dda_dtype(x.scalar_type());
+  return p;
+}
+
+at::Tensor geglu_output(const at::Tensor &x) {
+  auto sizes = x.sizes().vec();
+  if (sizes.empty()) return at::empty({0}, x.options());  // 0-d: geglu_params rejects it
+  sizes.back() /= 2;
+  return at::empty(sizes, x.options());
+}
+
+at::Tensor group_norm_output(const at::Tensor &x) {
+  if (x.dim() != 4) return at::empty_like(x);  // group_norm_params rejects it
+  return at::empty_like(x, x.options(), at::MemoryFormat::ChannelsLast);
+}
+
 at::Tensor linear_output(const at::Tensor &x, const at::Tensor &weight) {
   auto sizes = x.sizes().vec();
   if (sizes.empty()) return at::empty({0}, x.options());  // a 0-d x: linear_params rejects it

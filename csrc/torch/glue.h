@@ -27,10 +27,20 @@ dda_attention_params attention_params(const at::Tensor &q, const at::Tensor &k,
                                       double scale, const at::Tensor &out,
                                       const std::optional<at::Tensor> &lse, bool cpu);
 
+// Checks x [..., 2N] (rows collapsible), out [..., N] and fills the params.
+dda_geglu_params geglu_params(const at::Tensor &x, bool approximate, const at::Tensor &out, bool cpu);
+
+// Checks x [N, C, H, W] channels-last contiguous, weight / bias [C]?, out like x.
+dda_group_norm_params group_norm_params(const at::Tensor &x, int64_t num_groups, const std::optional<at::Tensor> &weight,
+                                        const std::optional<at::Tensor> &bias, double eps, bool silu,
+                                        const at::Tensor &out, bool cpu);
+
 // The fresh outputs of the functional ops.
 at::Tensor linear_output(const at::Tensor &x, const at::Tensor &weight);
 at::Tensor attention_output(const at::Tensor &q);
 at::Tensor attention_lse(const at::Tensor &q, bool return_lse);
+at::Tensor geglu_output(const at::Tensor &x);
+at::Tensor group_norm_output(const at::Tensor &x);
 
 using LinearOut = void (*)(const at::Tensor &, const at::Tensor &, const std::optional<at::Tensor> &,
                            const std::optional<at::Tensor> &, double, double, at::Tensor &);

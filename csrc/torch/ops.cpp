@@ -48,5 +48,9 @@ TORCH_LIBRARY(dda, m) {
         &attention_kernel_name);
   // the kernel attention would run for these inputs (backend impls: cpu_impl.cpp, cuda_impl.cpp)
   m.def("attention_kernel_for(Tensor q, Tensor k, Tensor v, Tensor? mask) -> str");
+  // y[..., N] = x[..., :N] * gelu(x[..., N:]) (diffusers GEGLU); approximate: tanh form
+  m.def("geglu(Tensor x, bool approximate) -> Tensor");
+  // GroupNorm (+ SiLU) of a channels-last [N, C, H, W] x; the result is channels-last
+  m.def("group_norm(Tensor x, int num_groups, Tensor? weight, Tensor? bias, float eps, bool silu) -> Tensor");
   m.def("cuda_built() -> bool", &cuda_built);
 }

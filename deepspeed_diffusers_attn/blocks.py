@@ -1,0 +1,142 @@
+"""Fused stand-ins for two non-attention pieces of a diffusers UNet / VAE.
+
+* :class:`FusedGEGLU` replaces diffusers' ``GEGLU`` (the FeedForward of every transformer
+  block): the same ``proj`` Linear, then :func:`.ops.geglu`, one pass that reads the
+  projection once and writes the result once. Stock runs ``chunk -> gelu(gate) -> mul`` as
+  two strided elementwise kernels plus a temporary.
+* :class:`ChannelsLastGroupNorm` replaces ``torch.nn.GroupNorm``: for channels-last input it
+  runs :func:`.ops.group_norm` in that layout. torch's GroupNorm makes such input NCHW first
+  and returns NCHW, so each call costs a permuting copy and the next convolution a layout
+  conversion back. Other inputs (NCHW, or what the kernel does not take: see
+  :func:`.ops.group_norm_supported`) run ``F.group_norm``, exactly what stock runs; the
+  module counts them (``fallback_calls``, ``last_fallback_reason``).
+* :func:`keep_output_layout` makes a ``Transformer2DModel`` return its output in the
+  memory format of its input: stock ends with ``.permute(0, 3, 1, 2).contiguous()``, which
+  turns a channels-last UNet's activations NCHW (a permuting copy), and the next
+  convolution converts them back. Same values, no copies.
+
+Both keep the original module unregistered in ``.original`` and share its parameters (same
+``Parameter`` objects, same ``state_dict`` keys): no weight memory is duplicated, and
+:func:`.patch.unpatch` puts the originals back. Values: the GEGLU product and the
+GroupNorm normalisation are computed in fp32 and rounded once (stock rounds the gelu to the
+activation dtype before the product), so outputs differ from stock by at most about one
+rounding of the activation dtype.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+
+__all__ = ["FusedGEGLU", "ChannelsLastGroupNorm", "fusable_reasons", "keep_output_layout", "restore_output_layout"]
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def fusable_reasons(module: nn.Module) -> list[str]:
+    """Why ``module`` (a diffusers GEGLU or a torch GroupNorm) cannot be replaced; [] if it can."""
+    from diffusers.models.activations import GEGLU
+
+    if type(module) is GEGLU:
+        if type(module.proj) is not nn.Linear:
+            return [f"its proj is a {type(module.proj).__name__} (LoRA / adapter layers are not fused)"]
+        if type(module).gelu is not GEGLU.gelu or type(module).forward is not GEGLU.forward:
+            return ["GEGLU.gelu / forward were overridden"]
+        return []
+    if type(module) is nn.GroupNorm:
+        return []
+    return [f"{type(module).__name__} is neither diffusers GEGLU nor torch.nn.GroupNorm"]
+
+
+class FusedGEGLU(nn.Module):
+    """Stands in for a diffusers ``GEGLU``: ``proj`` (the original Linear), then :func:`.ops.geglu`
+    on CUDA. On the CPU it runs the stock formula (the op's CPU impl is the fp32 C reference,
+    for tests, not speed)."""
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.proj = original.proj
+        object.__setattr__(self, "original", original)  # unregistered: no duplicate parameters
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        hidden_states = self.proj(hidden_states)
+        if hidden_states.device.type != "cuda":
+            value, gate = hidden_states.chunk(2, dim=-1)
+            return value * F.gelu(gate)
+        return ops.geglu(hidden_states)
+
+
+class ChannelsLastGroupNorm(nn.Module):
+    """Stands in for a ``torch.nn.GroupNorm``: channels-last CUDA input runs :func:`.ops.group_norm`
+    in that layout (the output is channels-last too), anything else ``F.group_norm`` (CPU
+    input too: the op's CPU impl is the fp32 C reference, for tests, not speed)."""
+
+    def __init__(self, original: nn.GroupNorm):
+        super().__init__()
+        self.num_groups = original.num_groups
+        self.num_channels = original.num_channels
+        self.eps = original.eps
+        self.affine = original.affine
+        self.weight = original.weight  # the same Parameter objects (None without affine)
+        self.bias = original.bias
+        object.__setattr__(self, "original", original)
+        self.fallback_calls = 0
+        self.last_fallback_reason = ""
+
+    def extra_repr(self) -> str:
+        return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _compiling():
+            # traced: the layout decides (a guard); alignment holds for the fresh tensors of a UNet
+            if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and x.device.type == "cuda":
+                return ops.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        why = "CPU input" if x.device.type != "cuda" else ops.group_norm_supported(
+            x, self.num_groups, self.weight, self.bias)
+        if why:
+            self.fallback_calls += 1
+            self.last_fallback_reason = why
+            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        return ops.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+def _output_in_input_layout(self, hidden_states, residual, batch_size, height, width, inner_dim):
+    # diffusers' Transformer2DModel._get_output_for_continuous_inputs, with the final layout
+    # taken from the residual (the block's input) instead of always NCHW
+    fmt = (torch.channels_last if residual.dim() == 4 and not residual.is_contiguous()
+           and residual.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
+    if not self.use_linear_projection:
+        hidden_states = hidden_states.reshape(batch_size, height, width, inner_dim).permute(0, 3, 1, 2)
+        hidden_states = self.proj_out(hidden_states.contiguous(memory_format=fmt))
+    else:
+        hidden_states = self.proj_out(hidden_states)
+        hidden_states = hidden_states.reshape(batch_size, height, width, inner_dim).permute(0, 3, 1, 2)
+        hidden_states = hidden_states.contiguous(memory_format=fmt)
+    return hidden_states + residual
+
+
+def keep_output_layout(module: nn.Module) -> bool:
+    """Give a diffusers ``Transformer2DModel`` (this instance only) an output step that keeps
+    its input's memory format. False if ``module`` is not one, or its class overrides the step."""
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    if not isinstance(module, Transformer2DModel) or "_get_output_for_continuous_inputs" in vars(module):
+        return False
+    if type(module)._get_output_for_continuous_inputs is not Transformer2DModel._get_output_for_continuous_inputs:
+        return False
+    module._get_output_for_continuous_inputs = _output_in_input_layout.__get__(module)
+    return True
+
+
+def restore_output_layout(module: nn.Module) -> bool:
+    """Undo :func:`keep_output_layout`; False if it was not applied to ``module``."""
+    bound = vars(module).get("_get_output_for_continuous_inputs")
+    if getattr(bound, "__func__", None) is not _output_in_input_layout:
+        return False
+    del module._get_output_for_continuous_inputs
+    return True

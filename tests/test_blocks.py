@@ -1,0 +1,261 @@
+"""GEGLU and channels-last GroupNorm: the ops against float64 references, their errors,
+the module stand-ins, and what patch(fuse_blocks=True) / unpatch do to a UNet."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import UNet2DConditionModel
+from diffusers.models.activations import GEGLU
+from torch import nn
+
+import deepspeed_diffusers_attn as dda
+from deepspeed_diffusers_attn import ops
+from deepspeed_diffusers_attn.blocks import ChannelsLastGroupNorm, FusedGEGLU, keep_output_layout
+from deepspeed_diffusers_attn.configs import SD15_UNET, scaled_down
+
+from conftest import requires_cuda
+
+EPS = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+
+
+def rel_err(a, ref):
+    a, ref = a.double(), ref.double()
+    return ((a - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def geglu_ref(x, approximate=False):
+    value, gate = x.double().chunk(2, dim=-1)
+    return value * F.gelu(gate, approximate="tanh" if approximate else "none")
+
+
+def poisoned_cache(nbytes: int, device="cuda"):
+    """Leave a NaN-filled block of this size in the caching allocator, so the next
+    allocation of that size (an op's output) starts poisoned."""
+    torch.full((nbytes // 2 + 1,), float("nan"), dtype=torch.float16, device=device)
+
+
+# --------------------------------------------------------------------- GEGLU (CPU)
+@pytest.mark.parametrize("M,N", [(1, 1), (77, 7), (5, 40), (33, 320)])
+@pytest.mark.parametrize("approximate", [False, True])
+def test_geglu_cpu_matches_float64(M, N, approximate):
+    gen = torch.Generator().manual_seed(M * 1000 + N)
+    big = torch.randn(M, 2 * N + 3, generator=gen) * 3
+    x = big[:, : 2 * N]  # rows strided by 2N + 3
+    y = ops.geglu(x, approximate)
+    assert y.shape == (M, N) and y.dtype == torch.float32
+    ref = geglu_ref(x, approximate)
+    torch_err = rel_err(geglu_ref(x.float(), approximate).float(), ref)  # fp32 rounding of the result
+    assert rel_err(y, ref) <= max(4 * torch_err, 8 * EPS[torch.float32])
+
+
+def test_geglu_leading_dims_and_errors():
+    x = torch.randn(2, 3, 8)
+    assert ops.geglu(x).shape == (2, 3, 4)
+    with pytest.raises(RuntimeError, match="even"):
+        ops.geglu(torch.randn(4, 7))
+    with pytest.raises(RuntimeError, match="float32 only"):
+        ops.geglu(torch.randn(4, 8).half())
+    with pytest.raises(RuntimeError, match="contiguous in its last dim"):
+        ops.geglu(torch.randn(8, 4).t())
+
+
+# ----------------------------------------------------------------- GroupNorm (CPU)
+def gn_ref(x, G, w, b, eps, silu):
+    y = F.group_norm(x.double(), G, None if w is None else w.double(), None if b is None else b.double(), eps)
+    return F.silu(y) if silu else y
+
+
+@pytest.mark.parametrize("N,C,H,W,G", [(1, 8, 1, 1, 2), (2, 12, 3, 5, 4), (3, 40, 7, 9, 8), (2, 64, 16, 16, 32)])
+@pytest.mark.parametrize("affine,silu", [(True, False), (False, True), (True, True)])
+def test_group_norm_cpu_matches_float64(N, C, H, W, G, affine, silu):
+    gen = torch.Generator().manual_seed(N * 100 + C)
+    x = (torch.randn(N, C, H, W, generator=gen) * 2 + 0.5).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(C, generator=gen) if affine else None
+    b = torch.randn(C, generator=gen) if affine else None
+    y = ops.group_norm(x, G, w, b, 1e-5, silu)
+    assert y.shape == x.shape and y.is_contiguous(memory_format=torch.channels_last)
+    ref = gn_ref(x, G, w, b, 1e-5, silu)
+    torch_err = rel_err(gn_ref(x, G, w, b, 1e-5, silu).float(), ref)
+    assert rel_err(y, ref) <= max(4 * torch_err, 16 * EPS[torch.float32])
+
+
+def test_group_norm_errors():
+    x = torch.randn(2, 8, 4, 4)
+    with pytest.raises(RuntimeError, match="channels-last"):
+        ops.group_norm(x, 2)  # NCHW
+    xc = x.contiguous(memory_format=torch.channels_last)
+    with pytest.raises(RuntimeError, match="must divide"):
+        ops.group_norm(xc, 3)
+    with pytest.raises(RuntimeError, match=r"\[C\]"):
+        ops.group_norm(xc, 2, torch.ones(7))
+    assert ops.group_norm_supported(x, 2) == "x is not channels-last contiguous"
+    assert ops.group_norm_supported(xc, 2) == ""
+
+
+def test_fake_kernels_give_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(2, 8, 4, 4).contiguous(memory_format=torch.channels_last)
+        y = torch.ops.dda.group_norm(x, 2, None, None, 1e-5, False)
+        assert y.shape == x.shape and y.is_contiguous(memory_format=torch.channels_last)
+        z = torch.ops.dda.geglu(torch.empty(3, 5, 16), False)
+        assert z.shape == (3, 5, 8)
+
+
+# ------------------------------------------------------------------ modules, patch
+def tiny_unet():
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(scaled_down(SD15_UNET)).eval()
+    for p in unet.parameters():  # non-trivial norms and biases
+        p.data.normal_(0, 0.2)
+    return unet
+
+
+def unet_inputs(unet, channels_last=False):
+    gen = torch.Generator().manual_seed(3)
+    size = unet.config.sample_size
+    sample = torch.randn(2, 4, size, size, generator=gen)
+    if channels_last:
+        sample = sample.contiguous(memory_format=torch.channels_last)
+    return dict(sample=sample, timestep=torch.tensor(500),
+                encoder_hidden_states=torch.randn(2, 77, unet.config.cross_attention_dim, generator=gen),
+                return_dict=False)
+
+
+def test_patch_fuses_blocks_and_unpatch_restores():
+    unet = tiny_unet()
+    keys = list(unet.state_dict())
+    originals = {n: m for n, m in unet.named_modules() if type(m) in (GEGLU, nn.GroupNorm)}
+    n_geglu = sum(type(m) is GEGLU for m in originals.values())
+    report = dda.patch(unet)
+    assert report.blocks["GEGLU"] == n_geglu > 0
+    assert report.blocks["GroupNorm"] > 0 and report.blocks["Transformer2D output layout"] > 0
+    assert "fused: GEGLU" in str(report)
+    assert not any(type(m) in (GEGLU, nn.GroupNorm) for n, m in unet.named_modules() if "dda" not in n)
+    # the same Parameter objects, the same state_dict keys outside attention: nothing duplicated
+    assert [k for k in unet.state_dict() if ".attn" not in k] == [k for k in keys if ".attn" not in k]
+    for name, module in unet.named_modules():
+        if isinstance(module, (FusedGEGLU, ChannelsLastGroupNorm)):
+            assert module.original is originals[name]
+            if isinstance(module, ChannelsLastGroupNorm):
+                assert module.weight is originals[name].weight
+    back = dda.unpatch(unet)
+    assert back.blocks["GEGLU"] == n_geglu
+    for name, module in unet.named_modules():
+        if name in originals:
+            assert module is originals[name]
+    assert not any("_get_output_for_continuous_inputs" in vars(m) for m in unet.modules())
+    assert list(unet.state_dict()) == keys
+
+
+def test_patched_blocks_equal_stock_on_cpu_channels_last():
+    # on the CPU both stand-ins run the stock formulas and the layout step moves no value:
+    # fusing the blocks changes nothing but memory formats (attention patched on both sides)
+    unet = tiny_unet().to(memory_format=torch.channels_last)
+    other = copy.deepcopy(unet)
+    with torch.no_grad():
+        dda.patch(other, fuse_blocks=False)
+        ref = other(**unet_inputs(other, True))[0]
+        report = dda.patch(unet)
+        out = unet(**unet_inputs(unet, True))[0]
+    assert report.blocks["GroupNorm"] > 0 and "fuse_blocks" in report.options
+    assert rel_err(out, ref) <= 16 * EPS[torch.float32]
+
+
+def test_keep_output_layout_keeps_channels_last():
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    for linear in (False, True):
+        torch.manual_seed(0)
+        t2d = Transformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=16, norm_num_groups=4,
+                                 cross_attention_dim=12, use_linear_projection=linear).eval()
+        x = torch.randn(2, 16, 5, 6).contiguous(memory_format=torch.channels_last)
+        ctx = torch.randn(2, 7, 12)
+        with torch.no_grad():
+            ref = t2d(x, encoder_hidden_states=ctx, return_dict=False)[0]
+            assert keep_output_layout(t2d) and not keep_output_layout(t2d)  # applied once
+            out = t2d(x, encoder_hidden_states=ctx, return_dict=False)[0]
+            out_nchw = t2d(x.contiguous(), encoder_hidden_states=ctx, return_dict=False)[0]
+        assert out.is_contiguous(memory_format=torch.channels_last) and not ref.is_contiguous(
+            memory_format=torch.channels_last)
+        # the same values (a 1x1 conv proj_out may round differently in the other layout)
+        assert rel_err(out, ref) <= (0 if linear else 16 * EPS[torch.float32])
+        assert out_nchw.is_contiguous() and rel_err(out_nchw, ref) <= 16 * EPS[torch.float32]
+
+
+def test_group_norm_module_counts_fallbacks():
+    gn = nn.GroupNorm(2, 8)
+    mod = ChannelsLastGroupNorm(gn)
+    x = torch.randn(1, 8, 3, 3)
+    assert torch.equal(mod(x), gn(x))
+    assert mod.fallback_calls == 1 and mod.last_fallback_reason == "CPU input"
+
+
+# ---------------------------------------------------------------------------- CUDA
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,approximate", [((2, 4096, 2 * 1280), False), ((77, 2 * 7), False),
+                                               ((3, 5, 2 * 40), True), ((1, 2 * 640), False)])
+def test_geglu_cuda_matches_float64(shape, approximate, dtype):
+    gen = torch.Generator().manual_seed(shape[-1])
+    x = (torch.randn(*shape, generator=gen, dtype=torch.float64) * 2).to("cuda", dtype)
+    poisoned_cache(x.numel() * x.element_size() // 2)
+    y = ops.geglu(x, approximate)
+    ref = geglu_ref(x, approximate)
+    # stock: gelu rounded to dtype, then the product rounded
+    value, gate = x.chunk(2, dim=-1)
+    stock = value * F.gelu(gate, approximate="tanh" if approximate else "none")
+    assert torch.isfinite(y).all(), "unwritten or non-finite outputs"
+    assert rel_err(y, ref) <= max(1.5 * rel_err(stock, ref), 2 * EPS[dtype])
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("N,C,H,W,G,offset", [(2, 320, 64, 64, 32, 0.0), (1, 128, 128, 128, 32, 0.0),
+                                              (3, 40, 7, 9, 4, 0.0), (1, 8, 1, 1, 2, 0.0),
+                                              (2, 1280, 8, 8, 32, 0.0), (2, 64, 33, 17, 32, 30.0)])
+@pytest.mark.parametrize("affine,silu", [(True, False), (False, True)])
+def test_group_norm_cuda_matches_float64(N, C, H, W, G, offset, affine, silu, dtype):
+    gen = torch.Generator().manual_seed(C * 7 + H)
+    x64 = torch.randn(N, C, H, W, generator=gen, dtype=torch.float64) + offset
+    x = x64.to("cuda", dtype).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(C, generator=gen, dtype=torch.float64).to("cuda", dtype) if affine else None
+    b = torch.randn(C, generator=gen, dtype=torch.float64).to("cuda", dtype) if affine else None
+    poisoned_cache(x.numel() * x.element_size())
+    y = ops.group_norm(x, G, w, b, 1e-5, silu)
+    ref = gn_ref(x, G, w, b, 1e-5, silu)
+    stock = F.group_norm(x, G, w, b, 1e-5)
+    stock = F.silu(stock) if silu else stock
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.isfinite(y).all(), "unwritten or non-finite outputs"
+    assert rel_err(y, ref) <= max(1.5 * rel_err(stock, ref), 4 * EPS[dtype])
+
+
+@requires_cuda
+def test_group_norm_cuda_refuses_what_it_cannot_take():
+    x = torch.randn(2, 12, 4, 4, device="cuda", dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    assert "multiple of 8" in ops.group_norm_supported(x, 4)
+    with pytest.raises(RuntimeError, match="multiple of 8"):
+        ops.group_norm(x, 4)
+
+
+@requires_cuda
+def test_cuda_patched_unet_blocks_close_to_stock_and_no_fallbacks():
+    unet = tiny_unet().to("cuda", torch.float16).to(memory_format=torch.channels_last)
+    stock = copy.deepcopy(unet)
+    inputs = {k: (v.to("cuda", torch.float16) if torch.is_floating_point(v) else v.to("cuda"))
+              if torch.is_tensor(v) else v for k, v in unet_inputs(unet, True).items()}
+    with torch.no_grad():
+        ref64 = copy.deepcopy(stock).double()(**{k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v
+                                                 for k, v in inputs.items()})[0]
+        ref = stock(**inputs)[0]
+        dda.patch(unet)
+        out = unet(**inputs)[0]
+    gns = [m for m in unet.modules() if isinstance(m, ChannelsLastGroupNorm)]
+    assert gns and all(m.fallback_calls == 0 for m in gns), [m.last_fallback_reason for m in gns if m.fallback_calls]
+    assert out.is_contiguous(memory_format=torch.channels_last) or out.shape[1] == 4
+    assert rel_err(out, ref64) <= 2 * rel_err(ref, ref64) + 4 * EPS[torch.float16]
