@@ -57,14 +57,6 @@ at::Tensor group_norm_cuda(const at::Tensor &x, int64_t num_groups, const std::o
                            const std::optional<at::Tensor> &bias, double eps, bool silu) {
   at::Tensor out = dda_glue::group_norm_output(x);
   const dda_group_norm_params p = dda_glue::group_norm_params(x, num_groups, weight, bias, eps, silu, out, false);
-  const int64_t vec = 16 / static_cast<int64_t>(x.element_size());
-  TORCH_CHECK(p.C % vec == 0 && p.C / vec <= 1024,
-              "dda.group_norm (cuda): the channel count must be a multiple of ", vec, " (at most ", 1024 * vec,
-              ") for ", x.scalar_type(), ", got ", p.C);
-  const auto a16 = [](const void *ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
-  TORCH_CHECK(a16(p.x) && a16(p.y) && (!p.gamma || a16(p.gamma)) && (!p.beta || a16(p.beta)) &&
-                  (p.x_stride_n * x.element_size()) % 16 == 0,
-              "dda.group_norm (cuda): x, weight and bias must be 16-byte aligned (a fresh or .contiguous() tensor is)");
   const c10::cuda::CUDAGuard guard(x.device());
   const size_t bytes = dda_group_norm_workspace_bytes(&p);
   at::Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, x.options().dtype(at::kByte));

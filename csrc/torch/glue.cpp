@@ -315,6 +315,15 @@ dda_group_norm_params group_norm_params(const at::Tensor &x, int64_t num_groups,
     ptrs[i] = t.data_ptr();
   }
   check_no_overlap(out, "out", x, "x", op);
+  if (!cpu) {  // the CUDA kernels' 16-byte vectors
+    const int64_t vec = 16 / static_cast<int64_t>(x.element_size());
+    DDA_CHECK(C % vec == 0 && C / vec <= 1024, op, ": the channel count must be a multiple of ", vec, " (at most ",
+              1024 * vec, ") for ", x.scalar_type(), ", got ", C);
+    const auto a16 = [](const void *ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+    DDA_CHECK(a16(x.data_ptr()) && a16(out.data_ptr()) && a16(ptrs[0]) && a16(ptrs[1]) &&
+                  (x.stride(0) * x.element_size()) % 16 == 0,
+              op, ": x, weight and bias must be 16-byte aligned (a fresh or .contiguous() tensor is)");
+  }
   p.x = x.data_ptr();
   p.y = out.data_ptr();
   p.gamma = ptrs[0];
