@@ -245,10 +245,10 @@ def test_group_norm_cuda_refuses_what_it_cannot_take():
 
 @requires_cuda
 def test_cuda_patched_unet_blocks_close_to_stock_and_no_fallbacks():
-    unet = tiny_unet().to("cuda", torch.float16).to(memory_format=torch.channels_last)
+    # fp32 (the random tiny UNet overflows fp16); channels-last, so every GroupNorm runs ours
+    unet = tiny_unet().to("cuda").to(memory_format=torch.channels_last)
     stock = copy.deepcopy(unet)
-    inputs = {k: (v.to("cuda", torch.float16) if torch.is_floating_point(v) else v.to("cuda"))
-              if torch.is_tensor(v) else v for k, v in unet_inputs(unet, True).items()}
+    inputs = {k: v.to("cuda") if torch.is_tensor(v) else v for k, v in unet_inputs(unet, True).items()}
     with torch.no_grad():
         ref64 = copy.deepcopy(stock).double()(**{k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v
                                                  for k, v in inputs.items()})[0]
@@ -257,5 +257,5 @@ def test_cuda_patched_unet_blocks_close_to_stock_and_no_fallbacks():
         out = unet(**inputs)[0]
     gns = [m for m in unet.modules() if isinstance(m, ChannelsLastGroupNorm)]
     assert gns and all(m.fallback_calls == 0 for m in gns), [m.last_fallback_reason for m in gns if m.fallback_calls]
-    assert out.is_contiguous(memory_format=torch.channels_last) or out.shape[1] == 4
-    assert rel_err(out, ref64) <= 2 * rel_err(ref, ref64) + 4 * EPS[torch.float16]
+    assert torch.isfinite(ref64).all() and torch.isfinite(out).all()
+    assert rel_err(out, ref64) <= 2 * rel_err(ref, ref64) + 64 * EPS[torch.float32]
