@@ -256,11 +256,14 @@ def _roots(obj) -> list[tuple[str, nn.Module]]:
     raise TypeError(f"expected a diffusers pipeline or a torch.nn.Module, got {type(obj).__name__}")
 
 
-def _sites(obj, kinds) -> dict[int, list[tuple[str, nn.Module, str, nn.Module]]]:
-    """Every place a module of ``kinds`` is held: id -> [(qualified name, parent, attribute, module)].
+def _sites(obj, kinds=(), *, want=None, stop=()) -> dict[int, list[tuple[str, nn.Module, str, nn.Module]]]:
+    """Every place a module of ``kinds`` (or one ``want(module)`` picks) is held:
+    id -> [(qualified name, parent, attribute, module)].
 
-    Does not descend into such modules. A module held twice (shared) is listed with every parent.
+    Does not descend into such modules, nor into modules of ``stop``. A module held twice
+    (shared) is listed with every parent. A root that matches is listed with parent None.
     """
+    want = want or (lambda m: isinstance(m, kinds))
     found: dict[int, list] = {}
     seen: set[int] = set()
 
@@ -270,15 +273,15 @@ def _sites(obj, kinds) -> dict[int, list[tuple[str, nn.Module, str, nn.Module]]]
         seen.add(id(parent))
         for attr, child in parent.named_children():
             name = f"{prefix}.{attr}" if prefix else attr
-            if isinstance(child, kinds):
+            if want(child):
                 found.setdefault(id(child), []).append((name, parent, attr, child))
-            else:
+            elif not isinstance(child, stop):
                 walk(name, child)
 
     for prefix, root in _roots(obj):
-        if isinstance(root, kinds):
+        if want(root):
             found.setdefault(id(root), []).append((prefix or type(root).__name__, None, None, root))
-        else:
+        elif not isinstance(root, stop):
             walk(prefix, root)
     return found
 
@@ -334,24 +337,10 @@ _BLOCK_KINDS = {FusedGEGLU: "GEGLU", ChannelsLastGroupNorm: "GroupNorm"}
 
 
 def _block_sites(obj, want) -> dict[int, list[tuple[str, nn.Module, str, nn.Module]]]:
-    """Like :func:`_sites` for the modules ``want(module)`` picks, never inside attention modules."""
-    found: dict[int, list] = {}
-    seen: set[int] = set()
-
-    def walk(prefix: str, parent: nn.Module) -> None:
-        if id(parent) in seen:
-            return
-        seen.add(id(parent))
-        for attr, child in parent.named_children():
-            name = f"{prefix}.{attr}" if prefix else attr
-            if want(child):
-                found.setdefault(id(child), []).append((name, parent, attr, child))
-            elif not isinstance(child, (Attention, PatchedAttention)):
-                walk(name, child)
-
-    for prefix, root in _roots(obj):
-        walk(prefix, root)
-    return found
+    """:func:`_sites` for the modules ``want`` picks, never inside attention modules nor at a root."""
+    found = _sites(obj, want=want, stop=(Attention, PatchedAttention))
+    return {k: [p for p in places if p[1] is not None] for k, places in found.items()
+            if any(p[1] is not None for p in places)}
 
 
 def _fuse_blocks(obj) -> tuple[dict, tuple[PatchRow, ...]]:

@@ -41,6 +41,8 @@
 #include <atomic>
 
 #include "dda.h"
+#include "dtype_convert.cuh"
+#include "launch_common.cuh"
 
 /* ---- tensor-core path (attention_fwd_mma.cu): fp16/bf16, cc >= 8.0, D <= 256 ---- */
 const char *dda_attention_mma_name(int cc_major, dda_dtype dtype, int head_dim, size_t block_smem);
@@ -76,18 +78,6 @@ constexpr float kLn2 = 0.6931471805599453f;
 constexpr size_t kSmemSmall = 101376;
 constexpr size_t kSmemLarge = 232448;
 
-/* ------------------------------------------------------ dtype helpers -- */
-
-__device__ __forceinline__ float to_f32(float x) { return x; }
-__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T> __device__ __forceinline__ T from_f32(float x);
-template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
 
 /* 8 consecutive elements from 16-byte aligned shared memory, as fp32. */
 __device__ __forceinline__ void load8(const float *p, float f[8]) {
@@ -462,11 +452,6 @@ bool aligned16(const void *ptr, int64_t s0, int64_t s1, int64_t s2, size_t elem)
          (s1 * elem) % 16 == 0 && (s2 * elem) % 16 == 0;
 }
 
-dda_status cuda_fail(cudaError_t e) {
-  dda_set_backend_error(static_cast<int>(e));
-  return DDA_ERR_CUDA;
-}
-
 template <typename T, int NP, int KB>
 dda_status launch(const dda_attention_params *p, cudaStream_t stream) {
   constexpr int R = rows_per_warp(static_cast<int>(sizeof(T)), NP);
@@ -474,17 +459,9 @@ dda_status launch(const dda_attention_params *p, cudaStream_t stream) {
   constexpr size_t smem = smem_bytes(static_cast<int>(sizeof(T)), NP, KB);
   auto kernel = attention_fwd_simt<T, NP, KB>;
   if (smem > 48 * 1024) {
-    /* Raise the dynamic shared memory limit once per device (bit per device id < 64). */
     static std::atomic<unsigned long long> raised{0};
-    int dev = 0;
-    cudaError_t e = cudaGetDevice(&dev);
+    const cudaError_t e = raise_smem_once(kernel, smem, raised);
     if (e != cudaSuccess) return cuda_fail(e);
-    const unsigned long long bit = dev < 64 ? 1ull << dev : 0ull;
-    if (bit == 0 || (raised.load(std::memory_order_acquire) & bit) == 0) {
-      e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-      if (e != cudaSuccess) return cuda_fail(e);
-      raised.fetch_or(bit, std::memory_order_release);
-    }
   }
   const bool vec = aligned16(p->k, p->k_stride_b, p->k_stride_s, p->k_stride_h, sizeof(T)) &&
                    aligned16(p->v, p->v_stride_b, p->v_stride_s, p->v_stride_h, sizeof(T));

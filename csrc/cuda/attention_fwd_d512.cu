@@ -68,6 +68,7 @@
 #include <type_traits>
 
 #include "dda.h"
+#include "launch_common.cuh"
 #include "mma_common.cuh"
 
 namespace {
@@ -193,62 +194,9 @@ attention_fwd_d512(const dda_attention_params p, const float scale_log2) {
       }
     }
 
-    /* Scores in log2 units are s * sc. Full unmasked tiles keep s raw and fold
-     * sc = scale * log2(e) into the exponent's FMA (max(s) * sc == max(s * sc)
-     * for sc > 0); other tiles are scaled and masked in place (sc = 1). */
-    float sc = scale_log2;
-    if (k0 + kKB > Sk || mkind != DDA_MASK_NONE || !(scale_log2 > 0.0f)) {
-#pragma unroll
-      for (int j = 0; j < NS; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[j][e] *= scale_log2;
-      sc = 1.0f;
-      switch (mkind) {
-        case DDA_MASK_BOOL:
-          mask_tile(s, static_cast<const unsigned char *>(p.mask), mrow, p.mask_stride_k, k0, c, Sk);
-          break;
-        case DDA_MASK_ADD_F32:
-          mask_tile(s, static_cast<const float *>(p.mask), mrow, p.mask_stride_k, k0, c, Sk);
-          break;
-        case DDA_MASK_ADD_F16:
-          mask_tile(s, static_cast<const __half *>(p.mask), mrow, p.mask_stride_k, k0, c, Sk);
-          break;
-        case DDA_MASK_ADD_BF16:
-          mask_tile(s, static_cast<const __nv_bfloat16 *>(p.mask), mrow, p.mask_stride_k, k0, c, Sk);
-          break;
-        default:
-          mask_tile(s, static_cast<const unsigned char *>(nullptr), mrow, 0, k0, c, Sk);
-          break;
-      }
-    }
-    float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (int j = 0; j < NS; ++j) {
-      mx[0] = fmaxf(mx[0], fmaxf(s[j][0], s[j][1]));
-      mx[1] = fmaxf(mx[1], fmaxf(s[j][2], s[j][3]));
-    }
-
-    /* Online softmax: the 4 lanes of a quad (same g) hold one row between them. */
-    float alpha[2], m_use[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-      const float m_new = fmaxf(m[r], mx[r] * sc);
-      m_use[r] = m_new == -INFINITY ? 0.0f : m_new;  /* all masked so far: p and alpha stay 0 */
-      alpha[r] = fast_exp2(m[r] - m_use[r]);
-      m[r] = m_new;
-    }
-    float rs[2] = {0.0f, 0.0f};
-#pragma unroll
-    for (int j = 0; j < NS; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[j][e] = fast_exp2(fmaf(s[j][e], sc, -m_use[e >> 1]));
-        rs[e >> 1] += s[j][e];
-      }
-    l[0] = l[0] * alpha[0] + rs[0];
-    l[1] = l[1] * alpha[1] + rs[1];
+    /* Scale, mask (keys >= Sk -> -inf) and online softmax (mma_common.cuh). */
+    float alpha[2];
+    online_softmax<NS, true, true>(s, m, l, alpha, p, mkind, mrow, scale_log2, k0, c);
     /* The 128 accumulator registers are rescaled only when some row's max moved
      * (alpha is exactly 1 otherwise); after the first tiles it rarely does. */
     if (__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
@@ -319,25 +267,12 @@ attention_fwd_d512(const dda_attention_params p, const float scale_log2) {
 
 /* ----------------------------------------------------------- launcher -- */
 
-dda_status cuda_fail(cudaError_t e) {
-  dda_set_backend_error(static_cast<int>(e));
-  return DDA_ERR_CUDA;
-}
-
 template <typename T>
 dda_status launch(const dda_attention_params *p, cudaStream_t stream) {
   auto kernel = attention_fwd_d512<T>;
-  /* Raise the dynamic shared memory limit once per device (bit per device id < 64). */
   static std::atomic<unsigned long long> raised{0};
-  int dev = 0;
-  cudaError_t e = cudaGetDevice(&dev);
+  cudaError_t e = raise_smem_once(kernel, kSmemBytes, raised);
   if (e != cudaSuccess) return cuda_fail(e);
-  const unsigned long long bit = dev < 64 ? 1ull << dev : 0ull;
-  if (bit == 0 || (raised.load(std::memory_order_acquire) & bit) == 0) {
-    e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmemBytes));
-    if (e != cudaSuccess) return cuda_fail(e);
-    raised.fetch_or(bit, std::memory_order_release);
-  }
   const unsigned row_tiles = static_cast<unsigned>((p->Sq + kRows - 1) / kRows);
   const dim3 grid(row_tiles * kSplit, static_cast<unsigned>(p->H), static_cast<unsigned>(p->B));
   kernel<<<grid, kThreads, kSmemBytes, stream>>>(*p, p->scale * kLog2e);

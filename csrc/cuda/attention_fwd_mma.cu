@@ -73,6 +73,7 @@
 #include <type_traits>
 
 #include "dda.h"
+#include "launch_common.cuh"
 #include "mma_common.cuh"
 
 namespace {
@@ -263,70 +264,12 @@ attention_fwd_mma(const dda_attention_params p, const float scale_log2) {
       }
     }
 
-    /* Scores in log2 units are s * sc. Full unmasked tiles keep s raw and fold
-     * sc = scale * log2(e) into the exponent's FMA (max(s) * sc == max(s * sc)
-     * for sc > 0); other tiles are scaled and masked in place (sc = 1), keys
-     * >= Sk -> -inf. Element e of s[i][j] is row 16 i + g + 8 * (e / 2), key k0 + 8j + 2c + e % 2. */
-    float sc = scale_log2;
-    if (k0 + KB > Sk || mkind != DDA_MASK_NONE || !(scale_log2 > 0.0f)) {
-#pragma unroll
-      for (int i = 0; i < MT; ++i)
-#pragma unroll
-        for (int j = 0; j < NS; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) s[i][j][e] *= scale_log2;
-      sc = 1.0f;
-#pragma unroll
-      for (int i = 0; i < MT; ++i) {
-        switch (mkind) {
-          case DDA_MASK_BOOL:
-            mask_tile(s[i], static_cast<const unsigned char *>(p.mask), mrow[i], p.mask_stride_k, k0, c, Sk);
-            break;
-          case DDA_MASK_ADD_F32:
-            mask_tile(s[i], static_cast<const float *>(p.mask), mrow[i], p.mask_stride_k, k0, c, Sk);
-            break;
-          case DDA_MASK_ADD_F16:
-            mask_tile(s[i], static_cast<const __half *>(p.mask), mrow[i], p.mask_stride_k, k0, c, Sk);
-            break;
-          case DDA_MASK_ADD_BF16:
-            mask_tile(s[i], static_cast<const __nv_bfloat16 *>(p.mask), mrow[i], p.mask_stride_k, k0, c, Sk);
-            break;
-          default:
-            mask_tile(s[i], static_cast<const unsigned char *>(nullptr), mrow[i], 0, k0, c, Sk);
-            break;
-        }
-      }
-    }
-
-    /* Online softmax: the 4 lanes of a quad (same g) hold one row between them. */
+    /* Scale, mask (keys >= Sk -> -inf) and online softmax per m-tile (mma_common.cuh);
+     * then O *= alpha. */
 #pragma unroll
     for (int i = 0; i < MT; ++i) {
-      float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-      for (int j = 0; j < NS; ++j) {
-        mx[0] = fmaxf(mx[0], fmaxf(s[i][j][0], s[i][j][1]));
-        mx[1] = fmaxf(mx[1], fmaxf(s[i][j][2], s[i][j][3]));
-      }
-      float alpha[2], m_use[2];
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-        const float m_new = fmaxf(m[i][r], mx[r] * sc);
-        m_use[r] = m_new == -INFINITY ? 0.0f : m_new;  /* all masked so far: p and alpha stay 0 */
-        alpha[r] = fast_exp2(m[i][r] - m_use[r]);
-        m[i][r] = m_new;
-      }
-      float rs[2] = {0.0f, 0.0f};
-#pragma unroll
-      for (int j = 0; j < NS; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          s[i][j][e] = fast_exp2(fmaf(s[i][j][e], sc, -m_use[e >> 1]));
-          rs[e >> 1] += s[i][j][e];
-        }
-      l[i][0] = l[i][0] * alpha[0] + rs[0];
-      l[i][1] = l[i][1] * alpha[1] + rs[1];
+      float alpha[2];
+      online_softmax<NS, true, true>(s[i], m[i], l[i], alpha, p, mkind, mrow[i], scale_log2, k0, c);
 #pragma unroll
       for (int n = 0; n < NO; ++n) {
         o[i][n][0] *= alpha[0]; o[i][n][1] *= alpha[0];
@@ -409,11 +352,6 @@ attention_fwd_mma(const dda_attention_params p, const float scale_log2) {
 
 /* ----------------------------------------------------------- launcher -- */
 
-dda_status cuda_fail(cudaError_t e) {
-  dda_set_backend_error(static_cast<int>(e));
-  return DDA_ERR_CUDA;
-}
-
 /* Per device (id < 64), read once: SM count and opt-in shared memory per block. */
 struct DeviceInfo {
   int sms;
@@ -486,17 +424,9 @@ dda_status launch(const dda_attention_params *p, cudaStream_t stream) {
   constexpr size_t smem = tile_smem(DP, TILE);
   auto kernel = attention_fwd_mma<T, DP, kWarps, tile_mt(TILE), tile_kb(DP, TILE)>;
   if (smem > 48 * 1024) {
-    /* Raise the dynamic shared memory limit once per device (bit per device id < 64). */
     static std::atomic<unsigned long long> raised{0};
-    int dev = 0;
-    cudaError_t e = cudaGetDevice(&dev);
+    const cudaError_t e = raise_smem_once(kernel, smem, raised);
     if (e != cudaSuccess) return cuda_fail(e);
-    const unsigned long long bit = dev < 64 ? 1ull << dev : 0ull;
-    if (bit == 0 || (raised.load(std::memory_order_acquire) & bit) == 0) {
-      e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-      if (e != cudaSuccess) return cuda_fail(e);
-      raised.fetch_or(bit, std::memory_order_release);
-    }
   }
   const dim3 grid(static_cast<unsigned>((p->Sq + kRowsPerBlock - 1) / kRowsPerBlock),
                   static_cast<unsigned>(p->H), static_cast<unsigned>(p->B));

@@ -62,6 +62,7 @@
 #include <atomic>
 
 #include "dda.h"
+#include "launch_common.cuh"
 #include "mma_common.cuh"
 #include "sm90_common.cuh"
 #include "wgmma_ops.cuh"
@@ -269,29 +270,15 @@ __global__ void sm90_built_probe(int *never_written) {
 
 /* ----------------------------------------------------------- launcher -- */
 
-dda_status cuda_fail(cudaError_t e) {
-  dda_set_backend_error(static_cast<int>(e));
-  return DDA_ERR_CUDA;
-}
-
 template <typename T, int DP>
 dda_status launch(const dda_attention_params *p, cudaStream_t stream) {
   constexpr size_t smem = sm90_smem(DP);
   constexpr int kWG = sm90_wg(DP);
   auto kernel = p->mask != nullptr ? attention_fwd_sm90<T, DP, sm90_kb(DP), kWG, true>
                                     : attention_fwd_sm90<T, DP, sm90_kb(DP), kWG, false>;
-  /* Raise the dynamic shared memory limit once per device and variant (bit per device id < 64). */
-  static std::atomic<unsigned long long> raised[2];
-  const int variant = p->mask != nullptr ? 1 : 0;
-  int dev = 0;
-  cudaError_t e = cudaGetDevice(&dev);
+  static std::atomic<unsigned long long> raised[2];  /* unmasked, masked */
+  cudaError_t e = raise_smem_once(kernel, smem, raised[p->mask != nullptr ? 1 : 0]);
   if (e != cudaSuccess) return cuda_fail(e);
-  const unsigned long long bit = dev < 64 ? 1ull << dev : 0ull;
-  if (bit == 0 || (raised[variant].load(std::memory_order_acquire) & bit) == 0) {
-    e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (e != cudaSuccess) return cuda_fail(e);
-    raised[variant].fetch_or(bit, std::memory_order_release);
-  }
   const dim3 grid(static_cast<unsigned>((p->Sq + 64 * kWG - 1) / (64 * kWG)), static_cast<unsigned>(p->H),
                   static_cast<unsigned>(p->B));
   kernel<<<grid, 128 * kWG, smem, stream>>>(*p, p->scale * kLog2e);

@@ -49,6 +49,7 @@
 #include <atomic>
 
 #include "dda.h"
+#include "launch_common.cuh"
 #include "mma_common.cuh"
 #include "sm90_common.cuh"
 #include "wgmma_ops.cuh"
@@ -256,11 +257,6 @@ attention_fwd_sm90_tma(const __grid_constant__ CUtensorMap tm_q, const __grid_co
 
 /* ----------------------------------------------------------- launcher -- */
 
-dda_status cuda_fail(cudaError_t e) {
-  dda_set_backend_error(static_cast<int>(e));
-  return DDA_ERR_CUDA;
-}
-
 /* cuTensorMapEncodeTiled from the driver, looked up once (no link against libcuda). */
 PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
   static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
@@ -326,16 +322,9 @@ dda_status launch(const dda_attention_params *p, cudaStream_t stream) {
   constexpr size_t smem = tma_smem(DP, NC);
   constexpr int SW = tma_sw(DP);
   auto kernel = attention_fwd_sm90_tma<T, DP, NC, NSTAGE, SW>;
-  static std::atomic<unsigned long long> raised{0};  /* bit per device id < 64 */
-  int dev = 0;
-  cudaError_t e = cudaGetDevice(&dev);
+  static std::atomic<unsigned long long> raised{0};
+  cudaError_t e = raise_smem_once(kernel, smem, raised);
   if (e != cudaSuccess) return cuda_fail(e);
-  const unsigned long long bit = dev < 64 ? 1ull << dev : 0ull;
-  if (bit == 0 || (raised.load(std::memory_order_acquire) & bit) == 0) {
-    e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (e != cudaSuccess) return cuda_fail(e);
-    raised.fetch_or(bit, std::memory_order_release);
-  }
   if (encode_fn() == nullptr) return cuda_fail(cudaErrorNotSupported);  /* takes() said no */
   int64_t qb = p->q_stride_b, qs = p->q_stride_s, qh = p->q_stride_h;
   int64_t kb = p->k_stride_b, ks = p->k_stride_s, kh = p->k_stride_h;

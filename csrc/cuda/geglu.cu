@@ -15,16 +15,11 @@
 #include <stdint.h>
 
 #include "dda.h"
+#include "dtype_convert.cuh"
+#include "launch_common.cuh"
 
 namespace {
 
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_f(float v);
-template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 template <bool APPROX>
 __device__ __forceinline__ float gelu(float g) {
@@ -42,7 +37,7 @@ __global__ void geglu_scalar(const dda_geglu_params p) {
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t m = i / p.N, n = i % p.N;
     const T *xr = x + m * p.x_stride_m;
-    y[m * p.y_stride_m + n] = from_f<T>(to_f(xr[n]) * gelu<APPROX>(to_f(xr[p.N + n])));
+    y[m * p.y_stride_m + n] = from_f32<T>(to_f32(xr[n]) * gelu<APPROX>(to_f32(xr[p.N + n])));
   }
 }
 
@@ -65,14 +60,9 @@ __global__ void geglu_vec(const dda_geglu_params p) {
     uint4 ov;
     T *o = reinterpret_cast<T *>(&ov);
 #pragma unroll
-    for (int e = 0; e < V; ++e) o[e] = from_f<T>(to_f(h[e]) * gelu<APPROX>(to_f(g[e])));
+    for (int e = 0; e < V; ++e) o[e] = from_f32<T>(to_f32(h[e]) * gelu<APPROX>(to_f32(g[e])));
     *reinterpret_cast<uint4 *>(y + m * p.y_stride_m + n) = ov;
   }
-}
-
-dda_status cuda_fail(cudaError_t e) {
-  dda_set_backend_error(static_cast<int>(e));
-  return DDA_ERR_CUDA;
 }
 
 template <typename T, bool APPROX>

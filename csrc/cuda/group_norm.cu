@@ -28,16 +28,11 @@
 #include <stdint.h>
 
 #include "dda.h"
+#include "dtype_convert.cuh"
+#include "launch_common.cuh"
 
 namespace {
 
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_f(float v);
-template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 constexpr int kThreads = 256;
 
@@ -74,7 +69,7 @@ __global__ void gn_stats(const dda_group_norm_params p, const int64_t ppc, float
   const T *kt = reinterpret_cast<const T *>(&kv);
   float k[V], s[V], q[V];
 #pragma unroll
-  for (int e = 0; e < V; ++e) { k[e] = to_f(kt[e]); s[e] = 0.0f; q[e] = 0.0f; }
+  for (int e = 0; e < V; ++e) { k[e] = to_f32(kt[e]); s[e] = 0.0f; q[e] = 0.0f; }
   const int64_t p0 = chunk * ppc;
   const int64_t p1 = p0 + ppc < p.HW ? p0 + ppc : p.HW;
   for (int64_t px = p0 + r; px < p1; px += R) {
@@ -82,7 +77,7 @@ __global__ void gn_stats(const dda_group_norm_params p, const int64_t ppc, float
     const T *xt = reinterpret_cast<const T *>(&xv);
 #pragma unroll
     for (int e = 0; e < V; ++e) {
-      const float d = to_f(xt[e]) - k[e];
+      const float d = to_f32(xt[e]) - k[e];
       s[e] += d;
       q[e] = fmaf(d, d, q[e]);
     }
@@ -120,7 +115,7 @@ __global__ void gn_finalize(const dda_group_norm_params p, const int64_t chunks,
     const int64_t ch = i / cpg;
     const int c = g * cpg + static_cast<int>(i % cpg);
     const float2 v = part[(n * chunks + ch) * p.C + c];
-    const double k = to_f(x[c]);
+    const double k = to_f32(x[c]);
     a[0] += v.x;
     a[1] += v.y;
     a[2] += k * v.x;
@@ -178,19 +173,14 @@ __global__ void gn_apply(const dda_group_norm_params p, const float2 *stats) {
 #pragma unroll
     for (int e = 0; e < V; ++e) {
       const float2 s = st[(c0 + e) / cpg];
-      float v = (to_f(xt[e]) - s.x) * s.y;
-      if (gamma) v *= to_f(gt[e]);
-      if (beta) v += to_f(bt[e]);
+      float v = (to_f32(xt[e]) - s.x) * s.y;
+      if (gamma) v *= to_f32(gt[e]);
+      if (beta) v += to_f32(bt[e]);
       if (p.silu) v = v / (1.0f + __expf(-v));
-      o[e] = from_f<T>(v);
+      o[e] = from_f32<T>(v);
     }
     *reinterpret_cast<uint4 *>(y + off) = ov;
   }
-}
-
-dda_status cuda_fail(cudaError_t e) {
-  dda_set_backend_error(static_cast<int>(e));
-  return DDA_ERR_CUDA;
 }
 
 int esize_of(dda_dtype t) { return t == DDA_F32 ? 4 : 2; }

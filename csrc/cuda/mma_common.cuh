@@ -1,5 +1,6 @@
 /* mma_common.cuh: the PTX wrappers and softmax helpers shared by the tensor-core
- * attention kernels (attention_fwd_mma.cu for D <= 256, attention_fwd_d512.cu above).
+ * attention kernels (attention_fwd_mma.cu for D <= 256, attention_fwd_d512.cu above,
+ * and the two Hopper kernels).
  * Fragment layouts of mma.sync m16n8k16 are described in attention_fwd_mma.cu. */
 #pragma once
 
@@ -9,6 +10,8 @@
 #include <stdint.h>
 
 #include <type_traits>
+
+#include "dda.h"
 
 namespace {
 
@@ -105,6 +108,89 @@ __device__ __forceinline__ void mask_tile(float (&s)[NS][4], const M *mask, cons
       else if (mask)
         s[j][e] += mask_value(mask + mrow[e >> 1] + static_cast<int64_t>(key) * stride_k);
     }
+}
+
+/* ------------------------------------------------------ online softmax -- */
+
+/* Online softmax of one key tile of S in place, for 16 rows of this warp (the m16n8 C
+ * layout of mma.sync, which is also wgmma's m64nN accumulator layout per warp):
+ *   s <- 2^(s * sc - m_new) (fp32), m (running row max, log2 units) and l (this lane's
+ *   part of the running row sums) updated, alpha = 2^(m_old - m_new) for rows g, g + 8.
+ * Scores in log2 units are s * sc with sc = scale * log2(e); full unmasked tiles fold sc
+ * into the exponent's FMA. Keys >= Sk get -inf; MASK (compiled in) adds p.mask of kind
+ * mkind through the row offsets mrow (rows g, g + 8); with RUNTIME, mkind may also be
+ * DDA_MASK_NONE (kernels that take masked and unmasked calls in one instantiation).
+ * k0 is the tile's first key. */
+template <int NS, bool MASK, bool RUNTIME = false>
+__device__ __forceinline__ void online_softmax(float (&s)[NS][4], float (&m)[2], float (&l)[2], float (&alpha)[2],
+                                               const dda_attention_params &p, int mkind, const int64_t (&mrow)[2],
+                                               float scale_log2, int k0, int c) {
+  float sc = scale_log2;
+  const bool masked = MASK && (!RUNTIME || mkind != DDA_MASK_NONE);
+  if (k0 + NS * 8 > p.Sk || masked || !(scale_log2 > 0.0f)) {
+#pragma unroll
+    for (int j = 0; j < NS; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[j][e] *= scale_log2;
+    sc = 1.0f;
+    switch (MASK ? mkind : DDA_MASK_NONE) {
+      case DDA_MASK_BOOL:
+        mask_tile(s, static_cast<const unsigned char *>(p.mask), mrow, p.mask_stride_k, k0, c, p.Sk);
+        break;
+      case DDA_MASK_ADD_F32:
+        mask_tile(s, static_cast<const float *>(p.mask), mrow, p.mask_stride_k, k0, c, p.Sk);
+        break;
+      case DDA_MASK_ADD_F16:
+        mask_tile(s, static_cast<const __half *>(p.mask), mrow, p.mask_stride_k, k0, c, p.Sk);
+        break;
+      case DDA_MASK_ADD_BF16:
+        mask_tile(s, static_cast<const __nv_bfloat16 *>(p.mask), mrow, p.mask_stride_k, k0, c, p.Sk);
+        break;
+      default:
+        mask_tile(s, static_cast<const unsigned char *>(nullptr), mrow, 0, k0, c, p.Sk);
+        break;
+    }
+  }
+  /* The 4 lanes of a quad (same g) hold one row between them. */
+  float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+  for (int j = 0; j < NS; ++j) {
+    mx[0] = fmaxf(mx[0], fmaxf(s[j][0], s[j][1]));
+    mx[1] = fmaxf(mx[1], fmaxf(s[j][2], s[j][3]));
+  }
+  float m_use[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+    const float m_new = fmaxf(m[r], mx[r] * sc);
+    m_use[r] = m_new == -INFINITY ? 0.0f : m_new;  /* all masked so far: p and alpha stay 0 */
+    alpha[r] = fast_exp2(m[r] - m_use[r]);
+    m[r] = m_new;
+  }
+  float rs[2] = {0.0f, 0.0f};
+#pragma unroll
+  for (int j = 0; j < NS; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      s[j][e] = fast_exp2(fmaf(s[j][e], sc, -m_use[e >> 1]));
+      rs[e >> 1] += s[j][e];
+    }
+  l[0] = l[0] * alpha[0] + rs[0];
+  l[1] = l[1] * alpha[1] + rs[1];
+}
+
+/* P (the exponentials in s) as wgmma A fragments from registers: k-step kk = keys
+ * 16 kk .. 16 kk + 15 = S tiles 2 kk, 2 kk + 1 (the A layout of mma.sync m16n8k16). */
+template <typename T, int NS>
+__device__ __forceinline__ void pack_p(uint32_t (&pa)[NS / 2][4], const float (&s)[NS][4]) {
+#pragma unroll
+  for (int kk = 0; kk < NS / 2; ++kk) {
+    pa[kk][0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+    pa[kk][1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+    pa[kk][2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+    pa[kk][3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+  }
 }
 
 }  // namespace
