@@ -15,7 +15,7 @@
   turns a channels-last UNet's activations NCHW (a permuting copy), and the next
   convolution converts them back. Same values, no copies.
 
-Both keep the original module unregistered in ``.original`` and share its parameters (same
+The two module stand-ins keep the original unregistered in ``.original`` and share its parameters (same
 ``Parameter`` objects, same ``state_dict`` keys): no weight memory is duplicated, and
 :func:`.patch.unpatch` puts the originals back. Values: the GEGLU product and the
 GroupNorm normalisation are computed in fp32 and rounded once (stock rounds the gelu to the
@@ -41,6 +41,10 @@ def fusable_reasons(module: nn.Module) -> list[str]:
     """Why ``module`` (a diffusers GEGLU or a torch GroupNorm) cannot be replaced; [] if it can."""
     from diffusers.models.activations import GEGLU
 
+    if module._forward_hooks or module._forward_pre_hooks:
+        return ["it has forward hooks (a stand-in would not run them)"]
+    if "forward" in vars(module):
+        return ["its forward was replaced on the instance (an accelerate offload hook?)"]
     if type(module) is GEGLU:
         if type(module.proj) is not nn.Linear:
             return [f"its proj is a {type(module.proj).__name__} (LoRA / adapter layers are not fused)"]

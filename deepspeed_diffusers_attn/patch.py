@@ -27,6 +27,11 @@ What a patched model looks like:
   or load LoRA / IP-Adapter weights after :func:`unpatch` (PEFT does not find the
   projections of a patched module).
 
+``patch`` (``fuse_blocks=True``, the default) also replaces diffusers ``GEGLU`` and
+``torch.nn.GroupNorm`` modules by the fused stand-ins of :mod:`.blocks` (same Parameter
+objects, same ``state_dict`` keys; originals kept in ``.original``) and lets each
+``Transformer2DModel`` keep its input's memory format; :func:`unpatch` undoes it.
+
 ``patch(pipe, cuda_graph=True)`` also runs ``unet.forward`` and ``vae.decode`` / ``vae.encode``
 through shape-keyed CUDA graphs, and ``channels_last=True`` converts those modules to
 channels-last; both are :mod:`.graphs` wrappers, removed by :func:`unpatch`.
@@ -90,7 +95,7 @@ class PatchReport:
         self.wrapped = wrapped  # e.g. ("unet.forward", "vae.decode", "vae.encode"): methods (un)wrapped
         # GEGLU / GroupNorm modules replaced (patch) or restored (unpatch), by kind: {"GEGLU": 16, ...}
         self.blocks = dict(blocks or {})
-        self.blocks_declined = tuple(blocks_declined)  # rows for GEGLU modules left as they are
+        self.blocks_declined = tuple(blocks_declined)  # rows for GEGLU / GroupNorm modules left as they are
 
     def summary(self) -> PatchSummary:
         """Counts per status, e.g. ``{'patched': 140, 'declined': 0, 'already patched': 0}``."""
@@ -406,8 +411,8 @@ def patch(obj, *, cuda_graph: bool = False, channels_last: bool = False, kv_cach
     :class:`.blocks.FusedGEGLU` and ``torch.nn.GroupNorm`` modules (outside attention
     modules) by :class:`.blocks.ChannelsLastGroupNorm`, and lets each ``Transformer2DModel``
     keep its input's memory format (:func:`.blocks.keep_output_layout`); ``report.blocks``
-    counts them. GEGLU modules with adapter layers are left alone and listed in
-    ``report.blocks_declined``.
+    counts them. GEGLU modules with adapter layers, and modules with forward hooks, are left
+    alone and listed in ``report.blocks_declined``.
     """
     options = {"cuda_graph": cuda_graph, "channels_last": channels_last, "kv_cache": kv_cache,
                "fuse_blocks": fuse_blocks}

@@ -187,6 +187,19 @@ def test_keep_output_layout_keeps_channels_last():
         assert out_nchw.is_contiguous() and rel_err(out_nchw, ref) <= 16 * EPS[torch.float32]
 
 
+def test_modules_with_hooks_or_adapters_are_not_fused():
+    unet = tiny_unet()
+    gn = unet.conv_norm_out
+    gn.register_forward_hook(lambda m, i, o: None)
+    geglu = next(m for m in unet.modules() if type(m) is GEGLU)
+    geglu.proj = nn.Sequential(geglu.proj)  # stands for an adapter-wrapped projection
+    report = dda.patch(unet)
+    declined = {r.name: r.reasons for r in report.blocks_declined}
+    assert unet.conv_norm_out is gn and "forward hooks" in declined["conv_norm_out"][0]
+    assert any("Sequential" in reasons[0] for reasons in declined.values())
+    assert "not fused: conv_norm_out" in str(report)
+
+
 def test_group_norm_module_counts_fallbacks():
     gn = nn.GroupNorm(2, 8)
     mod = ChannelsLastGroupNorm(gn)
