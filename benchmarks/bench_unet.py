@@ -144,6 +144,15 @@ def vae_variants(vae) -> dict:
     }
 
 
+def tear_down(row: dict, teardown) -> None:
+    """Run a variant's teardown (an error goes into ``row["teardown_error"]``) and free the workspaces."""
+    try:
+        teardown()
+    except Exception as e:  # noqa: BLE001  (report and go on with the other variants)
+        row["teardown_error"] = f"{type(e).__name__}: {e}"
+    release_workspaces()
+
+
 def run_variant(name: str, setup, teardown, call, ref, iters: int) -> dict:
     """Set up, time the first call (compile / capture) and the steady state, check the output."""
     row = {"variant": name}
@@ -168,12 +177,8 @@ def run_variant(name: str, setup, teardown, call, ref, iters: int) -> dict:
     except Exception as e:  # noqa: BLE001  (report and go on with the other variants)
         row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
     finally:
-        try:
-            teardown()
-        except Exception as e:  # noqa: BLE001
-            row["teardown_error"] = f"{type(e).__name__}: {e}"
+        tear_down(row, teardown)
         torch._dynamo.reset()
-        release_workspaces()
         row["variant_s"] = round(time.perf_counter() - start, 1)
     return row
 

@@ -134,7 +134,7 @@ def breakdown(work: list[tuple[str, float]], steps: int) -> dict:
 
 def profile_variant(name: str, table: dict, call, steps: int, cuda: bool, fallback: bool = True) -> dict:
     """Set up ``table[name]``, warm up, time, profile ``steps`` calls, tear down; errors are recorded."""
-    from deepspeed_diffusers_attn.workspace import release_workspaces
+    import bench_unet as bu
 
     if not cuda and "+graph" in name:  # graphs need CUDA: the smoke run takes the eager path directly
         name = eager_equivalent(name)
@@ -158,11 +158,7 @@ def profile_variant(name: str, table: dict, call, steps: int, cuda: bool, fallba
     except Exception as e:  # noqa: BLE001  (report and go on with the other variants)
         res["error"] = f"{type(e).__name__}: {str(e)[:400]}"
     finally:
-        try:
-            teardown()
-        except Exception as e:  # noqa: BLE001
-            res["teardown_error"] = f"{type(e).__name__}: {e}"
-        release_workspaces()
+        bu.tear_down(res, teardown)
     res["wall_s"] = round(time.perf_counter() - t0, 1)
     if fallback and "+graph" in name and "error" not in res:
         visible = sum(k["count"] for k in res["kernels"] if not k["name"].startswith(("Memcpy", "Memset")))
@@ -175,6 +171,16 @@ def profile_variant(name: str, table: dict, call, steps: int, cuda: bool, fallba
 
 
 # ---------------------------------------------------------------------- sections
+def profile_section(title: str, variants: list[str], table: dict, call, steps: int, cuda: bool) -> dict:
+    """Profile each of ``variants`` from ``table``; prints a line per variant as it ends."""
+    out = {"section": title, "variants": []}
+    for v in variants:
+        res = profile_variant(v, table, call, steps, cuda)
+        out["variants"].append(res)
+        print(_progress(title, res), flush=True)
+    return out
+
+
 def profile_unet(config_name: str, variants: list[str], steps: int, device: str, dtype, smoke: bool) -> dict:
     from diffusers import UNet2DConditionModel
 
@@ -186,14 +192,8 @@ def profile_unet(config_name: str, variants: list[str], steps: int, device: str,
         config, latent, px = scaled_down(config), 16, 128
     unet = bu.build(UNet2DConditionModel, config, device, dtype)
     inputs = bu.unet_inputs(config, latent, device, dtype)
-    table = bu.unet_variants(unet)
-    call = lambda fn: fn(**inputs)[0]  # noqa: E731
-    out = {"section": f"UNet {config_name} @ {px} px, B={bu.BATCH} (latent {latent})", "variants": []}
-    for v in variants:
-        res = profile_variant(v, table, call, steps, device == "cuda")
-        out["variants"].append(res)
-        print(_progress(out["section"], res), flush=True)
-    return out
+    return profile_section(f"UNet {config_name} @ {px} px, B={bu.BATCH} (latent {latent})", variants,
+                           bu.unet_variants(unet), lambda fn: fn(**inputs)[0], steps, device == "cuda")
 
 
 def profile_vae(px: int, variants: list[str], steps: int, device: str, dtype, smoke: bool) -> dict:
@@ -207,14 +207,8 @@ def profile_vae(px: int, variants: list[str], steps: int, device: str, dtype, sm
     vae = bu.build(AutoencoderKL, config, device, dtype)
     z = torch.randn(1, 4, px // 8, px // 8, device=device, dtype=dtype,
                     generator=torch.Generator(device=device).manual_seed(2))
-    table = bu.vae_variants(vae)
-    call = lambda fn: fn(z, return_dict=False)[0]  # noqa: E731
-    out = {"section": f"VAE decode @ {px} px, B=1", "variants": []}
-    for v in variants:
-        res = profile_variant(v, table, call, steps, device == "cuda")
-        out["variants"].append(res)
-        print(_progress(out["section"], res), flush=True)
-    return out
+    return profile_section(f"VAE decode @ {px} px, B=1", variants, bu.vae_variants(vae),
+                           lambda fn: fn(z, return_dict=False)[0], steps, device == "cuda")
 
 
 # ---------------------------------------------------------------------- tables
