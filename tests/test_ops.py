@@ -220,6 +220,8 @@ GPU_ATTN_CASES = [
     (2, 1, 4097, 77, 160, True, "add_b1k"),
     (1, 1, 1000, 1000, 512, False, None),
     (1, 1, 77, 4097, 512, True, None),
+    (1, 3, 333, 128, 96, True, "bool_q"),      # the short-key kernel at its 128-key bound
+    (2, 2, 500, 100, 64, True, "add_full"),
 ]
 
 
@@ -289,7 +291,9 @@ def test_cuda_kernel_name_reported():
 @pytest.mark.parametrize("B,H,Sq,Sk,D,cross,expect", [
     (2, 10, 4097, 4097, 64, False, "tma_ws_sm90"),  # SDXL down1 self, odd length
     (2, 9, 2000, 3001, 128, True, "tma_ws_sm90"),   # d128, ragged Sq / Sk
-    (2, 10, 4096, 77, 64, True, "mma_sm80"),        # cross-attention: short key loop
+    (2, 10, 4096, 77, 64, True, "short_sm80"),      # cross-attention: K / V resident, Q streamed
+    (2, 8, 4097, 77, 40, True, "short_sm80"),       # SD1.5 cross, odd length
+    (2, 4, 1000, 129, 64, True, "mma_sm80"),        # one key past the short kernel's bound
     (2, 8, 4097, 4097, 40, False, "tma_ws_sm90"),   # d40 at its own width (DP 48)
     (2, 8, 1025, 1025, 80, False, "tma_ws_sm90"),   # d80
     (2, 12, 2000, 2000, 96, False, "wgmma_sm90"),   # D 96: the cp.async Hopper kernel
@@ -302,6 +306,8 @@ def test_attention_cuda_kernel_choice_and_accuracy(B, H, Sq, Sk, D, cross, expec
     sm90 = hopper and "wgmma_sm90" in ops.attention_kernel_name("cuda", dtype, D, Sk)
     if expect in ("wgmma_sm90", "tma_ws_sm90") and not sm90:
         expect = "mma_sm80"  # pre-Hopper card, or a build without sm_90a
+    if expect == "mma_sm80" and hopper and "tma_ws_sm90" in ops.attention_kernel_name("cuda", dtype, D, Sk):
+        expect = "tma_ws_sm90"  # Sk > 128 on a Hopper build: the TMA kernel
     if expect == "wgmma_sm90" and B * H * ((Sq + 191) // 192) < torch.cuda.get_device_properties(0).multi_processor_count:
         expect = "mma_sm80"  # the cp.async kernel wants a full wave of 192-row blocks
     assert name.startswith(expect), name

@@ -66,6 +66,11 @@ const char *dda_attention_sm90_tma_name(dda_dtype dtype, int head_dim);
 dda_status dda_attention_fwd_sm90_tma(const dda_attention_params *p, cudaStream_t stream);
 const char *dda_attention_mma_name_for(const dda_attention_params *p, int sms, size_t block_smem);
 /* ---- end Hopper path declarations ---- */
+/* ---- short key sequences (attention_fwd_short.cu): fp16/bf16, cc >= 8.0, D <= 160, Sk <= 128 ---- */
+size_t dda_attention_short_smem(int head_dim, int seq_k);
+const char *dda_attention_short_name(int cc_major, dda_dtype dtype, int head_dim, int seq_k);
+dda_status dda_attention_fwd_short(const dda_attention_params *p, int sms, cudaStream_t stream);
+/* ---- end short-key declarations ---- */
 
 namespace {
 
@@ -589,12 +594,24 @@ int sm90_tma_policy() {
   static const int policy = read_policy("DDA_SM90_TMA");
   return policy;
 }
+/* DDA_SHORT=0 never runs the short-key kernel (A/B benchmarks); else it takes every call it can. */
+int short_policy() {
+  static const int policy = read_policy("DDA_SHORT");
+  return policy;
+}
 
-enum Path { kPathGeneric, kPathMma, kPathD512, kPathSm90, kPathSm90Tma };
+bool short_takes(const dda_attention_params *p, int cc_major, size_t block_smem) {
+  return dda_attention_short_name(cc_major, p->dtype, p->D, p->Sk) != nullptr &&
+         dda_attention_short_smem(p->D, p->Sk) <= block_smem;
+}
+
+enum Path { kPathGeneric, kPathMma, kPathD512, kPathSm90, kPathSm90Tma, kPathShort };
 
 /* The one decision both dda_attention_fwd_cuda and dda_attention_kernel_for use.
  * Tensor-core kernels need every q/k/v/o pointer and stride 16-byte compatible
  * (cp.async, 16-byte stores); otherwise, and for fp32, the generic kernel runs.
+ *   short  cc >= 8.0, Sk <= 128, D <= 160 (masks too), unless DDA_SHORT=0 or a Hopper
+ *         kernel is forced (DDA_SM90=force / DDA_SM90_TMA=force, for their tests)
  *   sm90_tma  Hopper + an sm_90a build, D 33..80 or 113..128, no mask, strides TMA
  *         accepts, Sk > 128 (dda_attention_sm90_tma_preferred)
  *   sm90  the same for the cp.async Hopper kernel (D <= 256, masks): padded head dim
@@ -610,6 +627,8 @@ Path select_path(const dda_attention_params *p, const DevInfo &d) {
         aligned16(p->o, p->o_stride_b, p->o_stride_s, p->o_stride_h, es)))
     return kPathGeneric;
   const int policy = sm90_policy(), tma = sm90_tma_policy();
+  const bool hopper_forced = d.sm90 && (policy == kSm90Force || tma == kSm90Force);
+  if (!hopper_forced && short_policy() != kSm90Off && short_takes(p, d.cc_major, d.block_smem)) return kPathShort;
   if (d.sm90 && policy != kSm90Off && tma != kSm90Off && dda_attention_sm90_tma_takes(p) &&
       dda_attention_sm90_tma_smem(p->D) <= d.block_smem) {
     if (policy == kSm90Force || tma == kSm90Force || dda_attention_sm90_tma_preferred(p)) return kPathSm90Tma;
@@ -636,6 +655,7 @@ extern "C" dda_status dda_attention_fwd_cuda(const dda_attention_params *p, cuda
   const cudaError_t e = dev_info(&d);
   if (e != cudaSuccess) return cuda_fail(e);
   switch (select_path(p, d)) {
+    case kPathShort: return dda_attention_fwd_short(p, d.sms, stream);
     case kPathSm90Tma: return dda_attention_fwd_sm90_tma(p, stream);
     case kPathSm90: return dda_attention_fwd_sm90(p, stream);
     case kPathMma: return dda_attention_fwd_mma(p, stream);
@@ -656,6 +676,7 @@ extern "C" const char *dda_attention_kernel_for(const dda_attention_params *p) {
   DevInfo d;
   if (dev_info(&d) != cudaSuccess) return "unsupported: CUDA error reading the device";
   switch (select_path(p, d)) {
+    case kPathShort: return dda_attention_short_name(d.cc_major, p->dtype, p->D, p->Sk);
     case kPathSm90Tma: return dda_attention_sm90_tma_name(p->dtype, p->D);
     case kPathSm90: return dda_attention_sm90_name(p->dtype, p->D);
     case kPathMma: return dda_attention_mma_name_for(p, d.sms, d.block_smem);
@@ -700,6 +721,9 @@ extern "C" const char *dda_attention_kernel_name(int cc_major, int cc_minor, dda
   if (cc_major < 7) return "unsupported: compute capability below 7.0";
   size_t block_smem = 0, sm_smem = 0;
   smem_limits_for_cc(cc_major, cc_minor, &block_smem, &sm_smem);
+  /* Short key sequences (Sk <= 128): the short-key kernel where it fits. */
+  if (const char *s = dda_attention_short_name(cc_major, dtype, head_dim, seq_k))
+    if (dda_attention_short_smem(head_dim, seq_k) <= block_smem) return s;
   /* Tensor-core kernels run for 16-byte aligned q/k/v/o; misaligned ones run the generic kernel.
    * Hopper: the TMA kernel (unmasked, Sk > 128) or the cp.async sm_90a kernel where the
    * build has them, else mma (dda_attention_kernel_for answers exactly for given tensors). */

@@ -92,30 +92,15 @@ int padded_dim(int D) {
   return 0;
 }
 
-/* Stages rows [r0, r0 + ROWS) x columns [0, DP) of src (row stride `stride`
- * elements, 16-byte aligned rows) into dst (row stride DP + 8 elements) with
- * cp.async from THREADS threads, zero-filling rows >= nrows and columns >= D. */
+/* load_rows (mma_common.cuh) with the thread index read through volatile asm, so the
+ * per-chunk row / column indices are recomputed per call instead of hoisted out of the
+ * key loop, where they held up to 32 registers (2-warp blocks, DP 256) and caused spills. */
 template <int ROWS, int DP, int THREADS>
 __device__ __forceinline__ void load_tile(uint32_t dst, const uint16_t *src, int64_t stride, int r0,
                                           int nrows, int D) {
-  constexpr int kChunks = DP / 8;  /* 16-byte chunks per row */
-  constexpr int kTotal = ROWS * kChunks;
-  /* The thread index is read through volatile asm so the per-chunk row / column
-   * indices are recomputed per call instead of hoisted out of the key loop, where
-   * they held up to 32 registers (2-warp blocks, DP 256) and caused spills. */
   int tid;
   asm volatile("mov.u32 %0, %%tid.x;\n" : "=r"(tid));
-#pragma unroll
-  for (int c0 = 0; c0 < kTotal; c0 += THREADS) {
-    const int c = c0 + tid;
-    if (kTotal % THREADS == 0 || c < kTotal) {
-      const int r = c / kChunks;
-      const int d = (c - r * kChunks) * 8;
-      const bool ok = r0 + r < nrows && d < D;
-      const uint16_t *g = ok ? src + static_cast<int64_t>(r0 + r) * stride + d : src;
-      cp_async16(dst + static_cast<uint32_t>((r * (DP + 8) + d) * 2), g, ok ? 16 : 0);
-    }
-  }
+  load_rows<ROWS, DP, THREADS>(dst, src, stride, r0, nrows, D, tid);
 }
 
 /* ------------------------------------------------------------- kernel -- */

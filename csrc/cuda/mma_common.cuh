@@ -110,6 +110,29 @@ __device__ __forceinline__ void mask_tile(float (&s)[NS][4], const M *mask, cons
     }
 }
 
+/* ------------------------------------------------------- tile loads -- */
+
+/* Stages rows [r0, r0 + ROWS) x columns [0, DP) of src (row stride `stride` elements,
+ * 16-byte aligned rows) into dst (row stride DP + 8 elements) with cp.async from THREADS
+ * threads, this one being `tid`; rows >= nrows and columns >= D are zero-filled. */
+template <int ROWS, int DP, int THREADS>
+__device__ __forceinline__ void load_rows(uint32_t dst, const uint16_t *src, int64_t stride, int r0, int nrows,
+                                          int D, int tid) {
+  constexpr int kChunks = DP / 8;  /* 16-byte chunks per row */
+  constexpr int kTotal = ROWS * kChunks;
+#pragma unroll
+  for (int c0 = 0; c0 < kTotal; c0 += THREADS) {
+    const int c = c0 + tid;
+    if (kTotal % THREADS == 0 || c < kTotal) {
+      const int r = c / kChunks;
+      const int d = (c - r * kChunks) * 8;
+      const bool ok = r0 + r < nrows && d < D;
+      const uint16_t *g = ok ? src + static_cast<int64_t>(r0 + r) * stride + d : src;
+      cp_async16(dst + static_cast<uint32_t>((r * (DP + 8) + d) * 2), g, ok ? 16 : 0);
+    }
+  }
+}
+
 /* ------------------------------------------------------ online softmax -- */
 
 /* Online softmax of one key tile of S in place, for 16 rows of this warp (the m16n8 C
