@@ -19,9 +19,14 @@ Variants:
   stock+graph+cl   + channels-last weights and inputs
   stock+compile    torch.compile(unet, fullgraph=True)                     (--compile)
   stock+compile-ro torch.compile(unet, mode="reduce-overhead", fullgraph=True) (--compile)
+  stock+compile-ro+cl  the same on channels-last weights and sample           (--compile)
   ours             deepspeed_diffusers_attn.patch(unet)
   ours+graph       + CUDA graph;  ours+graph+cl: + channels-last
   ours+compile-ro  patch, then torch.compile(mode="reduce-overhead", fullgraph=True) (--compile)
+  ours+compile-ro+cl       the same on channels-last weights and sample        (--compile)
+  ours-attn+compile-ro+cl  patch(fuse_blocks=False): our attention, inductor's own fusion of
+                           GroupNorm / GEGLU / SiLU                            (--compile)
+--variants picks a subset (comma-separated names; "stock" always runs: it is the reference).
 
 VAE decode (batch 1) at 512 and 1024 px: stock and ours, eager, graphed and graphed channels-last. Writes
 results.json after every variant (a run cut short by a timeout keeps what it measured) and
@@ -105,6 +110,15 @@ def unet_variants(unet) -> dict:
     def compiled(**options):
         return lambda: torch.compile(unet, fullgraph=True, **options)
 
+    def compiled_cl(**options):
+        def setup():
+            unet.to(memory_format=torch.channels_last)
+            fn = torch.compile(unet, fullgraph=True, **options)
+            return lambda sample, *a, **kw: fn(sample.contiguous(memory_format=torch.channels_last), *a, **kw)
+        return setup
+
+    contiguous = lambda: unet.to(memory_format=torch.contiguous_format)  # noqa: E731
+
     ungraph = lambda: ungraph_module(unet)  # noqa: E731
     unpatch = lambda: dda.unpatch(unet)  # noqa: E731
     both = lambda: (ungraph_module(unet), dda.unpatch(unet))  # noqa: E731
@@ -116,16 +130,21 @@ def unet_variants(unet) -> dict:
         "stock+graph+cl": (graph(channels_last=True), ungraph),
         "stock+compile": (compiled(), _nothing),
         "stock+compile-ro": (compiled(mode="reduce-overhead"), _nothing),
+        "stock+compile-ro+cl": (compiled_cl(mode="reduce-overhead"), contiguous),
         "ours": (ours(lambda: unet), unpatch),
         "ours+cl": (ours(graph(**eager_cl)), both),
         "ours+graph": (ours(graph()), both),
         "ours+graph+cl": (ours(graph(channels_last=True)), both),
         "ours+compile-ro": (ours(compiled(mode="reduce-overhead")), unpatch),
+        "ours+compile-ro+cl": (ours(compiled_cl(mode="reduce-overhead")), lambda: (contiguous(), unpatch())),
+        "ours-attn+compile-ro+cl": (lambda: (dda.patch(unet, fuse_blocks=False),
+                                             compiled_cl(mode="reduce-overhead")())[1],
+                                    lambda: (contiguous(), unpatch())),
     }
 
 
-UNET_BENCH = ("stock", "stock+graph", "stock+graph+cl", "stock+compile", "stock+compile-ro",
-              "ours", "ours+graph", "ours+graph+cl", "ours+compile-ro")
+UNET_BENCH = ("stock", "stock+graph", "stock+graph+cl", "stock+compile", "stock+compile-ro", "stock+compile-ro+cl",
+              "ours", "ours+graph", "ours+graph+cl", "ours+compile-ro", "ours+compile-ro+cl", "ours-attn+compile-ro+cl")
 
 
 def vae_variants(vae) -> dict:
@@ -183,8 +202,9 @@ def run_variant(name: str, setup, teardown, call, ref, iters: int) -> dict:
     return row
 
 
-def bench_unet(name: str, iters: int, compile_: bool, emit) -> None:
-    """Every UNET_BENCH variant of config ``name``; ``emit(row)`` gets each result as it comes."""
+def bench_unet(name: str, iters: int, compile_: bool, emit, only: set[str] | None = None) -> None:
+    """Every UNET_BENCH variant of config ``name`` (those in ``only``, and stock, if given);
+    ``emit(row)`` gets each result as it comes."""
     from diffusers import UNet2DConditionModel
 
     config, latent, px = CONFIGS[name]
@@ -194,7 +214,7 @@ def bench_unet(name: str, iters: int, compile_: bool, emit) -> None:
     table = unet_variants(unet)
     ref = None
     for vname in UNET_BENCH:
-        if "compile" in vname and not compile_:
+        if ("compile" in vname and not compile_) or (only and vname != "stock" and vname not in only):
             continue
         row = run_variant(vname, *table[vname], call, ref, iters)
         if vname == "stock" and "_out" in row:
@@ -301,6 +321,7 @@ def main() -> None:
     parser.add_argument("--configs", default="sd15,sd21,sdxl", help="comma-separated subset of sd15,sd21,sdxl")
     parser.add_argument("--compile", action="store_true", help="add the torch.compile variants (~1 min each)")
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--variants", default=None, help="comma-separated UNet variant names (default: all)")
     parser.add_argument("--skip-vae", action="store_true")
     parser.add_argument("--out", default="bench_out")
     args = parser.parse_args()
@@ -310,6 +331,9 @@ def main() -> None:
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         raise SystemExit(f"unknown configs {unknown}; choose from {list(CONFIGS)}")
+    only = {v.strip() for v in args.variants.split(",") if v.strip()} if args.variants else None
+    if only and only - set(UNET_BENCH):
+        raise SystemExit(f"unknown variants {sorted(only - set(UNET_BENCH))}; choose from {list(UNET_BENCH)}")
     os.makedirs(args.out, exist_ok=True)
     info = conditions()
     print(timing.card_line(info))
@@ -327,7 +351,7 @@ def main() -> None:
             json.dump({"conditions": info, "rows": rows}, f, indent=1)
 
     for name in names:
-        bench_unet(name, args.iters, args.compile, emit)
+        bench_unet(name, args.iters, args.compile, emit, only)
         free_memory()
     if not args.skip_vae:
         bench_vae(args.iters, emit)

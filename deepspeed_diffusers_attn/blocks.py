@@ -10,6 +10,11 @@
   conversion back. Other inputs (NCHW, or what the kernel does not take: see
   :func:`.ops.group_norm_supported`) run ``F.group_norm``, exactly what stock runs; the
   module counts them (``fallback_calls``, ``last_fallback_reason``).
+* :func:`fuse_resnet` gives a diffusers ``ResnetBlock2D`` (whose norms are the stand-ins
+  above) a forward that runs ``norm1 -> SiLU`` and ``hidden + time embedding -> norm2 -> SiLU``
+  as one :func:`.ops.group_norm` call each (``silu=True``, ``shift=``): per block, three
+  elementwise passes over the activation fewer, among them stock's broadcast add of the
+  time embedding (a non-vectorised kernel on channels-last tensors).
 * :func:`keep_output_layout` makes a ``Transformer2DModel`` return its output in the
   memory format of its input: stock ends with ``.permute(0, 3, 1, 2).contiguous()``, which
   turns a channels-last UNet's activations NCHW (a permuting copy), and the next
@@ -30,7 +35,8 @@ from torch import nn
 
 from . import ops
 
-__all__ = ["FusedGEGLU", "ChannelsLastGroupNorm", "fusable_reasons", "keep_output_layout", "restore_output_layout"]
+__all__ = ["FusedGEGLU", "ChannelsLastGroupNorm", "fusable_reasons", "fuse_resnet", "restore_resnet",
+           "keep_output_layout", "restore_output_layout"]
 
 
 def _compiling() -> bool:
@@ -107,6 +113,85 @@ class ChannelsLastGroupNorm(nn.Module):
             self.last_fallback_reason = why
             return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         return ops.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+def _norm_silu(norm: "ChannelsLastGroupNorm", x: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
+    """``silu(norm(x + shift[:, :, None, None]))`` as one op where the kernel takes it; else the
+    stock composition (``norm`` counts its own fallbacks)."""
+    if _compiling():
+        fused = x.dim() == 4 and x.device.type == "cuda" and x.is_contiguous(memory_format=torch.channels_last)
+    else:
+        fused = x.device.type == "cuda" and not ops.group_norm_supported(x, norm.num_groups, norm.weight, norm.bias,
+                                                                         shift)
+    if fused:
+        return ops.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, silu=True, shift=shift)
+    if shift is not None:
+        x = x + shift[:, :, None, None]
+    return F.silu(norm(x))
+
+
+def _resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None, *args, **kwargs) -> torch.Tensor:
+    # diffusers' ResnetBlock2D.forward (SiLU; time_embedding_norm "default", or any but
+    # "scale_shift" without a time projection, e.g. the VAE decoder's "group"), with each
+    # GroupNorm -> SiLU, and the time-embedding add before norm2, in one group_norm call
+    if self.training or args or kwargs or (self.time_emb_proj is None and temb is not None
+                                           and self.time_embedding_norm == "default"):
+        # dropout, the deprecated scale argument, a raw temb added unprojected: stock
+        return type(self).forward(self, input_tensor, temb, *args, **kwargs)
+    hidden_states = _norm_silu(self.norm1, input_tensor, None)
+    if self.upsample is not None:
+        if hidden_states.shape[0] >= 64:
+            input_tensor = input_tensor.contiguous()
+            hidden_states = hidden_states.contiguous()
+        input_tensor = self.upsample(input_tensor)
+        hidden_states = self.upsample(hidden_states)
+    elif self.downsample is not None:
+        input_tensor = self.downsample(input_tensor)
+        hidden_states = self.downsample(hidden_states)
+    hidden_states = self.conv1(hidden_states)
+    shift = None
+    if self.time_emb_proj is not None:
+        if not self.skip_time_act:
+            temb = self.nonlinearity(temb)
+        shift = self.time_emb_proj(temb)
+    hidden_states = _norm_silu(self.norm2, hidden_states, shift)
+    hidden_states = self.dropout(hidden_states)
+    hidden_states = self.conv2(hidden_states)
+    if self.conv_shortcut is not None:
+        input_tensor = self.conv_shortcut(input_tensor)
+    return (input_tensor + hidden_states) / self.output_scale_factor
+
+
+def fuse_resnet(module: nn.Module) -> bool:
+    """Give a diffusers ``ResnetBlock2D`` (this instance only) the forward that folds SiLU and
+    the time-embedding add into its two GroupNorm calls. Only where that is the same
+    computation: the exact class with its own forward, no hooks, SiLU, the "default" time
+    embedding norm (or another but "scale_shift" without a time projection: norm2 alone), and
+    both norms already :class:`ChannelsLastGroupNorm` stand-ins (so fallbacks are counted
+    there). False, and ``module`` untouched, otherwise."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    if type(module) is not ResnetBlock2D or "forward" in vars(module):
+        return False
+    parts = (module, module.norm1, module.norm2, module.nonlinearity)
+    if any(m._forward_hooks or m._forward_pre_hooks for m in parts):
+        return False
+    plain_norm2 = module.time_embedding_norm != "scale_shift" and module.time_emb_proj is None
+    if type(module.nonlinearity) is not nn.SiLU or not (module.time_embedding_norm == "default" or plain_norm2):
+        return False
+    if type(module.norm1) is not ChannelsLastGroupNorm or type(module.norm2) is not ChannelsLastGroupNorm:
+        return False
+    module.forward = _resnet_forward.__get__(module)
+    return True
+
+
+def restore_resnet(module: nn.Module) -> bool:
+    """Undo :func:`fuse_resnet`; False if it was not applied to ``module``."""
+    bound = vars(module).get("forward")
+    if getattr(bound, "__func__", None) is not _resnet_forward:
+        return False
+    del module.forward
+    return True
 
 
 def _output_in_input_layout(self, hidden_states, residual, batch_size, height, width, inner_dim):

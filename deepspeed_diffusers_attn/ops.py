@@ -147,17 +147,20 @@ def group_norm(
     bias: Optional[torch.Tensor] = None,
     eps: float = 1e-5,
     silu: bool = False,
+    shift: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """``F.group_norm`` (then ``F.silu`` if ``silu``) for a channels-last ``[N, C, H, W]`` x,
-    in x's layout: no NCHW round trip. fp32 statistics (per-channel shifted sums, combined in
-    double). weight / bias: ``[C]`` in x's dtype, or None. On CUDA the channel count must be a
-    multiple of ``16 // x.element_size()`` and the tensors 16-byte aligned
+    """``F.group_norm(x + shift)`` (then ``F.silu`` if ``silu``) for a channels-last
+    ``[N, C, H, W]`` x, in x's layout: no NCHW round trip. fp32 statistics (per-channel
+    shifted sums, combined in double). weight / bias: ``[C]`` in x's dtype, or None. shift:
+    ``[N, C]`` or ``[N, C, 1, 1]`` in x's dtype (a ResnetBlock2D's projected time embedding),
+    added in fp32 without rounding ``x + shift`` first, or None. On CUDA the channel count must
+    be a multiple of ``16 // x.element_size()`` and x / weight / bias 16-byte aligned
     (:func:`group_norm_supported` says whether a call is taken). Returns a new channels-last tensor."""
-    return torch.ops.dda.group_norm(x, int(num_groups), weight, bias, float(eps), bool(silu))
+    return torch.ops.dda.group_norm(x, int(num_groups), weight, bias, float(eps), bool(silu), shift)
 
 
 def group_norm_supported(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] = None,
-                         bias: Optional[torch.Tensor] = None) -> str:
+                         bias: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None) -> str:
     """Why :func:`group_norm` would refuse these inputs, or ``""`` if it takes them."""
     if x.dim() != 4 or x.numel() == 0:
         return "x is not a non-empty 4-D tensor"
@@ -166,6 +169,13 @@ def group_norm_supported(x: torch.Tensor, num_groups: int, weight: Optional[torc
     C = x.shape[1]
     if C % num_groups != 0:
         return f"num_groups {num_groups} does not divide {C} channels"
+    if shift is not None:
+        if shift.dtype != x.dtype or shift.device != x.device:
+            return f"shift is not a {x.dtype} tensor on {x.device}"
+        if shift.shape[:2] != x.shape[:2] or shift.dim() not in (2, 4) or shift.numel() != x.shape[0] * C:
+            return f"shift has shape {tuple(shift.shape)}, not [N, C] or [N, C, 1, 1]"
+        if C > 1 and shift.stride(1) != 1:
+            return "shift's channels are not contiguous"
     if x.device.type == "cpu":
         return "" if x.dtype == torch.float32 else "the CPU reference is float32 only"
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -222,6 +232,6 @@ def _geglu_fake(x, approximate):
 
 
 @torch.library.register_fake("dda::group_norm")
-def _group_norm_fake(x, num_groups, weight, bias, eps, silu):
+def _group_norm_fake(x, num_groups, weight, bias, eps, silu, shift=None):
     torch._check(x.dim() == 4, lambda: "dda.group_norm: x must be [N, C, H, W]")
     return torch.empty_like(x, memory_format=torch.channels_last)

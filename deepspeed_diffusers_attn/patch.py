@@ -29,8 +29,10 @@ What a patched model looks like:
 
 ``patch`` (``fuse_blocks=True``, the default) also replaces diffusers ``GEGLU`` and
 ``torch.nn.GroupNorm`` modules by the fused stand-ins of :mod:`.blocks` (same Parameter
-objects, same ``state_dict`` keys; originals kept in ``.original``) and lets each
-``Transformer2DModel`` keep its input's memory format; :func:`unpatch` undoes it.
+objects, same ``state_dict`` keys; originals kept in ``.original``), lets each
+``Transformer2DModel`` keep its input's memory format, and gives each ``ResnetBlock2D`` a
+forward that folds SiLU and the time-embedding add into its GroupNorm calls; :func:`unpatch`
+undoes it.
 
 ``patch(pipe, cuda_graph=True)`` also runs ``unet.forward`` and ``vae.decode`` / ``vae.encode``
 through shape-keyed CUDA graphs, and ``channels_last=True`` converts those modules to
@@ -52,8 +54,8 @@ from torch import nn
 from diffusers.models.attention_processor import Attention
 
 from .attention import DeepSpeedDiffusersAttention
-from .blocks import (ChannelsLastGroupNorm, FusedGEGLU, fusable_reasons, keep_output_layout,
-                     restore_output_layout)
+from .blocks import (ChannelsLastGroupNorm, FusedGEGLU, fusable_reasons, fuse_resnet, keep_output_layout,
+                     restore_output_layout, restore_resnet)
 from .graphs import DEFAULT_MAX_GRAPHS, _check_options, graph_module_forward, graphed_methods, ungraph_module
 
 __all__ = ["patch", "unpatch", "PatchReport", "PatchRow", "PatchedAttention"]
@@ -366,11 +368,15 @@ def _fuse_blocks(obj) -> tuple[dict, tuple[PatchRow, ...]]:
             setattr(parent, attr, new)
         counts[_BLOCK_KINDS[type(new)]] += 1
     counts["Transformer2D output layout"] = sum(keep_output_layout(m) for _, root in _roots(obj) for m in root.modules())
+    counts["ResnetBlock2D norm+SiLU"] = sum(fuse_resnet(m) for _, root in _roots(obj) for m in root.modules())
     return {k: n for k, n in counts.items() if n}, tuple(declined)
 
 
 def _unfuse_blocks(obj) -> dict:
     counts: dict[str, int] = {}
+    resnets = sum(restore_resnet(m) for _, root in _roots(obj) for m in root.modules())
+    if resnets:
+        counts["ResnetBlock2D norm+SiLU"] = resnets
     for places in _block_sites(obj, lambda m: type(m) in _BLOCK_KINDS).values():
         module = places[0][3]
         module.original.train(module.training)
@@ -410,8 +416,9 @@ def patch(obj, *, cuda_graph: bool = False, channels_last: bool = False, kv_cach
     ``fuse_blocks=True`` (default) also replaces diffusers ``GEGLU`` modules by
     :class:`.blocks.FusedGEGLU` and ``torch.nn.GroupNorm`` modules (outside attention
     modules) by :class:`.blocks.ChannelsLastGroupNorm`, and lets each ``Transformer2DModel``
-    keep its input's memory format (:func:`.blocks.keep_output_layout`); ``report.blocks``
-    counts them. GEGLU modules with adapter layers, and modules with forward hooks, are left
+    keep its input's memory format (:func:`.blocks.keep_output_layout`), and lets each
+    ``ResnetBlock2D`` run ``GroupNorm -> SiLU`` and ``+ time embedding -> GroupNorm -> SiLU``
+    as one op each (:func:`.blocks.fuse_resnet`); ``report.blocks`` counts them. GEGLU modules with adapter layers, and modules with forward hooks, are left
     alone and listed in ``report.blocks_declined``.
     """
     options = {"cuda_graph": cuda_graph, "channels_last": channels_last, "kv_cache": kv_cache,

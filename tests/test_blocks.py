@@ -13,7 +13,7 @@ from torch import nn
 
 import deepspeed_diffusers_attn as dda
 from deepspeed_diffusers_attn import ops
-from deepspeed_diffusers_attn.blocks import ChannelsLastGroupNorm, FusedGEGLU, keep_output_layout
+from deepspeed_diffusers_attn.blocks import ChannelsLastGroupNorm, FusedGEGLU, fuse_resnet, keep_output_layout
 from deepspeed_diffusers_attn.configs import SD15_UNET, scaled_down
 
 from conftest import requires_cuda
@@ -63,23 +63,36 @@ def test_geglu_leading_dims_and_errors():
 
 
 # ----------------------------------------------------------------- GroupNorm (CPU)
-def gn_ref(x, G, w, b, eps, silu):
-    y = F.group_norm(x.double(), G, None if w is None else w.double(), None if b is None else b.double(), eps)
+def gn_ref(x, G, w, b, eps, silu, shift=None):
+    x = x.double() if shift is None else x.double() + shift.double().reshape(*shift.shape[:2], 1, 1)
+    y = F.group_norm(x, G, None if w is None else w.double(), None if b is None else b.double(), eps)
+    return F.silu(y) if silu else y
+
+
+def stock_gn(x, G, w, b, eps, silu, shift=None):
+    """What stock diffusers computes in x's dtype: (x + shift) rounded, GroupNorm, SiLU."""
+    x = x if shift is None else x + shift.reshape(*shift.shape[:2], 1, 1)
+    y = F.group_norm(x, G, w, b, eps)
     return F.silu(y) if silu else y
 
 
 @pytest.mark.parametrize("N,C,H,W,G", [(1, 8, 1, 1, 2), (2, 12, 3, 5, 4), (3, 40, 7, 9, 8), (2, 64, 16, 16, 32)])
-@pytest.mark.parametrize("affine,silu", [(True, False), (False, True), (True, True)])
-def test_group_norm_cpu_matches_float64(N, C, H, W, G, affine, silu):
+@pytest.mark.parametrize("affine,silu,shifted", [(True, False, False), (False, True, False), (True, True, False),
+                                                 (True, True, True), (False, False, True)])
+def test_group_norm_cpu_matches_float64(N, C, H, W, G, affine, silu, shifted):
     gen = torch.Generator().manual_seed(N * 100 + C)
     x = (torch.randn(N, C, H, W, generator=gen) * 2 + 0.5).contiguous(memory_format=torch.channels_last)
     w = torch.randn(C, generator=gen) if affine else None
     b = torch.randn(C, generator=gen) if affine else None
-    y = ops.group_norm(x, G, w, b, 1e-5, silu)
+    # a time embedding as a ResnetBlock2D adds it: [N, C, 1, 1] (or [N, C]), a large offset included
+    shift = (torch.randn(N, C, generator=gen) * 3 + 10).reshape(N, C, 1, 1) if shifted else None
+    y = ops.group_norm(x, G, w, b, 1e-5, silu, shift)
     assert y.shape == x.shape and y.is_contiguous(memory_format=torch.channels_last)
-    ref = gn_ref(x, G, w, b, 1e-5, silu)
-    torch_err = rel_err(gn_ref(x, G, w, b, 1e-5, silu).float(), ref)
+    ref = gn_ref(x, G, w, b, 1e-5, silu, shift)
+    torch_err = rel_err(stock_gn(x, G, w, b, 1e-5, silu, shift), ref)
     assert rel_err(y, ref) <= max(4 * torch_err, 16 * EPS[torch.float32])
+    if shifted:  # the 2-D form is the same call
+        assert torch.equal(ops.group_norm(x, G, w, b, 1e-5, silu, shift.reshape(N, C)), y)
 
 
 def test_group_norm_errors():
@@ -91,8 +104,14 @@ def test_group_norm_errors():
         ops.group_norm(xc, 3)
     with pytest.raises(RuntimeError, match=r"\[C\]"):
         ops.group_norm(xc, 2, torch.ones(7))
+    with pytest.raises(RuntimeError, match="shift must be"):
+        ops.group_norm(xc, 2, shift=torch.ones(2, 7))
+    with pytest.raises(RuntimeError, match="shift must be"):
+        ops.group_norm(xc, 2, shift=torch.ones(8, 2).t())  # channels not contiguous
     assert ops.group_norm_supported(x, 2) == "x is not channels-last contiguous"
     assert ops.group_norm_supported(xc, 2) == ""
+    assert "shift has shape" in ops.group_norm_supported(xc, 2, shift=torch.ones(2, 7))
+    assert ops.group_norm_supported(xc, 2, shift=torch.ones(2, 8, 1, 1)) == ""
 
 
 def test_fake_kernels_give_shapes():
@@ -134,6 +153,8 @@ def test_patch_fuses_blocks_and_unpatch_restores():
     report = dda.patch(unet)
     assert report.blocks["GEGLU"] == n_geglu > 0
     assert report.blocks["GroupNorm"] > 0 and report.blocks["Transformer2D output layout"] > 0
+    n_resnets = sum(type(m).__name__ == "ResnetBlock2D" for m in unet.modules())
+    assert report.blocks["ResnetBlock2D norm+SiLU"] == n_resnets > 0
     assert "fused: GEGLU" in str(report)
     assert not any(type(m) in (GEGLU, nn.GroupNorm) for n, m in unet.named_modules() if "dda" not in n)
     # the same Parameter objects, the same state_dict keys outside attention: nothing duplicated
@@ -144,7 +165,8 @@ def test_patch_fuses_blocks_and_unpatch_restores():
             if isinstance(module, ChannelsLastGroupNorm):
                 assert module.weight is originals[name].weight
     back = dda.unpatch(unet)
-    assert back.blocks["GEGLU"] == n_geglu
+    assert back.blocks["GEGLU"] == n_geglu and back.blocks["ResnetBlock2D norm+SiLU"] == n_resnets
+    assert not any("forward" in vars(m) for m in unet.modules())
     for name, module in unet.named_modules():
         if name in originals:
             assert module is originals[name]
@@ -185,6 +207,32 @@ def test_keep_output_layout_keeps_channels_last():
         # the same values (a 1x1 conv proj_out may round differently in the other layout)
         assert rel_err(out, ref) <= (0 if linear else 16 * EPS[torch.float32])
         assert out_nchw.is_contiguous() and rel_err(out_nchw, ref) <= 16 * EPS[torch.float32]
+
+
+@pytest.mark.parametrize("kind", ["plain", "shortcut+scale", "up", "down", "no temb (VAE)", "skip_time_act",
+                                  "group norm (VAE decoder)"])
+def test_fused_resnet_forward_is_the_stock_computation_on_cpu(kind):
+    # on the CPU _norm_silu runs the stock composition, so the fused forward must reproduce
+    # stock's structure exactly: up / down sampling, shortcut, output scale, temb handling
+    from diffusers.models.resnet import ResnetBlock2D
+
+    torch.manual_seed(0)
+    cfg = dict(in_channels=16, out_channels=16, temb_channels=12, groups=4)
+    cfg.update({"shortcut+scale": dict(out_channels=24, output_scale_factor=2.0), "up": dict(up=True),
+                "down": dict(down=True), "no temb (VAE)": dict(temb_channels=None),
+                "skip_time_act": dict(skip_time_act=True),
+                "group norm (VAE decoder)": dict(temb_channels=None, time_embedding_norm="group")}.get(kind, {}))
+    block = ResnetBlock2D(**cfg).eval()
+    x = torch.randn(2, 16, 6, 6).contiguous(memory_format=torch.channels_last)
+    temb = None if cfg["temb_channels"] is None else torch.randn(2, 12)
+    with torch.no_grad():
+        ref = block(x, temb)
+        assert not fuse_resnet(block)  # the norms must be the stand-ins first
+        block.norm1, block.norm2 = ChannelsLastGroupNorm(block.norm1), ChannelsLastGroupNorm(block.norm2)
+        assert fuse_resnet(block) and not fuse_resnet(block)
+        out = block(x, temb)
+    assert torch.equal(out, ref)
+    assert block.norm1.fallback_calls == 1 and block.norm1.last_fallback_reason == "CPU input"
 
 
 def test_modules_with_hooks_or_adapters_are_not_fused():
@@ -231,18 +279,19 @@ def test_geglu_cuda_matches_float64(shape, approximate, dtype):
 @pytest.mark.parametrize("N,C,H,W,G,offset", [(2, 320, 64, 64, 32, 0.0), (1, 128, 128, 128, 32, 0.0),
                                               (3, 40, 7, 9, 4, 0.0), (1, 8, 1, 1, 2, 0.0),
                                               (2, 1280, 8, 8, 32, 0.0), (2, 64, 33, 17, 32, 30.0)])
-@pytest.mark.parametrize("affine,silu", [(True, False), (False, True)])
-def test_group_norm_cuda_matches_float64(N, C, H, W, G, offset, affine, silu, dtype):
+@pytest.mark.parametrize("affine,silu,shifted", [(True, False, False), (False, True, False), (True, True, True)])
+def test_group_norm_cuda_matches_float64(N, C, H, W, G, offset, affine, silu, shifted, dtype):
     gen = torch.Generator().manual_seed(C * 7 + H)
     x64 = torch.randn(N, C, H, W, generator=gen, dtype=torch.float64) + offset
     x = x64.to("cuda", dtype).contiguous(memory_format=torch.channels_last)
     w = torch.randn(C, generator=gen, dtype=torch.float64).to("cuda", dtype) if affine else None
     b = torch.randn(C, generator=gen, dtype=torch.float64).to("cuda", dtype) if affine else None
+    shift = (torch.randn(N, C, 1, 1, generator=gen, dtype=torch.float64) * 2 - offset).to("cuda", dtype) \
+        if shifted else None
     poisoned_cache(x.numel() * x.element_size())
-    y = ops.group_norm(x, G, w, b, 1e-5, silu)
-    ref = gn_ref(x, G, w, b, 1e-5, silu)
-    stock = F.group_norm(x, G, w, b, 1e-5)
-    stock = F.silu(stock) if silu else stock
+    y = ops.group_norm(x, G, w, b, 1e-5, silu, shift)
+    ref = gn_ref(x, G, w, b, 1e-5, silu, shift)
+    stock = stock_gn(x, G, w, b, 1e-5, silu, shift)
     assert y.is_contiguous(memory_format=torch.channels_last)
     assert torch.isfinite(y).all(), "unwritten or non-finite outputs"
     assert rel_err(y, ref) <= max(1.5 * rel_err(stock, ref), 4 * EPS[dtype])

@@ -1,8 +1,9 @@
 /* group_norm.c: CPU reference of dda_group_norm, fp32 data, double statistics.
  *
  *   x, y [N, HW, C] channels-last (pixel stride C, sample strides x_stride_n, y_stride_n)
- *   per (sample n, group g of C / G channels): mean, biased variance over HW * C / G values
- *   y = (x - mean) / sqrt(var + eps) * gamma[c] + beta[c]; then y * sigmoid(y) if silu
+ *   x' = x + shift[n, c] (shift NULL: x' = x)
+ *   per (sample n, group g of C / G channels): mean, biased variance of x' over HW * C / G values
+ *   y = (x' - mean) / sqrt(var + eps) * gamma[c] + beta[c]; then y * sigmoid(y) if silu
  * Two passes (mean, then the centred sum of squares), in double.
  */
 #include <math.h>
@@ -18,21 +19,22 @@ dda_status dda_group_norm_cpu(const dda_group_norm_params *p) {
   for (int64_t n = 0; n < p->N; ++n) {
     const float *x = (const float *)p->x + n * p->x_stride_n;
     float *y = (float *)p->y + n * p->y_stride_n;
+    const float *t = p->shift ? (const float *)p->shift + n * p->shift_stride_n : NULL;
     for (int g = 0; g < p->G; ++g) {
       const int64_t c0 = g * cpg;
       double sum = 0.0, sq = 0.0;
       for (int64_t i = 0; i < p->HW; ++i)
-        for (int64_t c = c0; c < c0 + cpg; ++c) sum += x[i * p->C + c];
+        for (int64_t c = c0; c < c0 + cpg; ++c) sum += (double)x[i * p->C + c] + (t ? t[c] : 0.0);
       const double mean = sum / (double)(p->HW * cpg);
       for (int64_t i = 0; i < p->HW; ++i)
         for (int64_t c = c0; c < c0 + cpg; ++c) {
-          const double d = x[i * p->C + c] - mean;
+          const double d = (double)x[i * p->C + c] + (t ? t[c] : 0.0) - mean;
           sq += d * d;
         }
       const double rstd = 1.0 / sqrt(sq / (double)(p->HW * cpg) + (double)p->eps);
       for (int64_t i = 0; i < p->HW; ++i)
         for (int64_t c = c0; c < c0 + cpg; ++c) {
-          double v = (x[i * p->C + c] - mean) * rstd;
+          double v = ((double)x[i * p->C + c] + (t ? t[c] : 0.0) - mean) * rstd;
           if (gamma) v *= gamma[c];
           if (beta) v += beta[c];
           if (p->silu) v = v / (1.0 + exp(-v));

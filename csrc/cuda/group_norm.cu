@@ -3,6 +3,7 @@
  *
  *   x, y  [N, HW, C]  pixel stride C, sample strides x_stride_n / y_stride_n
  *   gamma, beta [C] (x's dtype) or NULL;  G groups of cpg = C / G consecutive channels
+ *   shift [N, C] (x's dtype, row stride shift_stride_n) or NULL: normalise x' = x + shift[n, c]
  *
  * torch's GroupNorm makes channels-last input contiguous (NCHW) first and returns NCHW,
  * so a channels-last UNet pays a permuting copy before and a cuDNN layout conversion
@@ -16,7 +17,9 @@
  *   2. finalize  grid (G, N): per group, in double, from the channel sums of every chunk:
  *                mean = (sum S + HW sum K) / cnt, M2 = sum over channels of
  *                Q + 2 (K - mean) S + HW (K - mean)^2; float2 (mean, rsqrt(M2 / cnt + eps)).
- *   3. apply     grid-stride over (pixel, vector): y = (x - mean) * rstd * gamma + beta (+ SiLU).
+ *   3. apply     grid-stride over (pixel, vector): y = (x' - mean) * rstd * gamma + beta (+ SiLU).
+ * A shift adds a constant per (sample, channel), so the shifted sums of pass 1 are the same
+ * for x and x' (the per-channel shift K becomes K + shift[n, c]): only passes 2 and 3 see it.
  *
  * VEC = 16 / sizeof(T) elements per 16-byte access: needs C % VEC == 0 and 16-byte
  * aligned x, y, gamma, beta and sample strides (the launcher checks).
@@ -108,6 +111,7 @@ __global__ void gn_finalize(const dda_group_norm_params p, const int64_t chunks,
   const int64_t n = blockIdx.y;
   const int cpg = static_cast<int>(p.C / p.G);
   const T *x = static_cast<const T *>(p.x) + n * p.x_stride_n;
+  const T *t = p.shift ? static_cast<const T *>(p.shift) + n * p.shift_stride_n : nullptr;
   /* per thread: sum S, sum Q, sum K S over its (chunk, channel) items; sum K, sum K^2 over channels */
   double a[5] = {0.0, 0.0, 0.0, 0.0, 0.0};
   const int64_t items = chunks * cpg;
@@ -115,7 +119,7 @@ __global__ void gn_finalize(const dda_group_norm_params p, const int64_t chunks,
     const int64_t ch = i / cpg;
     const int c = g * cpg + static_cast<int>(i % cpg);
     const float2 v = part[(n * chunks + ch) * p.C + c];
-    const double k = to_f32(x[c]);
+    const double k = static_cast<double>(to_f32(x[c])) + (t ? to_f32(t[c]) : 0.0f);
     a[0] += v.x;
     a[1] += v.y;
     a[2] += k * v.x;
@@ -156,6 +160,7 @@ __global__ void gn_apply(const dda_group_norm_params p, const float2 *stats) {
   const T *x = static_cast<const T *>(p.x) + n * p.x_stride_n;
   T *y = static_cast<T *>(p.y) + n * p.y_stride_n;
   const T *gamma = static_cast<const T *>(p.gamma), *beta = static_cast<const T *>(p.beta);
+  const T *shift = p.shift ? static_cast<const T *>(p.shift) + n * p.shift_stride_n : nullptr;
   const int cv = static_cast<int>(p.C / V), cpg = static_cast<int>(p.C / p.G);
   const int64_t total = p.HW * cv;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
@@ -173,7 +178,8 @@ __global__ void gn_apply(const dda_group_norm_params p, const float2 *stats) {
 #pragma unroll
     for (int e = 0; e < V; ++e) {
       const float2 s = st[(c0 + e) / cpg];
-      float v = (to_f32(xt[e]) - s.x) * s.y;
+      const float xe = shift ? to_f32(xt[e]) + to_f32(shift[c0 + e]) : to_f32(xt[e]);
+      float v = (xe - s.x) * s.y;
       if (gamma) v *= to_f32(gt[e]);
       if (beta) v += to_f32(bt[e]);
       if (p.silu) v = v / (1.0f + __expf(-v));

@@ -140,17 +140,21 @@ typedef struct {
 } dda_geglu_params;
 
 /* ------------------------------------------------------------ group norm --
- * GroupNorm over a channels-last (NHWC) tensor, optionally followed by SiLU:
+ * GroupNorm over a channels-last (NHWC) tensor, optionally after adding a per-(sample,
+ * channel) shift and optionally followed by SiLU:
  *   x, y [N, HW, C] (pixel stride C, sample strides x_stride_n / y_stride_n)
- *   groups of C / G consecutive channels; per (sample, group) mean and biased variance
- *   over HW * C / G values (fp32 statistics);
- *   y = (x - mean) * rsqrt(var + eps) * gamma[c] + beta[c], then y * sigmoid(y) if silu
- * gamma, beta [C] in x's dtype, or NULL (1 and 0). */
+ *   x' = x + shift[n, c] (shift [N, C], row stride shift_stride_n, or NULL: x' = x); this is
+ *   a ResnetBlock2D's "hidden + time embedding" folded into its norm2
+ *   groups of C / G consecutive channels; per (sample, group) mean and biased variance of
+ *   x' over HW * C / G values (fp32 statistics);
+ *   y = (x' - mean) * rsqrt(var + eps) * gamma[c] + beta[c], then y * sigmoid(y) if silu
+ * gamma, beta, shift in x's dtype, or NULL (gamma 1, beta 0, shift 0). */
 typedef struct {
   const void *x;
   void *y;
   const void *gamma, *beta;
-  int64_t x_stride_n, y_stride_n;
+  const void *shift;
+  int64_t x_stride_n, y_stride_n, shift_stride_n;
   int64_t N, HW, C;
   int G;
   float eps;

@@ -74,9 +74,10 @@ at::Tensor geglu_cpu(const at::Tensor &x, bool approximate) {
 }
 
 at::Tensor group_norm_cpu(const at::Tensor &x, int64_t num_groups, const std::optional<at::Tensor> &weight,
-                          const std::optional<at::Tensor> &bias, double eps, bool silu) {
+                          const std::optional<at::Tensor> &bias, double eps, bool silu,
+                          const std::optional<at::Tensor> &shift) {
   at::Tensor out = dda_glue::group_norm_output(x);
-  const dda_group_norm_params p = dda_glue::group_norm_params(x, num_groups, weight, bias, eps, silu, out, true);
+  const dda_group_norm_params p = dda_glue::group_norm_params(x, num_groups, weight, bias, eps, silu, shift, out, true);
   dda_glue::throw_on_error(dda_group_norm_cpu(&p), "dda.group_norm (cpu)");
   return out;
 }

@@ -288,7 +288,7 @@ dda_geglu_params geglu_params(const at::Tensor &x, bool approximate, const at::T
 
 dda_group_norm_params group_norm_params(const at::Tensor &x, int64_t num_groups, const std::optional<at::Tensor> &weight,
                                         const std::optional<at::Tensor> &bias, double eps, bool silu,
-                                        const at::Tensor &out, bool cpu) {
+                                        const std::optional<at::Tensor> &shift, const at::Tensor &out, bool cpu) {
   const char *op = cpu ? "dda.group_norm (cpu)" : "dda.group_norm (cuda)";
   check_dtype(x, op, "x", cpu);
   check_same(x, "x", out, "out", op);
@@ -314,6 +314,20 @@ dda_group_norm_params group_norm_params(const at::Tensor &x, int64_t num_groups,
               " must be a contiguous [C] tensor with C = ", C, ", got ", describe(t));
     ptrs[i] = t.data_ptr();
   }
+  // shift: [N, C] or [N, C, 1, 1] (a ResnetBlock2D's time embedding), channels contiguous
+  const void *shift_ptr = nullptr;
+  int64_t shift_stride_n = 0;
+  if (shift.has_value()) {
+    const at::Tensor &t = shift.value();
+    check_same(x, "x", t, "shift", op);
+    const bool shape_ok = (t.dim() == 2 || (t.dim() == 4 && t.size(2) == 1 && t.size(3) == 1)) &&
+                          t.size(0) == x.size(0) && t.size(1) == C;
+    DDA_CHECK(shape_ok && (t.stride(1) == 1 || C == 1), op, ": shift must be [N, C] or [N, C, 1, 1] with N = ",
+              x.size(0), ", C = ", C, " and contiguous channels, got ", describe(t));
+    shift_ptr = t.data_ptr();
+    shift_stride_n = t.size(0) == 1 ? C : t.stride(0);
+    DDA_CHECK(shift_stride_n >= C, op, ": shift's samples overlap (stride ", shift_stride_n, ")");
+  }
   check_no_overlap(out, "out", x, "x", op);
   if (!cpu) {  // the CUDA kernels' 16-byte vectors
     const int64_t vec = 16 / static_cast<int64_t>(x.element_size());
@@ -328,6 +342,8 @@ dda_group_norm_params group_norm_params(const at::Tensor &x, int64_t num_groups,
   p.y = out.data_ptr();
   p.gamma = ptrs[0];
   p.beta = ptrs[1];
+  p.shift = shift_ptr;
+  p.shift_stride_n = shift_stride_n;
   p.N = x.size(0);
   p.C = C;
   p.HW = x.size(2) * x.size(3);

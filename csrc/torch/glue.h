@@ -33,7 +33,7 @@ dda_geglu_params geglu_params(const at::Tensor &x, bool approximate, const at::T
 // Checks x [N, C, H, W] channels-last contiguous, weight / bias [C]?, out like x.
 dda_group_norm_params group_norm_params(const at::Tensor &x, int64_t num_groups, const std::optional<at::Tensor> &weight,
                                         const std::optional<at::Tensor> &bias, double eps, bool silu,
-                                        const at::Tensor &out, bool cpu);
+                                        const std::optional<at::Tensor> &shift, const at::Tensor &out, bool cpu);
 
 // The fresh outputs of the functional ops.
 at::Tensor linear_output(const at::Tensor &x, const at::Tensor &weight);

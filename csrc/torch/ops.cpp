@@ -51,6 +51,6 @@ TORCH_LIBRARY(dda, m) {
   // y[..., N] = x[..., :N] * gelu(x[..., N:]) (diffusers GEGLU); approximate: tanh form
   m.def("geglu(Tensor x, bool approximate) -> Tensor");
   // GroupNorm (+ SiLU) of a channels-last [N, C, H, W] x; the result is channels-last
-  m.def("group_norm(Tensor x, int num_groups, Tensor? weight, Tensor? bias, float eps, bool silu) -> Tensor");
+  m.def("group_norm(Tensor x, int num_groups, Tensor? weight, Tensor? bias, float eps, bool silu, Tensor? shift=None) -> Tensor");
   m.def("cuda_built() -> bool", &cuda_built);
 }
