@@ -185,13 +185,17 @@ def fuse_resnet(module: nn.Module) -> bool:
     return True
 
 
+def _unbind(module: nn.Module, name: str, fn) -> bool:
+    """Delete the instance attribute ``name`` if it is ``fn`` bound to ``module``; False otherwise."""
+    if getattr(vars(module).get(name), "__func__", None) is not fn:
+        return False
+    delattr(module, name)
+    return True
+
+
 def restore_resnet(module: nn.Module) -> bool:
     """Undo :func:`fuse_resnet`; False if it was not applied to ``module``."""
-    bound = vars(module).get("forward")
-    if getattr(bound, "__func__", None) is not _resnet_forward:
-        return False
-    del module.forward
-    return True
+    return _unbind(module, "forward", _resnet_forward)
 
 
 def _output_in_input_layout(self, hidden_states, residual, batch_size, height, width, inner_dim):
@@ -224,8 +228,4 @@ def keep_output_layout(module: nn.Module) -> bool:
 
 def restore_output_layout(module: nn.Module) -> bool:
     """Undo :func:`keep_output_layout`; False if it was not applied to ``module``."""
-    bound = vars(module).get("_get_output_for_continuous_inputs")
-    if getattr(bound, "__func__", None) is not _output_in_input_layout:
-        return False
-    del module._get_output_for_continuous_inputs
-    return True
+    return _unbind(module, "_get_output_for_continuous_inputs", _output_in_input_layout)

@@ -82,7 +82,6 @@ constexpr int kDV = 256;            /* output columns per block */
 constexpr int kSplit = kDQ / kDV;   /* blocks per row tile */
 constexpr int kLDQ = kDQ + 8;       /* q_s / k_s row stride, elements */
 constexpr int kLDV = kDV + 8;       /* v_s row stride, elements */
-constexpr float kLn2 = 0.6931471805599453f;
 
 constexpr uint32_t kQBytes = kRows * kLDQ * 2;
 constexpr uint32_t kKTileBytes = kKB * kLDQ * 2;
@@ -179,20 +178,7 @@ attention_fwd_d512(const dda_attention_params p, const float scale_log2) {
 
     /* S = Q K^T: s[j] is the 16x8 accumulator of keys k0 + 8j .. k0 + 8j + 7. */
     float s[NS][4];
-#pragma unroll
-    for (int j = 0; j < NS; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
-#pragma unroll
-    for (int ks = 0; ks < KS; ++ks) {
-      uint32_t a[4];
-      ldsm_x4(a, q_s + q_off + ks * 32);
-#pragma unroll
-      for (int j = 0; j < NS; j += 2) {
-        uint32_t bk[4];
-        ldsm_x4(bk, kbuf + k_off + j * 8 * kLDQ * 2 + ks * 32);
-        mma16816<T>(s[j], a, bk[0], bk[1]);
-        mma16816<T>(s[j + 1], a, bk[2], bk[3]);
-      }
-    }
+    qk_mma<T, NS, KS>(s, q_s + q_off, kbuf + k_off, kLDQ * 2);
 
     /* Scale, mask (keys >= Sk -> -inf) and online softmax (mma_common.cuh). */
     float alpha[2];
@@ -208,58 +194,21 @@ attention_fwd_d512(const dda_attention_params p, const float scale_log2) {
     }
 
     /* O += P V, 16 keys per k-step. */
-#pragma unroll
-    for (int kk = 0; kk < kKB / 16; ++kk) {
-      const uint32_t a[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-                             pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                             pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-      for (int n = 0; n < NO; n += 2) {
-        uint32_t bv[4];
-        ldsm_x4_trans(bv, vbuf + v_off + kk * 16 * kLDV * 2 + n * 16);
-        mma16816<T>(o[n], a, bv[0], bv[1]);
-        mma16816<T>(o[n + 1], a, bv[2], bv[3]);
-      }
-    }
-  }
-
-  /* Row sums over the quad; l == 0 means every key was masked: o = 0, lse = -inf. */
-  float inv[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-    inv[r] = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+    pv_mma<T, NS, NO>(o, s, vbuf + v_off, kLDV * 2);
   }
 
   /* O -> this warp's 16 rows of q_s (only this warp ever reads them), then 16-byte stores. */
-  uint16_t *qw = reinterpret_cast<uint16_t *>(smem) + warp * 16 * kLDQ;
-  __syncwarp();
-#pragma unroll
-  for (int n = 0; n < NO; ++n) {
-    *reinterpret_cast<uint32_t *>(qw + g * kLDQ + 8 * n + 2 * c) = pack2<T>(o[n][0] * inv[0], o[n][1] * inv[0]);
-    *reinterpret_cast<uint32_t *>(qw + (g + 8) * kLDQ + 8 * n + 2 * c) =
-        pack2<T>(o[n][2] * inv[1], o[n][3] * inv[1]);
-  }
-  __syncwarp();
+  float inv[2];
+  quad_row_sums(l, inv);
   uint16_t *out = static_cast<uint16_t *>(p.o) + b * p.o_stride_b + h * p.o_stride_h;
-#pragma unroll
-  for (int e = lane; e < 16 * NO; e += 32) {
-    const int r = e / NO;
-    const int d = (e - r * NO) * 8;
-    const int row = m0 + warp * 16 + r;
-    if (row < Sq && d0 + d < D)
-      *reinterpret_cast<uint4 *>(out + static_cast<int64_t>(row) * p.o_stride_s + d0 + d) =
-          *reinterpret_cast<const uint4 *>(qw + r * kLDQ + d);
-  }
+  store_rows<T, NO, kLDQ>(o, inv, reinterpret_cast<uint16_t *>(smem) + warp * 16 * kLDQ, out + d0, p.o_stride_s,
+                          m0 + warp * 16, Sq, D - d0, lane);
 
   if (p.lse && half == 0 && c == 0) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int row = m0 + warp * 16 + g + 8 * r;
-      if (row < Sq)
-        p.lse[(static_cast<int64_t>(b) * p.H + h) * Sq + row] =
-            l[r] > 0.0f ? (m[r] + log2f(l[r])) * kLn2 : -INFINITY;
+      if (row < Sq) p.lse[(static_cast<int64_t>(b) * p.H + h) * Sq + row] = lse_value(m[r], l[r]);
     }
   }
 #endif

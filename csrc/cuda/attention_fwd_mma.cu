@@ -78,7 +78,6 @@
 
 namespace {
 
-constexpr float kLn2 = 0.6931471805599453f;
 
 /* Padded head dims compiled; D maps to the smallest one >= D. */
 constexpr int kPadded[] = {48, 64, 80, 96, 128, 160, 192, 256};
@@ -289,13 +288,7 @@ attention_fwd_mma(const dda_attention_params p, const float scale_log2) {
   /* Row sums over the quad; l == 0 means every key was masked: o = 0, lse = -inf. */
   float inv[MT][2];
 #pragma unroll
-  for (int i = 0; i < MT; ++i)
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      l[i][r] += __shfl_xor_sync(0xffffffffu, l[i][r], 1);
-      l[i][r] += __shfl_xor_sync(0xffffffffu, l[i][r], 2);
-      inv[i][r] = l[i][r] > 0.0f ? 1.0f / l[i][r] : 0.0f;
-    }
+  for (int i = 0; i < MT; ++i) quad_row_sums(l[i], inv[i]);
 
   /* O -> this warp's 16 MT rows of q_s (only this warp ever read them), then 16-byte stores. */
   uint16_t *qw = reinterpret_cast<uint16_t *>(smem) + wr0 * LD;
@@ -328,8 +321,7 @@ attention_fwd_mma(const dda_attention_params p, const float scale_log2) {
       for (int r = 0; r < 2; ++r) {
         const int row = m0 + wr0 + 16 * i + g + 8 * r;
         if (row < Sq)
-          p.lse[(static_cast<int64_t>(b) * p.H + h) * Sq + row] =
-              l[i][r] > 0.0f ? (m[i][r] + log2f(l[i][r])) * kLn2 : -INFINITY;
+          p.lse[(static_cast<int64_t>(b) * p.H + h) * Sq + row] = lse_value(m[i][r], l[i][r]);
       }
   }
 #endif

@@ -53,7 +53,6 @@ namespace {
 
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
-constexpr float kLn2 = 0.6931471805599453f;
 
 /* Padded head dims and key counts compiled; D and Sk map to the smallest one >= them. */
 constexpr int kPadded[] = {48, 64, 80, 96, 128, 160};
@@ -177,20 +176,7 @@ attention_fwd_short(const dda_attention_params p, const float scale_log2, const 
 
     /* S = Q K^T: s[j] is the 16x8 accumulator of keys 8j .. 8j + 7. */
     float s[NS][4];
-#pragma unroll
-    for (int j = 0; j < NS; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
-#pragma unroll
-    for (int ks = 0; ks < KS; ++ks) {
-      uint32_t a[4];
-      ldsm_x4(a, qb + q_off + ks * 32);
-#pragma unroll
-      for (int j = 0; j < NS; j += 2) {
-        uint32_t bk[4];
-        ldsm_x4(bk, k_s + k_off + j * 8 * LD * 2 + ks * 32);
-        mma16816<T>(s[j], a, bk[0], bk[1]);
-        mma16816<T>(s[j + 1], a, bk[2], bk[3]);
-      }
-    }
+    qk_mma<T, NS, KS>(s, qb + q_off, k_s + k_off, LD * 2);
 
     /* Softmax of the one key tile: the short form without a mask, else mma_common.cuh's
      * (scale, mask, keys >= Sk -> -inf). */
@@ -213,57 +199,17 @@ attention_fwd_short(const dda_attention_params p, const float scale_log2, const 
     float o[NO][4];
 #pragma unroll
     for (int n = 0; n < NO; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
-#pragma unroll
-    for (int kk = 0; kk < NS / 2; ++kk) {
-      uint32_t pa[4];
-      pa[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
-      pa[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
-      pa[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      pa[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-#pragma unroll
-      for (int n = 0; n < NO; n += 2) {
-        uint32_t bv[4];
-        ldsm_x4_trans(bv, v_s + v_off + kk * 16 * LD * 2 + n * 16);
-        mma16816<T>(o[n], pa, bv[0], bv[1]);
-        mma16816<T>(o[n + 1], pa, bv[2], bv[3]);
-      }
-    }
-
-    /* Row sums over the quad; l == 0 means every key was masked: o = 0, lse = -inf. */
-    float inv[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-      l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-      inv[r] = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
-    }
+    pv_mma<T, NS, NO>(o, s, v_s + v_off, LD * 2);
 
     /* O / l -> the Q buffer (every lane's ldmatrix reads of it are done), then 16-byte stores. */
-    uint16_t *ob = reinterpret_cast<uint16_t *>(smem + (qb - k_s));
-    __syncwarp();
-#pragma unroll
-    for (int n = 0; n < NO; ++n) {
-      *reinterpret_cast<uint32_t *>(ob + g * LD + 8 * n + 2 * c) = pack2<T>(o[n][0] * inv[0], o[n][1] * inv[0]);
-      *reinterpret_cast<uint32_t *>(ob + (g + 8) * LD + 8 * n + 2 * c) =
-          pack2<T>(o[n][2] * inv[1], o[n][3] * inv[1]);
-    }
-    __syncwarp();
-#pragma unroll
-    for (int e = lane; e < 16 * NO; e += 32) {
-      const int r = e / NO;
-      const int d = (e - r * NO) * 8;
-      if (r0 + r < Sq && d < D)
-        *reinterpret_cast<uint4 *>(out + static_cast<int64_t>(r0 + r) * p.o_stride_s + d) =
-            *reinterpret_cast<const uint4 *>(ob + r * LD + d);
-    }
+    float inv[2];
+    quad_row_sums(l, inv);
+    store_rows<T, NO, LD>(o, inv, reinterpret_cast<uint16_t *>(smem + (qb - k_s)), out, p.o_stride_s, r0, Sq, D,
+                          lane);
     if (p.lse && c == 0) {
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int row = r0 + g + 8 * r;
-        if (row < Sq)
-          p.lse[(static_cast<int64_t>(b) * p.H + h) * Sq + row] =
-              l[r] > 0.0f ? (m[r] + log2f(l[r])) * kLn2 : -INFINITY;
-      }
+      for (int r = 0; r < 2; ++r)
+        if (r0 + g + 8 * r < Sq) p.lse[(static_cast<int64_t>(b) * p.H + h) * Sq + r0 + g + 8 * r] = lse_value(m[r], l[r]);
     }
     __syncwarp(); /* the buffer is free for the load two tiles on */
   }

@@ -16,6 +16,7 @@
 namespace {
 
 constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
 
 /* ------------------------------------------------------- PTX wrappers -- */
 
@@ -203,16 +204,107 @@ __device__ __forceinline__ void online_softmax(float (&s)[NS][4], float (&m)[2],
   l[1] = l[1] * alpha[1] + rs[1];
 }
 
-/* P (the exponentials in s) as wgmma A fragments from registers: k-step kk = keys
- * 16 kk .. 16 kk + 15 = S tiles 2 kk, 2 kk + 1 (the A layout of mma.sync m16n8k16). */
+/* P (the exponentials in s) of k-step kk = keys 16 kk .. 16 kk + 15 = S tiles 2 kk, 2 kk + 1
+ * as A fragments (the A layout of mma.sync m16n8k16, also wgmma's A from registers). */
+template <typename T, int NS>
+__device__ __forceinline__ void pack_p_step(uint32_t (&pa)[4], const float (&s)[NS][4], int kk) {
+  pa[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+  pa[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+  pa[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+  pa[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+}
+
+/* Every k-step of P at once (the wgmma kernels issue them back to back). */
 template <typename T, int NS>
 __device__ __forceinline__ void pack_p(uint32_t (&pa)[NS / 2][4], const float (&s)[NS][4]) {
 #pragma unroll
+  for (int kk = 0; kk < NS / 2; ++kk) pack_p_step<T, NS>(pa[kk], s, kk);
+}
+
+/* S[16][8 NS] = Q K^T for one warp's 16 rows (mma.sync), KS k-steps of 16 columns: Q
+ * A-fragments and K B-fragments by ldmatrix from row-major tiles in shared memory; q and k
+ * are the tiles + this lane's offsets (Q: (lane % 16) rows, 8 (lane / 16) columns; K: key
+ * lane % 8 + 8 (lane / 16), column 8 ((lane / 8) % 2)), ld_bytes the K tile's row stride. */
+template <typename T, int NS, int KS>
+__device__ __forceinline__ void qk_mma(float (&s)[NS][4], uint32_t q, uint32_t k, uint32_t ld_bytes) {
+#pragma unroll
+  for (int j = 0; j < NS; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+#pragma unroll
+  for (int ks = 0; ks < KS; ++ks) {
+    uint32_t a[4];
+    ldsm_x4(a, q + ks * 32);
+#pragma unroll
+    for (int j = 0; j < NS; j += 2) {
+      uint32_t bk[4];
+      ldsm_x4(bk, k + j * 8 * ld_bytes + ks * 32);
+      mma16816<T>(s[j], a, bk[0], bk[1]);
+      mma16816<T>(s[j + 1], a, bk[2], bk[3]);
+    }
+  }
+}
+
+/* O[16][8 NO] += P V for one warp's 16 rows (mma.sync): P from the S accumulators of NS
+ * 8-key tiles, packed per 16-key k-step; V B-fragments by ldmatrix.trans of a row-major
+ * tile in shared memory, v = the tile + this lane's offset ((lane % 16) rows, 8 (lane / 16)
+ * columns), ld_bytes its row stride. */
+template <typename T, int NS, int NO>
+__device__ __forceinline__ void pv_mma(float (&o)[NO][4], const float (&s)[NS][4], uint32_t v, uint32_t ld_bytes) {
+#pragma unroll
   for (int kk = 0; kk < NS / 2; ++kk) {
-    pa[kk][0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
-    pa[kk][1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
-    pa[kk][2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-    pa[kk][3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+    uint32_t pa[4];
+    pack_p_step<T, NS>(pa, s, kk);
+#pragma unroll
+    for (int n = 0; n < NO; n += 2) {
+      uint32_t bv[4];
+      ldsm_x4_trans(bv, v + kk * 16 * ld_bytes + n * 16);
+      mma16816<T>(o[n], pa, bv[0], bv[1]);
+      mma16816<T>(o[n + 1], pa, bv[2], bv[3]);
+    }
+  }
+}
+
+/* ------------------------------------------------------------ epilogue -- */
+
+/* The full row sums of rows g, g + 8 (each lane of a quad holds a part) and their
+ * inverses; l == 0 means every key was masked: inverse 0, so o = 0. */
+__device__ __forceinline__ void quad_row_sums(float (&l)[2], float (&inv)[2]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    inv[r] = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+  }
+}
+
+/* The natural-log LSE of a row from its max m (log2 units) and full sum l; -inf if all masked. */
+__device__ __forceinline__ float lse_value(float m, float l) {
+  return l > 0.0f ? (m + log2f(l)) * kLn2 : -INFINITY;
+}
+
+/* One warp's 16 rows of O / l to global memory with 16-byte stores, staged through buf
+ * (16 rows x LD elements of shared memory this warp owns and has finished reading): rows
+ * row0 .. row0 + 15 of out (row stride stride_s elements); rows >= nrows and columns >= ncols
+ * are not stored. */
+template <typename T, int NO, int LD>
+__device__ __forceinline__ void store_rows(const float (&o)[NO][4], const float (&inv)[2], uint16_t *buf,
+                                           uint16_t *out, int64_t stride_s, int row0, int nrows, int ncols,
+                                           int lane) {
+  const int g = lane >> 2, c = lane & 3;
+  __syncwarp();
+#pragma unroll
+  for (int n = 0; n < NO; ++n) {
+    const int col = 8 * n + 2 * c;
+    *reinterpret_cast<uint32_t *>(buf + g * LD + col) = pack2<T>(o[n][0] * inv[0], o[n][1] * inv[0]);
+    *reinterpret_cast<uint32_t *>(buf + (g + 8) * LD + col) = pack2<T>(o[n][2] * inv[1], o[n][3] * inv[1]);
+  }
+  __syncwarp();
+#pragma unroll
+  for (int e = lane; e < 16 * NO; e += 32) {
+    const int r = e / NO;
+    const int d = (e - r * NO) * 8;
+    if (row0 + r < nrows && d < ncols)
+      *reinterpret_cast<uint4 *>(out + static_cast<int64_t>(row0 + r) * stride_s + d) =
+          *reinterpret_cast<const uint4 *>(buf + r * LD + d);
   }
 }
 

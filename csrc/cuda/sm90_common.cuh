@@ -20,8 +20,6 @@ namespace {
 /* Device helpers exist only where sm_90a kernel bodies are compiled (host pass, sm_90a). */
 #if !defined(__CUDA_ARCH__) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
-constexpr float kLn2 = 0.6931471805599453f;
-
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 /* Waits until at most N committed wgmma groups are pending (groups complete in order). */
@@ -49,12 +47,7 @@ template <typename T, int NO>
 __device__ __forceinline__ void store_o(const float (&o)[NO][4], float (&l)[2], const float (&m)[2],
                                         const dda_attention_params &p, int b, int h, int row0, int g, int c) {
   float inv[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-    inv[r] = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;  /* l == 0: every key masked, o = 0, lse = -inf */
-  }
+  quad_row_sums(l, inv);  /* l == 0: every key masked, o = 0, lse = -inf */
   uint16_t *out = static_cast<uint16_t *>(p.o) + b * p.o_stride_b + h * p.o_stride_h;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -66,7 +59,7 @@ __device__ __forceinline__ void store_o(const float (&o)[NO][4], float (&l)[2], 
       if (8 * n < p.D)
         *reinterpret_cast<uint32_t *>(orow + 8 * n) = pack2<T>(o[n][2 * r] * inv[r], o[n][2 * r + 1] * inv[r]);
     if (p.lse && c == 0)
-      p.lse[(static_cast<int64_t>(b) * p.H + h) * p.Sq + row] = l[r] > 0.0f ? (m[r] + log2f(l[r])) * kLn2 : -INFINITY;
+      p.lse[(static_cast<int64_t>(b) * p.H + h) * p.Sq + row] = lse_value(m[r], l[r]);
   }
 }
 
