@@ -107,8 +107,8 @@ def attention_kernel_name(
     (``wgmma_sm90_...|mma_sm80_..._m128kb64|m64kb64|m32kb64``); :func:`attention_kernel_for`
     answers exactly for given tensors. ``DDA_MMA_FORCE=m64`` (read once) pins an mma tile.
     Starts with ``"unsupported: "`` and a reason when no kernel can run the case.
-    ``seq_k`` is accepted for future key-length specialisations and does not change the
-    choice today."""
+    ``seq_k`` <= 128 picks the short-key kernel (``short_sm80_...``: cross-attention on the
+    text tokens; ``DDA_SHORT=0`` turns it off) where the head dim is at most 160."""
     device = torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
     if device.type == "cpu":
         if dtype != torch.float32:
