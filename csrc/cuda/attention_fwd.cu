@@ -721,9 +721,9 @@ extern "C" const char *dda_attention_kernel_name(int cc_major, int cc_minor, dda
   if (cc_major < 7) return "unsupported: compute capability below 7.0";
   size_t block_smem = 0, sm_smem = 0;
   smem_limits_for_cc(cc_major, cc_minor, &block_smem, &sm_smem);
-  /* Short key sequences (Sk <= 128): the short-key kernel where it fits. */
+  /* Short key sequences (Sk <= 128): the short-key kernel where it fits (unless DDA_SHORT=0). */
   if (const char *s = dda_attention_short_name(cc_major, dtype, head_dim, seq_k))
-    if (dda_attention_short_smem(head_dim, seq_k) <= block_smem) return s;
+    if (short_policy() != kSm90Off && dda_attention_short_smem(head_dim, seq_k) <= block_smem) return s;
   /* Tensor-core kernels run for 16-byte aligned q/k/v/o; misaligned ones run the generic kernel.
    * Hopper: the TMA kernel (unmasked, Sk > 128) or the cp.async sm_90a kernel where the
    * build has them, else mma (dda_attention_kernel_for answers exactly for given tensors). */
