@@ -80,6 +80,13 @@ class FusedGEGLU(nn.Module):
         return ops.geglu(hidden_states)
 
 
+def _traced_fusable(x: torch.Tensor) -> bool:
+    # under torch.compile: layout, device and channel count decide (guards on static facts);
+    # alignment holds for the fresh tensors of a UNet
+    return (x.dim() == 4 and x.device.type == "cuda" and x.is_contiguous(memory_format=torch.channels_last)
+            and x.shape[1] % (16 // x.element_size()) == 0)
+
+
 class ChannelsLastGroupNorm(nn.Module):
     """Stands in for a ``torch.nn.GroupNorm``: channels-last CUDA input runs :func:`.ops.group_norm`
     in that layout (the output is channels-last too), anything else ``F.group_norm`` (CPU
@@ -102,8 +109,7 @@ class ChannelsLastGroupNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _compiling():
-            # traced: the layout decides (a guard); alignment holds for the fresh tensors of a UNet
-            if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and x.device.type == "cuda":
+            if _traced_fusable(x):
                 return ops.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
             return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         why = "CPU input" if x.device.type != "cuda" else ops.group_norm_supported(
@@ -119,7 +125,7 @@ def _norm_silu(norm: "ChannelsLastGroupNorm", x: torch.Tensor, shift: torch.Tens
     """``silu(norm(x + shift[:, :, None, None]))`` as one op where the kernel takes it; else the
     stock composition (``norm`` counts its own fallbacks)."""
     if _compiling():
-        fused = x.dim() == 4 and x.device.type == "cuda" and x.is_contiguous(memory_format=torch.channels_last)
+        fused = _traced_fusable(x)
     else:
         fused = x.device.type == "cuda" and not ops.group_norm_supported(x, norm.num_groups, norm.weight, norm.bias,
                                                                          shift)
