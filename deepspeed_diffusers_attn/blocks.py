@@ -12,9 +12,9 @@
   module counts them (``fallback_calls``, ``last_fallback_reason``).
 * :func:`fuse_resnet` gives a diffusers ``ResnetBlock2D`` (whose norms are the stand-ins
   above) a forward that runs ``norm1 -> SiLU`` and ``hidden + time embedding -> norm2 -> SiLU``
-  as one :func:`.ops.group_norm` call each (``silu=True``, ``shift=``): per block, three
-  elementwise passes over the activation fewer, among them stock's broadcast add of the
-  time embedding (a non-vectorised kernel on channels-last tensors).
+  as one :func:`.ops.group_norm` call each (``silu=True``, ``shift=``), on CUDA with conv1's
+  bias folded into that shift too: per block, four elementwise passes over the activation
+  fewer, among them two broadcast adds (non-vectorised kernels on channels-last tensors).
 * :func:`keep_output_layout` makes a ``Transformer2DModel`` return its output in the
   memory format of its input: stock ends with ``.permute(0, 3, 1, 2).contiguous()``, which
   turns a channels-last UNet's activations NCHW (a permuting copy), and the next
@@ -136,6 +136,12 @@ def _norm_silu(norm: "ChannelsLastGroupNorm", x: torch.Tensor, shift: torch.Tens
     return F.silu(norm(x))
 
 
+def _plain_conv(conv: nn.Module) -> bool:
+    """A torch Conv2d that F.conv2d reproduces exactly (zero padding, no hooks)."""
+    return (type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and not conv._forward_hooks
+            and not conv._forward_pre_hooks)
+
+
 def _resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None, *args, **kwargs) -> torch.Tensor:
     # diffusers' ResnetBlock2D.forward (SiLU; time_embedding_norm "default", or any but
     # "scale_shift" without a time projection, e.g. the VAE decoder's "group"), with each
@@ -154,18 +160,30 @@ def _resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None,
     elif self.downsample is not None:
         input_tensor = self.downsample(input_tensor)
         hidden_states = self.downsample(hidden_states)
-    hidden_states = self.conv1(hidden_states)
+    # On CUDA conv1's bias joins the time embedding in norm2's shift: cuDNN adds a conv bias in
+    # a separate broadcast pass over the output, which this saves (a constant per channel)
+    conv1, bias = self.conv1, None
+    if hidden_states.device.type == "cuda" and conv1.bias is not None and _plain_conv(conv1):
+        bias = conv1.bias
+        hidden_states = F.conv2d(hidden_states, conv1.weight, None, conv1.stride, conv1.padding, conv1.dilation,
+                                 conv1.groups)
+    else:
+        hidden_states = conv1(hidden_states)
     shift = None
     if self.time_emb_proj is not None:
         if not self.skip_time_act:
             temb = self.nonlinearity(temb)
         shift = self.time_emb_proj(temb)
+    if bias is not None:
+        shift = bias.expand(hidden_states.shape[0], -1) if shift is None else shift + bias
     hidden_states = _norm_silu(self.norm2, hidden_states, shift)
     hidden_states = self.dropout(hidden_states)
     hidden_states = self.conv2(hidden_states)
     if self.conv_shortcut is not None:
         input_tensor = self.conv_shortcut(input_tensor)
-    return (input_tensor + hidden_states) / self.output_scale_factor
+    output_tensor = input_tensor + hidden_states
+    # x / 1.0 is x exactly: stock's division by a unit factor is a launch that changes no value
+    return output_tensor if self.output_scale_factor == 1.0 else output_tensor / self.output_scale_factor
 
 
 def fuse_resnet(module: nn.Module) -> bool:

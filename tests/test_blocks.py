@@ -91,8 +91,11 @@ def test_group_norm_cpu_matches_float64(N, C, H, W, G, affine, silu, shifted):
     ref = gn_ref(x, G, w, b, 1e-5, silu, shift)
     torch_err = rel_err(stock_gn(x, G, w, b, 1e-5, silu, shift), ref)
     assert rel_err(y, ref) <= max(4 * torch_err, 16 * EPS[torch.float32])
-    if shifted:  # the 2-D form is the same call
+    if shifted:  # the 2-D form is the same call; one row expanded over the samples (stride 0) too
         assert torch.equal(ops.group_norm(x, G, w, b, 1e-5, silu, shift.reshape(N, C)), y)
+        row = shift.reshape(N, C)[:1].expand(N, C)
+        assert torch.equal(ops.group_norm(x, G, w, b, 1e-5, silu, row),
+                           ops.group_norm(x, G, w, b, 1e-5, silu, row.contiguous()))
 
 
 def test_group_norm_errors():

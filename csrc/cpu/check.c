@@ -44,7 +44,7 @@ dda_status dda_group_norm_check(const dda_group_norm_params *p) {
   if (!p || !p->x || !p->y) return DDA_ERR_INVALID_ARGUMENT;
   if (p->N < 1 || p->HW < 1 || p->C < 1 || p->G < 1 || p->C % p->G != 0) return DDA_ERR_INVALID_ARGUMENT;
   if (p->x_stride_n < p->HW * p->C || p->y_stride_n < p->HW * p->C) return DDA_ERR_INVALID_ARGUMENT;
-  if (p->shift && p->N > 1 && p->shift_stride_n < p->C) return DDA_ERR_INVALID_ARGUMENT;
+  if (p->shift && p->shift_stride_n != 0 && p->shift_stride_n < p->C) return DDA_ERR_INVALID_ARGUMENT;
   if (!(p->eps >= 0.0f) || (p->silu != 0 && p->silu != 1)) return DDA_ERR_INVALID_ARGUMENT;
   if (p->dtype != DDA_F32 && p->dtype != DDA_F16 && p->dtype != DDA_BF16) return DDA_ERR_UNSUPPORTED_DTYPE;
   return DDA_OK;

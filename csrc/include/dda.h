@@ -143,7 +143,8 @@ typedef struct {
  * GroupNorm over a channels-last (NHWC) tensor, optionally after adding a per-(sample,
  * channel) shift and optionally followed by SiLU:
  *   x, y [N, HW, C] (pixel stride C, sample strides x_stride_n / y_stride_n)
- *   x' = x + shift[n, c] (shift [N, C], row stride shift_stride_n, or NULL: x' = x); this is
+ *   x' = x + shift[n, c] (shift [N, C], row stride shift_stride_n >= C, or 0 for one row that
+ *   every sample shares; or NULL: x' = x); this is
  *   a ResnetBlock2D's "hidden + time embedding" folded into its norm2
  *   groups of C / G consecutive channels; per (sample, group) mean and biased variance of
  *   x' over HW * C / G values (fp32 statistics);

@@ -325,8 +325,7 @@ dda_group_norm_params group_norm_params(const at::Tensor &x, int64_t num_groups,
     DDA_CHECK(shape_ok && (t.stride(1) == 1 || C == 1), op, ": shift must be [N, C] or [N, C, 1, 1] with N = ",
               x.size(0), ", C = ", C, " and contiguous channels, got ", describe(t));
     shift_ptr = t.data_ptr();
-    shift_stride_n = t.size(0) == 1 ? C : t.stride(0);
-    DDA_CHECK(shift_stride_n >= C, op, ": shift's samples overlap (stride ", shift_stride_n, ")");
+    shift_stride_n = t.size(0) == 1 ? 0 : t.stride(0);  // 0: one row for every sample (expand)
   }
   check_no_overlap(out, "out", x, "x", op);
   if (!cpu) {  // the CUDA kernels' 16-byte vectors
