@@ -14,7 +14,8 @@
  * Why a kernel of its own: with Sk <= 128 there is one key tile, so a flash-attention
  * block (load Q, K, V; one S; one P V; store) is a chain of latencies with a few
  * microseconds of work, and the general kernels spend most of their time waiting
- * (2x8x4096x77 at d40: ~37 TFLOP/s). Here every block loads K and V of its (b, h)
+ * (the mma kernel: 2x10x4096x77 at d64 in 20 us, where reading Q and writing O, 21 MB,
+ * takes 4.5 us). Here every block loads K and V of its (b, h)
  * into shared memory once, and then each warp streams 16-row Q tiles through it:
  * the next Q tile is in flight (cp.async, per-warp double buffer) while this one is
  * computed, and O leaves through the same buffer with 16-byte stores. Softmax is
@@ -32,7 +33,8 @@
  * Per warp and Q tile (fragment layouts of mma.sync m16n8k16 and the ldmatrix lane
  * addressing are those of attention_fwd_mma.cu):
  *   S[16][SKP] = Q K^T       DP / 16 k-steps; Q A-fragments and K B-fragments by ldmatrix
- *   scale, mask, keys >= Sk -> -inf; softmax in base 2 (online_softmax of one tile)
+ *   keys >= Sk -> -inf, softmax in base 2 with the scale in the exponent's FMA
+ *                            (softmax_tile; with a mask: mma_common's online_softmax)
  *   O[16][DP] = P V          P re-packed in registers, V by ldmatrix.trans
  *   O / l -> the Q buffer -> global (16-byte stores; rows >= Sq, columns >= D skipped)
  */
