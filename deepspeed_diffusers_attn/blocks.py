@@ -20,6 +20,10 @@
   turns a channels-last UNet's activations NCHW (a permuting copy), and the next
   convolution converts them back. Same values, no copies.
 
+:func:`fuse_resnet` and :func:`keep_output_layout` bind a method to the instance, so a patched
+model deep-copies but does not pickle as a whole object (``torch.save(model)``; its
+``state_dict`` is unaffected): :func:`.patch.unpatch` it first.
+
 The two module stand-ins keep the original unregistered in ``.original`` and share its parameters (same
 ``Parameter`` objects, same ``state_dict`` keys): no weight memory is duplicated, and
 :func:`.patch.unpatch` puts the originals back. Values: the GEGLU product and the
