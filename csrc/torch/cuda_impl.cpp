@@ -55,7 +55,7 @@ at::Tensor geglu_cuda(const at::Tensor &x, bool approximate) {
 // The statistics scratch comes from torch's caching allocator (capture-safe, like linear's).
 at::Tensor group_norm_cuda(const at::Tensor &x, int64_t num_groups, const std::optional<at::Tensor> &weight,
                            const std::optional<at::Tensor> &bias, double eps, bool silu,
-                          const std::optional<at::Tensor> &shift) {
+                           const std::optional<at::Tensor> &shift) {
   at::Tensor out = dda_glue::group_norm_output(x);
   const dda_group_norm_params p = dda_glue::group_norm_params(x, num_groups, weight, bias, eps, silu, shift, out, false);
   const c10::cuda::CUDAGuard guard(x.device());
