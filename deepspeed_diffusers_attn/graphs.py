@@ -52,6 +52,13 @@ Rules for callers:
 * With ``clone_outputs=False`` the returned tensors are the graph's own buffers: they are
   overwritten by the next call of this wrapper (any signature), and may be clobbered by
   a replay of another graph of the same pool.
+* The module's Python-side state is part of the key (:mod:`.module_state`): active
+  LoRA adapters and their scales, disabled or merged adapters, attention processors and
+  their values (an IP-Adapter's scale). ``set_adapters``, ``disable_lora``, ``fuse_lora``,
+  ``set_ip_adapter_scale`` and ``set_attn_processor`` therefore take effect at the next
+  call: a new state captures its own graph (LRU as above), a state seen before replays
+  its graph. Loading or unloading adapters changes the module's structure and drops every
+  graph. Other Python state a forward reads is not seen: call :meth:`GraphedCallable.reset`.
 * Parameters are read in place: updating them in place (``load_state_dict``, ``copy_``)
   is seen by the graphs. Moving them (``.to()``, ``.half()``, diffusers' VAE upcast) is
   detected (their data pointers are checked each call) and recaptures; replacing
@@ -73,6 +80,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from .module_state import ModelState
 from .workspace import get_workspace
 
 __all__ = [
@@ -317,7 +325,8 @@ class GraphedCallable:
     """A callable that runs ``fn`` through CUDA graphs keyed by its input signature (see the module doc).
 
     fn: the callable (usually a bound method such as ``unet.forward``).
-    module: the nn.Module ``fn`` belongs to, if any: its training flag goes into the key,
+    module: the nn.Module ``fn`` belongs to, if any: its training flag and Python-side
+        state (:class:`.module_state.ModelState`) go into the key,
         its parameters' data pointers are checked before each replay, and parameters
         requiring grad under grad mode make the call eager.
     tensor_scalars: argument names whose python int/float values are graph inputs
@@ -362,6 +371,7 @@ class GraphedCallable:
         self._params: list[torch.Tensor] = []
         self._param_ptrs: list[int] = []
         self._last_stream = None
+        self._state = ModelState(module) if module is not None else None
         self.stats = collections.Counter()  # captures, replays, eager, evictions, resets
 
     # ------------------------------------------------------------------ public
@@ -395,7 +405,7 @@ class GraphedCallable:
             return self.fn(*args, **kwargs)
         if not self.cuda_graph:
             return self._call(self._converted(arguments))
-        extra = (self.module.training,) if self.module is not None else ()
+        extra = self._module_state_key()
         key, leaves, problems = signature_key(arguments, tensor_scalars=self.tensor_scalars,
                                               ignored=self.ignored_args, channels_last=self.channels_last,
                                               extra=extra)
@@ -414,6 +424,23 @@ class GraphedCallable:
         else:
             self._graphs.move_to_end(key)
         return self._replay(entry, leaves, device)
+
+    def _module_state_key(self) -> tuple:
+        """The module's training flag and Python-side state (:mod:`.module_state`), for the key.
+
+        A changed structure (adapters loaded or unloaded, modules swapped) drops every graph:
+        they may read parameters that no longer exist.
+        """
+        if self.module is None:
+            return ()
+        if self._state.refresh() and (self._graphs or self._eager):
+            if "structure" not in self._warned:
+                self._warned.add("structure")
+                warnings.warn(f"deepspeed_diffusers_attn: {self.name}: the module's submodules or parameters "
+                              "changed (adapters loaded or unloaded?); its CUDA graphs are recaptured",
+                              GraphFallbackWarning, stacklevel=3)
+            self.reset()
+        return (self.module.training, self._state.key())
 
     def _bind(self, args, kwargs) -> Optional[dict]:
         if self._signature is None:

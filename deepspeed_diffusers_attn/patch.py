@@ -14,11 +14,12 @@ What a patched model looks like:
   ``to_v``, ``to_out[0]``, ``group_norm``) keep their Parameter objects, but their
   ``.data`` become views into the fused storage (values bit-identical, checked).
   ``model.to(...)`` / ``.half()`` move the fused tensors and re-point the views.
-* ``state_dict()`` of a patched model holds the fused tensors, e.g.
-  ``...attn1.dda.attn_qkvw`` instead of ``...attn1.to_q.weight`` (same numbers, fused
-  layout; ``load_state_dict`` of such a dict works and updates the views too). Save
-  diffusers checkpoints after :func:`unpatch`: its ``state_dict()`` equals the unpatched
-  model's bit for bit (keys, values, dtypes).
+* ``state_dict()`` of a patched model has stock diffusers' keys and values (each
+  :class:`PatchedAttention` gives its original's state dict, whose parameters are views of
+  the fused tensors), so ``save_pretrained`` writes a checkpoint that stock diffusers
+  loads bit-exactly. ``load_state_dict`` of a stock state dict updates the fused tensors
+  through those views; a dict with the fused keys (``...attn1.dda.attn_qkvw``) loads too.
+  ``named_parameters()`` lists the fused tensors.
 * A patched module refuses to change attention processors (``set_processor`` raises;
   ``unet.set_attn_processor``, ``set_default_attn_processor``, IP-Adapter loading and,
   in recent diffusers, ``fuse_qkv_projections`` go through it), and refuses ``cross_attention_kwargs`` that
@@ -156,6 +157,7 @@ class PatchedAttention(nn.Module):
         self.dda = fused
         object.__setattr__(self, "_original", original)  # bypasses nn.Module registration
         self.train(original.training)
+        self.register_load_state_dict_pre_hook(PatchedAttention._load_stock_keys)
 
     @property
     def original(self) -> Attention:
@@ -191,6 +193,37 @@ class PatchedAttention(nn.Module):
                 "encoder_hidden_states is a tuple (IP-Adapter image embeddings); a patched attention "
                 f"cannot apply IP-Adapter: {_UNPATCH_HINT}, then load the IP-Adapter")
         return self.dda(hidden_states, context=encoder_hidden_states, input_mask=attention_mask)
+
+    def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
+        """The original ``Attention``'s state dict: stock diffusers keys and values.
+
+        Its parameters are views of the fused tensors, so the values are the ones that run;
+        ``save_pretrained`` of a patched model therefore writes a stock checkpoint.
+        """
+        return self._original.state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+
+    @staticmethod
+    def _load_stock_keys(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                         error_msgs) -> None:
+        # load_state_dict pre-hook: stock keys (``to_q.weight``...) are copied into the original's
+        # parameters, which are views of the fused tensors, and taken out of the dict; the fused
+        # parameters are then "loaded" from themselves. A dict with fused keys loads as is.
+        stock = module._original.state_dict(prefix=prefix, keep_vars=True)
+        if not any(key in state_dict for key in stock):
+            return
+        with torch.no_grad():
+            for key, param in stock.items():
+                if key not in state_dict:
+                    missing_keys.append(key)
+                    continue
+                value = state_dict.pop(key)
+                if value.shape != param.shape:
+                    error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(value.shape)} "
+                                      f"from checkpoint, the shape in current model is {tuple(param.shape)}.")
+                    continue
+                param.copy_(value)
+        for name, param in module.dda.named_parameters():
+            state_dict.setdefault(f"{prefix}dda.{name}", param)
 
     def _apply(self, fn, recurse=True):
         # .to() / .half() / .cuda(): move the fused tensors, then re-point the original's views.

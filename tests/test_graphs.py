@@ -315,6 +315,115 @@ def test_training_flag_in_key():
     assert wrapper.num_graphs == 2
 
 
+# --------------------------------------------------------------------------- module state in the key
+def frozen_capture(log: list):
+    """A capture function for the CPU that, like a real graph, replays what it captured: the
+    static output keeps the capture's values (the tests call with the same inputs), so a
+    replay of the wrong graph returns the wrong values."""
+
+    def capture(run, device):
+        out = run()
+        log.append(out)
+        return (lambda: None), out
+
+    return capture
+
+
+def add_lora_adapters(unet, names=("a", "b"), rank=4, targets=("to_q", "to_k", "to_v", "to_out.0")):
+    """Random (not zero-initialised) PEFT LoRA adapters, as diffusers' load_lora_adapter would add them."""
+    from peft import LoraConfig
+
+    for name in names:
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets),
+                                    init_lora_weights=False), adapter_name=name)
+
+
+ADAPTER_CHANGES = {
+    "set_adapters one": lambda u: u.set_adapters(["a"], weights=[1.0]),
+    "set_adapters weight": lambda u: u.set_adapters(["a", "b"], weights=[1.0, 0.5]),
+    "disable_lora": lambda u: u.disable_lora(),
+    "fuse_lora": lambda u: u.fuse_lora(adapter_names=["a"]),
+}
+
+
+@pytest.mark.parametrize("change", list(ADAPTER_CHANGES))
+@pytest.mark.parametrize("patched", [False, True], ids=["stock", "ours"])
+def test_adapter_changes_never_replay_a_stale_graph(change, patched):
+    pytest.importorskip("peft")
+    unet, inputs = make_unet("sd15")
+    add_lora_adapters(unet)
+    unet.set_adapters(["a", "b"], weights=[1.0, 1.0])
+    if patched:
+        dda.patch(unet)
+    wrapper = graph_module_forward(unet, capture=frozen_capture([]))
+    with torch.no_grad():
+        before = unet(**inputs).sample.clone()
+        assert torch.equal(unet(**inputs).sample, before)  # a replay
+        ADAPTER_CHANGES[change](unet)
+        eager = wrapper.fn(**inputs).sample
+        after = unet(**inputs).sample
+    assert (eager - before).abs().max() > 1e-3, "the change should alter the output"
+    torch.testing.assert_close(after, eager, rtol=0, atol=0)
+    assert wrapper.stats["captures"] == 2
+
+
+def test_switching_adapters_back_replays_without_capture():
+    pytest.importorskip("peft")
+    unet, inputs = make_unet("sd15")
+    add_lora_adapters(unet)
+    wrapper = graph_module_forward(unet, capture=frozen_capture([]))
+    outs = {}
+    with torch.no_grad():
+        for names in (["a"], ["b"], ["a"], ["b"]):
+            unet.set_adapters(names, weights=[1.0])
+            outs.setdefault(names[0], []).append(unet(**inputs).sample.clone())
+    assert wrapper.stats["captures"] == 2 and wrapper.stats["replays"] == 4
+    assert torch.equal(outs["a"][0], outs["a"][1]) and torch.equal(outs["b"][0], outs["b"][1])
+    assert not torch.equal(outs["a"][0], outs["b"][0])
+
+
+def test_loading_or_unloading_adapters_drops_the_graphs():
+    pytest.importorskip("peft")
+    unet, inputs = make_unet("sd15")
+    wrapper = graph_module_forward(unet, capture=frozen_capture([]))
+    with torch.no_grad():
+        unet(**inputs)
+        add_lora_adapters(unet, names=("a",))
+        with pytest.warns(GraphFallbackWarning, match="submodules or parameters changed"):
+            with_lora = unet(**inputs).sample
+        torch.testing.assert_close(with_lora, wrapper.fn(**inputs).sample, rtol=0, atol=0)
+        unet.unload_lora()
+        without = unet(**inputs).sample
+        torch.testing.assert_close(without, wrapper.fn(**inputs).sample, rtol=0, atol=0)
+    assert wrapper.stats["resets"] == 2 and wrapper.stats["captures"] == 3
+
+
+def test_processor_changes_are_in_the_key():
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    unet, inputs = make_unet("sd15")
+    wrapper = graph_module_forward(unet, capture=frozen_capture([]))
+    with torch.no_grad():
+        unet(**inputs)
+        unet.set_attn_processor(AttnProcessor())
+        unet(**inputs)
+        unet.set_attn_processor(AttnProcessor2_0())
+        unet(**inputs)
+    assert wrapper.stats["captures"] == 3
+
+
+def test_a_forward_that_slices_module_lists_does_not_rewalk():
+    from deepspeed_diffusers_attn import module_state
+
+    unet, inputs = make_unet("sd15")
+    graph_module_forward(unet, capture=frozen_capture([]))
+    with torch.no_grad():
+        unet(**inputs)
+        seen = module_state.registrations()
+        unet(**inputs)
+    assert module_state.registrations() == seen
+
+
 # --------------------------------------------------------------------------- patch / unpatch / options
 def test_unpatch_restores_original_methods():
     unet, _ = make_unet("sd15")
@@ -541,6 +650,29 @@ def test_cuda_pipeline_images_match_eager():
     assert (graphed == again).all()
     dda.unpatch(pipe)
     assert "forward" not in pipe.unet.__dict__
+
+
+@requires_cuda
+@pytest.mark.parametrize("patched", [False, True], ids=["stock", "ours"])
+def test_cuda_graph_after_set_adapters_equals_eager(patched):
+    """The shipped bug: SDXL with two PEFT adapters under cuda_graph=True replayed the adapter
+    set it captured after set_adapters(["a"]) (0.135 relative error on an H200)."""
+    pytest.importorskip("peft")
+    unet, inputs = make_unet("sdxl", "cuda", torch.float16)
+    add_lora_adapters(unet, rank=8)
+    unet.set_adapters(["a", "b"], weights=[1.0, 1.0])
+    if patched:
+        dda.patch(unet)
+    with torch.no_grad():
+        wrapper = graph_module_forward(unet)
+        for _ in range(2):
+            unet(**inputs)
+        for names, weights in ((["a"], [1.0]), (["a", "b"], [0.5, 1.0]), (["a", "b"], [1.0, 1.0])):
+            unet.set_adapters(names, weights=weights)
+            eager = wrapper.fn(**inputs).sample
+            graphed = unet(**inputs).sample
+            assert _report(f"set_adapters({names}, {weights})", graphed, eager) <= 2e-3
+    assert wrapper.stats["captures"] == 3  # the last state was captured first, and replays
 
 
 @requires_cuda

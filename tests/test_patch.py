@@ -165,10 +165,62 @@ def test_storage_not_duplicated_and_state_dict_while_patched():
     assert sum(p.numel() for p in unet.parameters()) == numel
 
     keys = list(unet.state_dict())
-    assert not any(".to_q." in k for k in keys)
-    assert "mid_block.attentions.0.transformer_blocks.0.attn1.dda.attn_qkvw" in keys
-    assert "mid_block.attentions.0.transformer_blocks.0.attn2.dda.attn_qw" in keys
+    assert not any(".dda." in k for k in keys)
+    assert "mid_block.attentions.0.transformer_blocks.0.attn1.to_q.weight" in keys
     assert sum(v.numel() for v in unet.state_dict().values()) == numel
+
+
+def test_state_dict_has_stock_keys_and_values_while_patched():
+    unet, inputs = make_unet("sdxl")
+    stock = clone_state(unet)
+    dda.patch(unet)
+    assert_state_equal(clone_state(unet), stock)
+    kept = unet.state_dict(keep_vars=True)
+    assert all(isinstance(v, nn.Parameter) for k, v in kept.items() if k.endswith("to_q.weight"))
+
+
+def test_save_pretrained_while_patched_loads_in_stock_diffusers(tmp_path):
+    unet, inputs = make_unet("sd15")
+    stock = clone_state(unet)
+    ref = run_unet(unet, inputs)
+    dda.patch(unet)
+    unet.save_pretrained(tmp_path)
+    loaded = UNet2DConditionModel.from_pretrained(tmp_path).eval()
+    assert_state_equal(clone_state(loaded), stock)
+    assert_bit_equal(run_unet(loaded, inputs), ref)
+
+
+def test_load_stock_state_dict_into_patched_model_updates_fused_weights():
+    unet, inputs = make_unet("sd15")
+    new = {k: v * 1.25 + 0.01 for k, v in clone_state(unet).items()}
+    stock = UNet2DConditionModel.from_config(unet.config).eval()
+    stock.load_state_dict(new)
+    dda.patch(unet)
+    assert not unet.load_state_dict(new).missing_keys
+    assert_close(run_unet(unet, inputs), run_unet(stock, inputs))
+    assert_state_equal(clone_state(unet), clone_state(stock))
+    dda.unpatch(unet)
+    assert_state_equal(clone_state(unet), clone_state(stock))
+
+
+def test_load_state_dict_reports_stock_names_and_fused_keys_still_load():
+    unet, _ = make_unet("sd15")
+    dda.patch(unet)
+    sd = unet.state_dict()
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"
+    with pytest.raises(RuntimeError, match=f'Missing key.*"{name}"'):
+        unet.load_state_dict({k: v for k, v in sd.items() if k != name})
+    bad = dict(sd)
+    bad[name] = torch.zeros(3, 3)
+    with pytest.raises(RuntimeError, match=f"size mismatch for {name}"):
+        unet.load_state_dict(bad)
+    fused = {k: v.clone() for k, v in nn.Module.state_dict(unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1).items()}
+    assert list(fused) == ["dda.attn_qkvw", "dda.attn_ow", "dda.attn_ob"]
+    wrapper = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
+    with torch.no_grad():
+        wrapper.dda.attn_qkvw.zero_()
+    assert not wrapper.load_state_dict(fused).missing_keys
+    assert_bit_equal(wrapper.original.to_q.weight, sd[name])
 
 
 def live_tensor_bytes() -> int:
