@@ -4,7 +4,7 @@
     python benchmarks/bench_module.py --dry-run     # CPU, fp32, tiny sequences: checks the script
 
 Implementations, all with the same (seeded random) weights:
-- ours:  DeepSpeedDiffusersAttention.from_diffusers(stock)
+- ours:  dda.from_diffusers(stock)
 - stock: diffusers Attention with AttnProcessor2_0 (three projections, SDPA, out projection)
 - fused: a copy of stock after ``fuse_projections()`` with FusedAttnProcessor2_0 (one QKV or
          KV projection), when this diffusers has them
@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import timing  # noqa: E402
 
 timing.add_repo_to_path()
+import deepspeed_diffusers_attn as dda  # noqa: E402
 from deepspeed_diffusers_attn import DeepSpeedDiffusersAttention  # noqa: E402
 
 # name, description, B, S, C, heads, dim_head, context (Sk, Cctx) or None, vae?
@@ -172,11 +173,11 @@ def bench_case(case, args, card, device, dtype):
 
     with torch.inference_mode(False):  # modules get normal (not inference) parameters
         stock32 = build_stock(case)
-        reasons = DeepSpeedDiffusersAttention.supports(stock32)
+        reasons = dda.supports(stock32)
         stock = copy.deepcopy(stock32).to(device=device, dtype=dtype)
         mods = {"stock": (stock, None)}
         try:
-            mods["ours"] = (DeepSpeedDiffusersAttention.from_diffusers(stock), None) if not reasons else \
+            mods["ours"] = (dda.from_diffusers(stock), None) if not reasons else \
                 (None, "declined: " + "; ".join(reasons))
         except Exception as e:
             mods["ours"] = (None, "from_diffusers failed: " + timing.short_error(e, 70))

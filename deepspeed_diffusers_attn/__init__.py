@@ -7,8 +7,9 @@
 
 Public names: :func:`patch`, :func:`unpatch`, :class:`PatchReport`,
 :class:`DeepSpeedDiffusersAttention`, :class:`DeepSpeedDiffusersAttentionConfig`,
-:class:`DeepSpeedDiffusersAttentionFunction`, and the raw ops in :mod:`.ops`
-(also ``torch.ops.dda.*``).
+:class:`DeepSpeedDiffusersAttentionFunction`, :func:`from_diffusers` and :func:`supports`
+(one diffusers attention module to a fused module, through its family's adapter in
+:mod:`.adapters`), and the raw ops in :mod:`.ops` (also ``torch.ops.dda.*``).
 """
 import torch  # noqa: F401  (must load before the extension)
 
@@ -27,6 +28,7 @@ from .attention import (
     DeepSpeedDiffusersAttentionConfig,
     DeepSpeedDiffusersAttentionFunction,
 )
+from .adapters import from_diffusers, supports
 from .patch import PatchReport, patch, unpatch
 
 __version__ = "0.1.0"
@@ -36,6 +38,8 @@ __all__ = [
     "patch",
     "unpatch",
     "PatchReport",
+    "from_diffusers",
+    "supports",
     "DeepSpeedDiffusersAttention",
     "DeepSpeedDiffusersAttentionConfig",
     "DeepSpeedDiffusersAttentionFunction",

@@ -24,12 +24,34 @@ from . import ops
 from .workspace import Workspace, get_workspace
 
 __all__ = [
+    "unsupported_head_dim",
+    "unsupported_device_dtype",
     "DeepSpeedDiffusersAttentionConfig",
     "DeepSpeedDiffusersAttentionFunction",
     "DeepSpeedDiffusersAttention",
 ]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DTYPES = _DTYPES
+"""The parameter dtypes the module takes (the CPU reference kernels take float32 only)."""
+
+
+def unsupported_head_dim(dim_head: int) -> str:
+    """Why the attention kernels cannot take this head dim ("" if they can): the one place of this rule."""
+    if dim_head % 8 or not 8 <= dim_head <= 512:
+        return f"head_dim {dim_head} is not a multiple of 8 in [8, 512]"
+    return ""
+
+
+def unsupported_device_dtype(device: torch.device, dtype: torch.dtype) -> str:
+    """Why the ops cannot run in this dtype on this device ("" if they can)."""
+    if dtype not in _DTYPES:
+        return f"dtype {dtype}: need float32, float16 or bfloat16"
+    if device.type == "cpu" and dtype != torch.float32:
+        return f"the CPU reference kernels take float32 only, not {dtype} (move the model to CUDA, or use float32)"
+    if device.type not in ("cpu", "cuda"):
+        return f"device {device}: need a CPU or CUDA device"
+    return ""
 
 
 @dataclass
@@ -67,8 +89,8 @@ class DeepSpeedDiffusersAttentionConfig:
         problems = []
         if self.hidden_size < 1 or self.heads < 1:
             problems.append(f"hidden_size ({self.hidden_size}) and heads ({self.heads}) must be >= 1")
-        if self.dim_head % 8 or not 8 <= self.dim_head <= 512:
-            problems.append(f"dim_head must be a multiple of 8 in [8, 512], got {self.dim_head}")
+        if unsupported_head_dim(self.dim_head):
+            problems.append(unsupported_head_dim(self.dim_head))
         if self.cross_attention_dim is not None and self.cross_attention_dim < 1:
             problems.append(f"cross_attention_dim must be >= 1 or None, got {self.cross_attention_dim}")
         if self.norm_num_groups is not None and (
@@ -140,7 +162,7 @@ class DeepSpeedDiffusersAttention(nn.Module):
     :meth:`reset_layer_ids` restarts it at 0. Intermediates live in the workspace shared
     by all layers of a device and stream (see :mod:`.workspace`).
 
-    K/V cache (opt-in: ``kv_cache=True`` in the constructor or :meth:`from_diffusers`,
+    K/V cache (opt-in: ``kv_cache=True`` in the constructor or in the converters,
     ``module.kv_cache = True`` or ``module.enable_kv_cache()``). A text-conditioned UNet
     gets the same context (``encoder_hidden_states``) at every denoising step, so the KV
     GEMM on it can run once and its result ``kv [B, Sk, 2, H, D]`` be reused. The cached
@@ -231,7 +253,7 @@ class DeepSpeedDiffusersAttention(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Initialise like ``nn.Linear`` (uniform +-1/sqrt(fan_in)) and GroupNorm (1, 0)."""
-        for w, b in self._linears():
+        for w, b in self.projections():
             bound = 1.0 / math.sqrt(w.shape[1])
             w.uniform_(-bound, bound)
             if b is not None:
@@ -240,7 +262,14 @@ class DeepSpeedDiffusersAttention(nn.Module):
             self.norm_w.fill_(1.0)
             self.norm_b.zero_()
 
-    def _linears(self):
+    def projections(self) -> list[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        """The fused parameters as one (weight, bias) pair per projection: Q, K, V, output.
+
+        Each weight [out, in] and bias [out] (None when that projection has no bias) is a
+        view of the fused storage (``attn_qkvw`` / ``attn_qw`` + ``attn_kw`` + ``attn_vw``,
+        ``attn_qkvb``, ``attn_ow``, ``attn_ob``): writing into it updates what the module runs.
+        This is the fused layout's public description; converters copy into it.
+        """
         inner = self.config.inner_dim
         qkvb = self.attn_qkvb
         b = (None, None, None) if qkvb is None else (qkvb[:inner], qkvb[inner : 2 * inner], qkvb[2 * inner :])
@@ -250,182 +279,6 @@ class DeepSpeedDiffusersAttention(nn.Module):
             w = self.attn_qkvw
             pairs = [(w[:inner], b[0]), (w[inner : 2 * inner], b[1]), (w[2 * inner :], b[2])]
         return pairs + [(self.attn_ow, self.attn_ob)]
-
-    # ------------------------------------------------------------------ diffusers
-    @staticmethod
-    def supports(attn) -> list[str]:
-        """Every reason the diffusers ``Attention`` ``attn`` cannot be converted; empty if it can.
-
-        Only diffusers' public attributes are read (with defaults, for older versions).
-        """
-        try:
-            from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
-        except ImportError as e:  # pragma: no cover - diffusers is a test dependency
-            return [f"diffusers is not importable ({e})"]
-        if not isinstance(attn, Attention):
-            return [f"{type(attn).__name__} is not a diffusers Attention"]
-
-        def get(name, default=None):
-            return getattr(attn, name, default)
-
-        reasons = []
-        if get("spatial_norm") is not None:
-            reasons.append("spatial_norm (spatial_norm_dim) is not supported")
-        if get("norm_q") is not None or get("norm_k") is not None:
-            reasons.append("qk_norm (norm_q / norm_k) is not supported")
-        if get("added_kv_proj_dim") is not None or any(
-            get(n) is not None for n in ("add_q_proj", "add_k_proj", "add_v_proj")
-        ):
-            reasons.append("added_kv_proj_dim (add_k_proj / add_v_proj) is not supported")
-        if get("only_cross_attention", False):
-            reasons.append("only_cross_attention is not supported")
-        if get("norm_cross") is not None:
-            reasons.append("cross_attention_norm (norm_cross) is not supported")
-        if get("to_add_out") is not None or get("context_pre_only") is not None:
-            reasons.append("joint attention (context_pre_only / to_add_out) is not supported")
-        if get("is_causal", False):
-            reasons.append("is_causal is not supported")
-        processor = get("processor")
-        if type(processor) not in (AttnProcessor2_0, AttnProcessor):
-            reasons.append(
-                f"processor {type(processor).__name__} is custom; only AttnProcessor2_0 and "
-                "AttnProcessor are reproduced"
-            )
-        if _has_hooks(attn):
-            reasons.append("forward hooks on the Attention module would be bypassed")
-
-        to_out = get("to_out")
-        projections = {
-            "to_q": get("to_q"),
-            "to_k": get("to_k"),
-            "to_v": get("to_v"),
-            "to_out[0]": to_out[0] if to_out is not None and len(to_out) > 0 else None,
-        }
-        bad = False
-        for name, m in projections.items():
-            if m is None:
-                reasons.append(f"{name} is missing (pre_only or only_cross_attention)")
-                bad = True
-            elif not _is_plain_linear(m):
-                reasons.append(
-                    f"{name} is a {type(m).__name__}, not a plain nn.Linear "
-                    "(PEFT/LoRA-wrapped or custom projection)"
-                )
-                bad = True
-            elif _has_hooks(m):
-                reasons.append(f"forward hooks on {name} would be bypassed")
-        if bad:
-            return reasons
-
-        to_q, to_k, to_v, out0 = projections.values()
-        heads = int(get("heads", 0) or 0)
-        inner = to_q.out_features
-        if heads < 1 or inner % heads:
-            reasons.append(f"inner dim {inner} is not divisible by heads {heads}")
-            head_dim = None
-        else:
-            head_dim = inner // heads
-            if head_dim % 8 or not 8 <= head_dim <= 512:
-                reasons.append(f"head_dim {head_dim} is not a multiple of 8 in [8, 512]")
-        if to_k.out_features != inner or to_v.out_features != inner:
-            reasons.append(
-                f"K/V width {to_k.out_features}/{to_v.out_features} differs from Q's {inner} "
-                "(kv_heads / grouped-query attention is not supported)"
-            )
-        if to_k.in_features != to_v.in_features:
-            reasons.append("to_k and to_v take different input widths")
-        if out0.in_features != inner or out0.out_features != to_q.in_features:
-            reasons.append(
-                f"to_out[0] maps {out0.in_features} -> {out0.out_features}; expected "
-                f"{inner} -> {to_q.in_features} (out_dim != query_dim is not supported)"
-            )
-        for m in list(to_out)[1:]:
-            p = getattr(m, "p", 0.0)
-            if isinstance(m, nn.Dropout) and p > 0 and (m.training or attn.training):
-                reasons.append(f"to_out dropout p={p} is active in training mode (call .eval())")
-            elif not isinstance(m, nn.Dropout):
-                reasons.append(f"to_out holds an extra {type(m).__name__}")
-
-        group_norm = get("group_norm")
-        if group_norm is not None and (
-            type(group_norm) is not nn.GroupNorm or group_norm.num_channels != to_q.in_features
-        ):
-            reasons.append("group_norm is not an nn.GroupNorm over query_dim channels")
-
-        params = list(attn.parameters())
-        dtypes = {p.dtype for p in params}
-        devices = {p.device for p in params}
-        if len(dtypes) > 1 or not dtypes <= set(_DTYPES):
-            reasons.append(f"parameter dtypes {sorted(map(str, dtypes))}: need one of float32/float16/bfloat16")
-        if len(devices) > 1 or any(d.type not in ("cpu", "cuda") for d in devices):
-            reasons.append(f"parameters on {sorted(map(str, devices))}: need one CPU or CUDA device")
-
-        if (
-            head_dim is not None
-            and type(processor) is AttnProcessor2_0
-            and not math.isclose(float(get("scale", head_dim**-0.5)), head_dim**-0.5, rel_tol=1e-6)
-        ):
-            reasons.append(
-                f"attn.scale = {get('scale')} but AttnProcessor2_0 ignores it and uses "
-                f"1/sqrt({head_dim}); set AttnProcessor() to apply attn.scale"
-            )
-        return reasons
-
-    @classmethod
-    def from_diffusers(cls, attn, *, kv_cache: bool = False) -> "DeepSpeedDiffusersAttention":
-        """A new module computing what ``attn`` computes, on ``attn``'s device and dtype.
-
-        ``attn`` is not modified: the weights are copied into new fused storage. Honoured:
-        heads, dim_head (inner_dim / heads), Q/K/V and output biases, the scale (``attn.scale``
-        under AttnProcessor, 1/sqrt(dim_head) under AttnProcessor2_0, as diffusers does),
-        group_norm, residual_connection, rescale_output_factor and cross-attention.
-        ``upcast_attention`` / ``upcast_softmax`` hold by construction: our scores, softmax
-        and accumulation are always fp32. ``kv_cache`` turns on the K/V cache (see the
-        class docstring). Raises ValueError listing the reasons when :meth:`supports` is
-        non-empty.
-        """
-        from diffusers.models.attention_processor import AttnProcessor
-
-        reasons = cls.supports(attn)
-        if reasons:
-            raise ValueError(
-                f"cannot convert this {type(attn).__name__} to DeepSpeedDiffusersAttention: "
-                + "; ".join(reasons)
-            )
-        to_q, to_k, to_v, out0 = attn.to_q, attn.to_k, attn.to_v, attn.to_out[0]
-        heads = int(attn.heads)
-        inner = to_q.out_features
-        cross = bool(getattr(attn, "is_cross_attention", to_k.in_features != to_q.in_features))
-        has_qkv_bias = any(m.bias is not None for m in (to_q, to_k, to_v))
-        gn = getattr(attn, "group_norm", None)
-        config = DeepSpeedDiffusersAttentionConfig(
-            hidden_size=to_q.in_features,
-            heads=heads,
-            dim_head=inner // heads,
-            cross_attention_dim=to_k.in_features if cross else None,
-            qkv_bias=has_qkv_bias,
-            out_bias=out0.bias is not None,
-            scale=float(attn.scale) if type(attn.processor) is AttnProcessor else None,
-            norm_num_groups=gn.num_groups if gn is not None else None,
-            norm_eps=gn.eps if gn is not None else 1e-5,
-            norm_affine=gn.affine if gn is not None else True,
-            residual_connection=bool(getattr(attn, "residual_connection", False)),
-            rescale_output_factor=float(getattr(attn, "rescale_output_factor", 1.0)),
-            dtype=to_q.weight.dtype,
-        )
-        module = cls(config, device=to_q.weight.device, kv_cache=kv_cache)
-        with torch.no_grad():
-            for (w, b), src in zip(module._linears(), (to_q, to_k, to_v, out0)):
-                w.copy_(src.weight)
-                if b is not None and src.bias is not None:
-                    b.copy_(src.bias)
-                elif b is not None:
-                    b.zero_()  # e.g. to_q has a bias but to_k has none
-            if module.norm_w is not None:
-                module.norm_w.copy_(gn.weight)
-                module.norm_b.copy_(gn.bias)
-        module.train(attn.training)
-        return module
 
     # ------------------------------------------------------------------ storage
     def _apply(self, fn, recurse=True):
@@ -807,21 +660,6 @@ class _KVEntry(NamedTuple):
     key: tuple
     refs: tuple  # weakref.ref to (context, *K/V weights), in _kv_sources order
     kv: torch.Tensor  # [B, Sk, 2, H, D]
-
-
-def _is_plain_linear(m) -> bool:
-    if type(m) is nn.Linear:
-        return True
-    # diffusers' LoRACompatibleLinear without a LoRA layer is a plain Linear.
-    return type(m).__name__ == "LoRACompatibleLinear" and getattr(m, "lora_layer", None) is None
-
-
-def _has_hooks(m) -> bool:
-    return bool(
-        getattr(m, "_forward_hooks", None)
-        or getattr(m, "_forward_pre_hooks", None)
-        or getattr(m, "_hf_hook", None) is not None
-    )
 
 
 def _check_tensor(t, name: str, dtype: torch.dtype, device: torch.device) -> None:

@@ -91,6 +91,7 @@ __all__ = [
     "ungraph_module",
     "graphed_methods",
     "signature_key",
+    "check_options",
     "DEFAULT_MAX_GRAPHS",
 ]
 
@@ -348,7 +349,7 @@ class GraphedCallable:
                  ignored_args=(), max_graphs: int = DEFAULT_MAX_GRAPHS, clone_outputs: bool = True,
                  channels_last: bool = False, cuda_graph: bool = True, warmup: int = 2,
                  capture: Optional[Callable] = None, name: Optional[str] = None):
-        _check_options(max_graphs=max_graphs, clone_outputs=clone_outputs, channels_last=channels_last,
+        check_options(max_graphs=max_graphs, clone_outputs=clone_outputs, channels_last=channels_last,
                        cuda_graph=cuda_graph, warmup=warmup)
         self.fn = fn
         self.module = module
@@ -569,7 +570,9 @@ class _Entry:
     output: Any  # the static output structure
 
 
-def _check_options(**options) -> None:
+def check_options(**options) -> None:
+    """Validate graph options by name (``clone_outputs``, ``channels_last``, ``cuda_graph``:
+    bools; ``max_graphs``, ``warmup``: ints >= 1); raises TypeError / ValueError."""
     for name in ("clone_outputs", "channels_last", "cuda_graph"):
         if name in options and not isinstance(options[name], bool):
             raise TypeError(f"{name} must be a bool, got {options[name]!r}")

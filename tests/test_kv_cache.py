@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from conftest import make_attention, requires_cuda
+import deepspeed_diffusers_attn as dda
 from deepspeed_diffusers_attn.attention import DeepSpeedDiffusersAttention, DeepSpeedDiffusersAttentionConfig
 
 M = DeepSpeedDiffusersAttention
@@ -27,7 +28,7 @@ INNER = H * D
 
 def _module(kv_cache=True, device="cpu", dtype=torch.float32, **kwargs):
     attn = make_attention(C, H, D, cross_attention_dim=CCTX, bias=True, device=device, dtype=dtype, **kwargs)
-    return M.from_diffusers(attn, kv_cache=kv_cache)
+    return dda.from_diffusers(attn, kv_cache=kv_cache)
 
 
 def _run(m, x, ctx, mask=None):
@@ -338,7 +339,7 @@ def test_new_tensor_at_a_freed_tensors_address_misses():
 # ------------------------------------------------------------------- bypass cases
 def test_no_context_bypasses():
     attn = make_attention(C, H, D, cross_attention_dim=C, bias=True)  # context defaults to the input
-    m = M.from_diffusers(attn, kv_cache=True)
+    m = dda.from_diffusers(attn, kv_cache=True)
     x = torch.randn(B, SQ, C)
     _run(m, x, None)
     _run(m, x, None)
@@ -346,7 +347,7 @@ def test_no_context_bypasses():
 
 
 def test_self_attention_block_given_a_context_caches():
-    m = M.from_diffusers(make_attention(C, H, D, bias=True), kv_cache=True)
+    m = dda.from_diffusers(make_attention(C, H, D, bias=True), kv_cache=True)
     x, ctx = torch.randn(B, SQ, C), torch.randn(B, SK, C)
     _check(m, x, ctx, "miss")
     _check(m, x, ctx, "hit")

@@ -13,6 +13,7 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 from conftest import assert_upcast_close, make_attention, max_err, requires_cuda
+import deepspeed_diffusers_attn as dda
 from deepspeed_diffusers_attn.attention import (
     DeepSpeedDiffusersAttention,
     DeepSpeedDiffusersAttentionConfig,
@@ -24,7 +25,7 @@ M = DeepSpeedDiffusersAttention
 
 
 def _convert(attn):
-    return M.from_diffusers(attn)
+    return dda.from_diffusers(attn)
 
 
 def _run(module, x, context=None, mask=None):
@@ -357,16 +358,16 @@ def test_from_diffusers_does_not_modify_original(kwargs):
 
 
 def _reason(attn, fragment):
-    reasons = M.supports(attn)
+    reasons = dda.supports(attn)
     assert any(fragment in r for r in reasons), reasons
     with pytest.raises(ValueError, match="cannot convert"):
-        M.from_diffusers(attn)
+        dda.from_diffusers(attn)
 
 
 def test_supports_accepts_plain_blocks():
-    assert M.supports(make_attention(64, 2, 32)) == []
-    assert M.supports(make_attention(64, 2, 32, cross_attention_dim=48, bias=True)) == []
-    assert M.supports(make_attention(64, 1, 64, norm_num_groups=8, residual_connection=True)) == []
+    assert dda.supports(make_attention(64, 2, 32)) == []
+    assert dda.supports(make_attention(64, 2, 32, cross_attention_dim=48, bias=True)) == []
+    assert dda.supports(make_attention(64, 1, 64, norm_num_groups=8, residual_connection=True)) == []
 
 
 def test_supports_declines_each_feature():
@@ -390,7 +391,7 @@ def test_supports_declines_each_feature():
 
     train = make_attention(64, 2, 32, dropout=0.1).train()
     _reason(train, "dropout")
-    assert M.supports(train.eval()) == []
+    assert dda.supports(train.eval()) == []
 
     scaled = make_attention(64, 2, 32)
     scaled.scale = 0.5
@@ -400,7 +401,7 @@ def test_supports_declines_each_feature():
     hooked.register_forward_hook(lambda *a: None)
     _reason(hooked, "hooks")
 
-    assert M.supports(torch.nn.Linear(4, 4)) == ["Linear is not a diffusers Attention"]
+    assert dda.supports(torch.nn.Linear(4, 4)) == ["Linear is not a diffusers attention module"]
 
 
 def test_supports_declines_lora_wrapped_projection():

@@ -7,6 +7,7 @@ import torch
 
 from conftest import make_attention, requires_cuda
 from deepspeed_diffusers_attn import ops
+import deepspeed_diffusers_attn as dda
 from deepspeed_diffusers_attn.attention import (
     DeepSpeedDiffusersAttention,
     DeepSpeedDiffusersAttentionConfig,
@@ -18,7 +19,7 @@ B, S, C, H, D, SK, CCTX = 2, 9, 64, 2, 32, 7, 48
 @pytest.fixture
 def block():
     """A cross-attention module, good inputs and its output on them."""
-    m = DeepSpeedDiffusersAttention.from_diffusers(make_attention(C, H, D, cross_attention_dim=CCTX, bias=True))
+    m = dda.from_diffusers(make_attention(C, H, D, cross_attention_dim=CCTX, bias=True))
     x, ctx = torch.randn(B, S, C), torch.randn(B, SK, CCTX)
     mask = torch.zeros(B, 1, SK)
     mask[:, :, -2:] = -10000.0
@@ -141,8 +142,8 @@ def test_op_rejects(block, name):
 @pytest.mark.parametrize(
     "kwargs, fragment",
     [
-        (dict(hidden_size=64, heads=4, dim_head=12), "dim_head must be a multiple of 8"),
-        (dict(hidden_size=64, heads=1, dim_head=520), "in [8, 512], got 520"),
+        (dict(hidden_size=64, heads=4, dim_head=12), "head_dim 12 is not a multiple of 8"),
+        (dict(hidden_size=64, heads=1, dim_head=520), "head_dim 520 is not a multiple of 8 in [8, 512]"),
         (dict(hidden_size=64, heads=0, dim_head=64), "must be >= 1"),
         (dict(hidden_size=64, heads=2, dim_head=32, norm_num_groups=7), "must divide hidden_size"),
         (dict(hidden_size=64, heads=2, dim_head=32, rescale_output_factor=0.0), "must not be 0"),
@@ -160,7 +161,7 @@ def test_config_rejects(block, kwargs, fragment):
 def test_from_diffusers_rejects_head_dim(block, heads, dim_head, fragment):
     attn = make_attention(heads * dim_head, heads, dim_head)
     with pytest.raises(ValueError, match="cannot convert") as info:
-        DeepSpeedDiffusersAttention.from_diffusers(attn)
+        dda.from_diffusers(attn)
     assert fragment in str(info.value) and "multiple of 8 in [8, 512]" in str(info.value)
     _still_works(block)
 

@@ -15,7 +15,7 @@ from diffusers import AutoencoderKL, Transformer2DModel, UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 import deepspeed_diffusers_attn as dda
-from deepspeed_diffusers_attn.patch import PatchedAttention
+from deepspeed_diffusers_attn.adapters.attention_processor import PatchedAttention
 
 from deepspeed_diffusers_attn.configs import SD15_UNET, SD21_UNET, SDXL_UNET, SD_VAE, scaled_down, sdxl_added_cond_shapes
 
@@ -362,7 +362,7 @@ def test_unpatch_unpatched_is_a_no_op():
     state = clone_state(unet)
     report = dda.unpatch(unet)
     assert len(report) == 0 and report.summary() == {"restored": 0}
-    assert "no diffusers Attention modules to restore" in str(report)
+    assert "no diffusers attention modules to restore" in str(report)
     assert_state_equal(clone_state(unet), state)
 
 

@@ -28,7 +28,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor
 
 import deepspeed_diffusers_attn as dda
 from deepspeed_diffusers_attn.configs import SD15_UNET, SD21_UNET, SDXL_UNET, SD_VAE, sdxl_added_cond_shapes
-from deepspeed_diffusers_attn.patch import PatchedAttention
+from deepspeed_diffusers_attn.adapters.attention_processor import PatchedAttention
 from deepspeed_diffusers_attn.workspace import Workspace, release_workspaces, workspace_nbytes
 
 from conftest import requires_cuda

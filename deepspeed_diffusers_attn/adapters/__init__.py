@@ -1,0 +1,63 @@
+"""Adapters: one module per diffusers attention family, and the one registry that orders them.
+
+Each adapter module defines:
+
+* ``NAME``: the family, as the patch report shows it;
+* ``claims(module) -> bool``: whether the module belongs to this family (the first
+  adapter in :data:`ADAPTERS` that claims a module answers for it, also to decline it);
+* ``supports(module) -> list[str]``: every reason it cannot be converted (empty: it can);
+* ``convert(module, **options) -> (stand_in, [])`` or ``(None, reasons)``: the
+  stand-in module that replaces it (a :class:`~.stand_in.StandIn`: ``.original``,
+  ``.dda``, ``restore()``, stock ``state_dict``), with the original's weights turned
+  into views of the fused ones; the original is untouched when it declines.
+
+:func:`deepspeed_diffusers_attn.patch` walks a pipeline and asks :func:`adapter_for`;
+it never looks inside a family. Adding a family is adding a module here and one entry
+in :data:`ADAPTERS`, ahead of :mod:`.unserved`.
+"""
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Optional
+
+from torch import nn
+
+from . import attention_processor, unserved
+from .stand_in import StandIn
+
+__all__ = ["ADAPTERS", "adapter_for", "is_stand_in", "supports", "from_diffusers", "StandIn"]
+
+ADAPTERS: tuple[ModuleType, ...] = (attention_processor, unserved)
+"""Every adapter, in the order they are asked; :mod:`.unserved` comes last."""
+
+
+def adapter_for(module: nn.Module) -> Optional[ModuleType]:
+    """The adapter that answers for ``module``, or None if it is no attention module."""
+    if isinstance(module, StandIn):
+        return None
+    for adapter in ADAPTERS:
+        if adapter.claims(module):
+            return adapter
+    return None
+
+
+def is_stand_in(module: nn.Module) -> bool:
+    """Whether ``module`` is a stand-in put in place by ``patch``."""
+    return isinstance(module, StandIn)
+
+
+def supports(module: nn.Module) -> list[str]:
+    """Every reason ``module`` cannot be converted by its family's adapter; empty if it can."""
+    adapter = adapter_for(module)
+    if adapter is None:
+        return [f"{type(module).__name__} is not a diffusers attention module"]
+    return adapter.supports(module)
+
+
+def from_diffusers(module: nn.Module, **options):
+    """The fused module computing what the diffusers attention ``module`` computes (a new
+    module, ``module`` untouched); ValueError naming the reasons if its family cannot."""
+    adapter = adapter_for(module)
+    if adapter is None or not hasattr(adapter, "from_diffusers"):
+        raise ValueError(f"cannot convert this {type(module).__name__}: " + "; ".join(supports(module)))
+    return adapter.from_diffusers(module, **options)

@@ -1,0 +1,294 @@
+"""Adapter: diffusers ``Attention`` run by ``AttnProcessor2_0`` or ``AttnProcessor``.
+
+The UNet's (SD1.5 / SD2.1 / SDXL) transformer attention and the VAE's mid-block
+attention. :func:`supports` lists why a module cannot be converted, :func:`from_diffusers`
+builds the fused :class:`~deepspeed_diffusers_attn.attention.DeepSpeedDiffusersAttention`,
+and :class:`PatchedAttention` is the stand-in that runs it with ``Attention.forward``'s
+signature. Only diffusers' public attributes are read (with defaults, for older versions).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..attention import (DeepSpeedDiffusersAttention, DeepSpeedDiffusersAttentionConfig, unsupported_device_dtype,
+                         unsupported_head_dim)
+from .stand_in import StandIn, share_weights
+
+__all__ = ["NAME", "claims", "supports", "from_diffusers", "convert", "PatchedAttention"]
+
+NAME = "Attention"
+
+_UNPATCH_HINT = "call deepspeed_diffusers_attn.unpatch(model) first"
+
+
+def _attention_class():
+    from diffusers.models.attention_processor import Attention
+
+    return Attention
+
+
+def claims(module: nn.Module) -> bool:
+    """Whether ``module`` is a diffusers ``Attention`` (this adapter answers for it, even to decline)."""
+    return isinstance(module, _attention_class())
+
+
+def _is_plain_linear(m) -> bool:
+    if type(m) is nn.Linear:
+        return True
+    # diffusers' LoRACompatibleLinear without a LoRA layer is a plain Linear.
+    return type(m).__name__ == "LoRACompatibleLinear" and getattr(m, "lora_layer", None) is None
+
+
+def _has_hooks(m) -> bool:
+    return bool(
+        getattr(m, "_forward_hooks", None)
+        or getattr(m, "_forward_pre_hooks", None)
+        or getattr(m, "_hf_hook", None) is not None
+    )
+
+
+def supports(attn) -> list[str]:
+    """Every reason the diffusers ``Attention`` ``attn`` cannot be converted; empty if it can."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    if not claims(attn):
+        return [f"{type(attn).__name__} is not a diffusers Attention"]
+
+    def get(name, default=None):
+        return getattr(attn, name, default)
+
+    reasons = []
+    if get("spatial_norm") is not None:
+        reasons.append("spatial_norm (spatial_norm_dim) is not supported")
+    if get("norm_q") is not None or get("norm_k") is not None:
+        reasons.append("qk_norm (norm_q / norm_k) is not supported")
+    if get("added_kv_proj_dim") is not None or any(get(n) is not None for n in ("add_q_proj", "add_k_proj", "add_v_proj")):
+        reasons.append("added_kv_proj_dim (add_k_proj / add_v_proj) is not supported")
+    if get("only_cross_attention", False):
+        reasons.append("only_cross_attention is not supported")
+    if get("norm_cross") is not None:
+        reasons.append("cross_attention_norm (norm_cross) is not supported")
+    if get("to_add_out") is not None or get("context_pre_only") is not None:
+        reasons.append("joint attention (context_pre_only / to_add_out) is not supported")
+    if get("is_causal", False):
+        reasons.append("is_causal is not supported")
+    processor = get("processor")
+    if type(processor) not in (AttnProcessor2_0, AttnProcessor):
+        reasons.append(f"processor {type(processor).__name__} is custom; only AttnProcessor2_0 and "
+                       "AttnProcessor are reproduced")
+    if _has_hooks(attn):
+        reasons.append("forward hooks on the Attention module would be bypassed")
+
+    to_out = get("to_out")
+    projections = {
+        "to_q": get("to_q"),
+        "to_k": get("to_k"),
+        "to_v": get("to_v"),
+        "to_out[0]": to_out[0] if to_out is not None and len(to_out) > 0 else None,
+    }
+    bad = False
+    for name, m in projections.items():
+        if m is None:
+            reasons.append(f"{name} is missing (pre_only or only_cross_attention)")
+            bad = True
+        elif not _is_plain_linear(m):
+            reasons.append(f"{name} is a {type(m).__name__}, not a plain nn.Linear (PEFT/LoRA-wrapped or custom "
+                           "projection)")
+            bad = True
+        elif _has_hooks(m):
+            reasons.append(f"forward hooks on {name} would be bypassed")
+    if bad:
+        return reasons
+
+    to_q, to_k, to_v, out0 = projections.values()
+    heads = int(get("heads", 0) or 0)
+    inner = to_q.out_features
+    head_dim = None
+    if heads < 1 or inner % heads:
+        reasons.append(f"inner dim {inner} is not divisible by heads {heads}")
+    else:
+        head_dim = inner // heads
+        if unsupported_head_dim(head_dim):
+            reasons.append(unsupported_head_dim(head_dim))
+    if to_k.out_features != inner or to_v.out_features != inner:
+        reasons.append(f"K/V width {to_k.out_features}/{to_v.out_features} differs from Q's {inner} "
+                       "(kv_heads / grouped-query attention is not supported)")
+    if to_k.in_features != to_v.in_features:
+        reasons.append("to_k and to_v take different input widths")
+    if out0.in_features != inner or out0.out_features != to_q.in_features:
+        reasons.append(f"to_out[0] maps {out0.in_features} -> {out0.out_features}; expected "
+                       f"{inner} -> {to_q.in_features} (out_dim != query_dim is not supported)")
+    for m in list(to_out)[1:]:
+        p = getattr(m, "p", 0.0)
+        if isinstance(m, nn.Dropout) and p > 0 and (m.training or attn.training):
+            reasons.append(f"to_out dropout p={p} is active in training mode (call .eval())")
+        elif not isinstance(m, nn.Dropout):
+            reasons.append(f"to_out holds an extra {type(m).__name__}")
+
+    group_norm = get("group_norm")
+    if group_norm is not None and (type(group_norm) is not nn.GroupNorm or group_norm.num_channels != to_q.in_features):
+        reasons.append("group_norm is not an nn.GroupNorm over query_dim channels")
+
+    params = list(attn.parameters())
+    dtypes = {p.dtype for p in params}
+    devices = {p.device for p in params}
+    if len(dtypes) > 1 or len(devices) > 1:
+        reasons.append(f"parameters in {sorted(map(str, dtypes))} on {sorted(map(str, devices))}: need one dtype "
+                       "on one device")
+    else:
+        problem = unsupported_device_dtype(next(iter(devices)), next(iter(dtypes)))
+        if problem:
+            reasons.append(problem)
+
+    if (head_dim is not None and type(processor) is AttnProcessor2_0
+            and not math.isclose(float(get("scale", head_dim**-0.5)), head_dim**-0.5, rel_tol=1e-6)):
+        reasons.append(f"attn.scale = {get('scale')} but AttnProcessor2_0 ignores it and uses 1/sqrt({head_dim}); "
+                       "set AttnProcessor() to apply attn.scale")
+    return reasons
+
+
+def from_diffusers(attn, *, kv_cache: bool = False) -> DeepSpeedDiffusersAttention:
+    """A new fused module computing what ``attn`` computes, on ``attn``'s device and dtype.
+
+    ``attn`` is not modified: the weights are copied into new fused storage. Honoured:
+    heads, dim_head (inner_dim / heads), Q/K/V and output biases, the scale (``attn.scale``
+    under AttnProcessor, 1/sqrt(dim_head) under AttnProcessor2_0, as diffusers does),
+    group_norm, residual_connection, rescale_output_factor and cross-attention.
+    ``upcast_attention`` / ``upcast_softmax`` hold by construction: our scores, softmax
+    and accumulation are always fp32. ``kv_cache`` turns on the K/V cache (see
+    :class:`~deepspeed_diffusers_attn.attention.DeepSpeedDiffusersAttention`). Raises
+    ValueError listing the reasons when :func:`supports` is non-empty.
+    """
+    from diffusers.models.attention_processor import AttnProcessor
+
+    reasons = supports(attn)
+    if reasons:
+        raise ValueError(f"cannot convert this {type(attn).__name__} to DeepSpeedDiffusersAttention: "
+                         + "; ".join(reasons))
+    to_q, to_k, to_v, out0 = attn.to_q, attn.to_k, attn.to_v, attn.to_out[0]
+    heads = int(attn.heads)
+    inner = to_q.out_features
+    cross = bool(getattr(attn, "is_cross_attention", to_k.in_features != to_q.in_features))
+    gn = getattr(attn, "group_norm", None)
+    config = DeepSpeedDiffusersAttentionConfig(
+        hidden_size=to_q.in_features,
+        heads=heads,
+        dim_head=inner // heads,
+        cross_attention_dim=to_k.in_features if cross else None,
+        qkv_bias=any(m.bias is not None for m in (to_q, to_k, to_v)),
+        out_bias=out0.bias is not None,
+        scale=float(attn.scale) if type(attn.processor) is AttnProcessor else None,
+        norm_num_groups=gn.num_groups if gn is not None else None,
+        norm_eps=gn.eps if gn is not None else 1e-5,
+        norm_affine=gn.affine if gn is not None else True,
+        residual_connection=bool(getattr(attn, "residual_connection", False)),
+        rescale_output_factor=float(getattr(attn, "rescale_output_factor", 1.0)),
+        dtype=to_q.weight.dtype,
+    )
+    module = DeepSpeedDiffusersAttention(config, device=to_q.weight.device, kv_cache=kv_cache)
+    with torch.no_grad():
+        for (w, b), src in zip(module.projections(), (to_q, to_k, to_v, out0)):
+            w.copy_(src.weight)
+            if b is not None and src.bias is not None:
+                b.copy_(src.bias)
+            elif b is not None:
+                b.zero_()  # e.g. to_q has a bias but to_k has none
+        if module.norm_w is not None:
+            module.norm_w.copy_(gn.weight)
+            module.norm_b.copy_(gn.bias)
+    module.train(attn.training)
+    return module
+
+
+def _shared_pairs(attn, fused: DeepSpeedDiffusersAttention) -> list:
+    """(original parameter, the fused view holding its values) for each tensor the fused module copied.
+
+    A fused bias slice whose original is None (the fused module zero-fills it) has no pair.
+    """
+    pairs = []
+    for (w, b), linear in zip(fused.projections(), (attn.to_q, attn.to_k, attn.to_v, attn.to_out[0])):
+        pairs.append((linear.weight, w.data))
+        if b is not None:
+            pairs.append((linear.bias, b.data))
+    if fused.norm_w is not None:
+        pairs += [(attn.group_norm.weight, fused.norm_w.data), (attn.group_norm.bias, fused.norm_b.data)]
+    return [(p, t) for p, t in pairs if p is not None]
+
+
+def convert(attn, *, kv_cache: bool = False) -> tuple[PatchedAttention | None, list[str]]:
+    """(the stand-in for ``attn``, []) with ``attn``'s weights now views of the fused ones,
+    or (None, reasons) with ``attn`` untouched."""
+    reasons = supports(attn)
+    if reasons:
+        return None, reasons
+    fused = from_diffusers(attn, kv_cache=kv_cache)
+    reasons = share_weights(attn, _shared_pairs(attn, fused))
+    if reasons:
+        return None, reasons
+    return PatchedAttention(attn, fused), []
+
+
+class PatchedAttention(StandIn):
+    """Stands in for one diffusers ``Attention``, with its call signature, running ``dda``.
+
+    ``dda`` is the fused :class:`DeepSpeedDiffusersAttention` (the only child);
+    ``original`` is the replaced ``Attention``, kept unregistered for ``unpatch``.
+    """
+
+    def __init__(self, original, fused: DeepSpeedDiffusersAttention):
+        super().__init__(original)
+        self.dda = fused
+
+    def _shared_pairs(self) -> list:
+        return _shared_pairs(self._original, self.dda)
+
+    @property
+    def heads(self) -> int:
+        """The original's head count (diffusers code reads ``attn.heads``)."""
+        return self._original.heads
+
+    def get_processor(self, return_deprecated_lora: bool = False):
+        """The original's processor, so ``model.attn_processors`` keeps working (it is not used)."""
+        return self._original.processor
+
+    def set_processor(self, processor, *args, **kwargs) -> None:
+        """Refused: a patched attention runs no processor (unpatch first to set one)."""
+        raise RuntimeError(
+            f"this Attention is patched by deepspeed_diffusers_attn and ignores processors; to set "
+            f"{type(processor).__name__}, {_UNPATCH_HINT}")
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, **cross_attention_kwargs) -> torch.Tensor:
+        """diffusers ``Attention.forward``'s signature, run by the fused module.
+
+        hidden_states [B, S, C] or [B, C, H, W]; encoder_hidden_states [B, Sk, Cctx];
+        attention_mask: diffusers' mask (bool or additive), e.g. [B, 1, Sk] from the UNet.
+        ``cross_attention_kwargs`` that would change the result raise ValueError naming them.
+        """
+        _check_cross_attention_kwargs(cross_attention_kwargs)
+        if isinstance(encoder_hidden_states, (tuple, list)):
+            raise ValueError(
+                "encoder_hidden_states is a tuple (IP-Adapter image embeddings); a patched attention "
+                f"cannot apply IP-Adapter: {_UNPATCH_HINT}, then load the IP-Adapter")
+        return self.dda(hidden_states, context=encoder_hidden_states, input_mask=attention_mask)
+
+    def extra_repr(self) -> str:
+        """Names the replaced module in ``print(model)``."""
+        return f"original={type(self._original).__name__}(heads={self._original.heads})"
+
+
+def _check_cross_attention_kwargs(kwargs: dict) -> None:
+    for key, value in kwargs.items():
+        if key == "temb":
+            continue  # stock processors use temb only through spatial_norm, which is never patched
+        if key == "scale" and (value is None or (isinstance(value, (int, float)) and value == 1)):
+            continue
+        if key in ("ip_adapter_masks", "ip_hidden_states") and value is None:
+            continue
+        raise ValueError(
+            f"cross_attention_kwargs[{key!r}] = {value!r} would change the attention result, and a "
+            f"patched attention cannot apply it ('scale' is the LoRA scale, 'ip_*' are IP-Adapter "
+            f"inputs; others are unknown to deepspeed_diffusers_attn); {_UNPATCH_HINT}")
