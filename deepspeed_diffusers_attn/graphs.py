@@ -28,9 +28,9 @@ How a call is served (:class:`GraphedCallable`):
    (``UNet2DConditionOutput``, a tuple, ``DecoderOutput``, ``AutoencoderKLOutput`` with
    its ``DiagonalGaussianDistribution``...).
 3. A new key captures a new graph: static buffers get the call's values, ``warmup``
-   eager calls run on a side stream (cuBLAS/cuBLASLt plans, cuDNN, and our attention
-   workspace are set up there, since none of them may allocate during capture), then
-   one call is captured on that same stream.
+   eager calls run on a side stream (cuBLAS/cuBLASLt plans and cuDNN are set up there:
+   our GEMM plans are not made during capture), then one call is captured on that same
+   stream.
 4. A call that cannot be captured runs eagerly, and says why once per reason
    (:class:`GraphFallbackWarning`): CPU tensors, tensors on two devices, autograd
    (grad enabled and an input or parameter requiring grad), arguments that are neither
@@ -40,9 +40,9 @@ Memory. Each graph owns its activations and outputs in a CUDA-graph memory pool;
 graphs of one wrapper (and device) share one pool (``torch.cuda.graph_pool_handle()``),
 so the pool is about the largest graph's activations plus every live graph's outputs,
 not the sum of all graphs. Static inputs live outside the pool. At most ``max_graphs``
-graphs (default 8) are kept per wrapper, least recently used evicted first; each also
-keeps alive the attention workspace it was captured with (it reads that buffer at
-replay, so it must not be freed when a later, larger call grows the workspace).
+graphs (default 8) are kept per wrapper, least recently used evicted first. The
+attention layers' scratch memory of a captured call comes from the pool too
+(:mod:`.workspace`), so a graph never reads memory an eager call owns.
 :meth:`GraphedCallable.reset` and :func:`ungraph_module` free everything.
 
 Rules for callers:
@@ -81,7 +81,6 @@ import torch
 from torch import nn
 
 from .module_state import ModelState
-from .workspace import get_workspace
 
 __all__ = [
     "GraphedCallable",
@@ -304,7 +303,7 @@ class _CudaCapture:
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
             for _ in range(self.warmup):
-                run()  # plans, cuDNN, the attention workspace of this stream: all outside capture
+                run()  # cuBLAS / cuBLASLt plans and cuDNN set up outside capture
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, pool=self.pools[device], stream=stream):
@@ -312,13 +311,11 @@ class _CudaCapture:
         except Exception as e:  # noqa: BLE001  (the eager warm-up worked, so this is capture-specific)
             raise CaptureError(f"{type(e).__name__}: {e}") from e
         torch.cuda.current_stream(device).wait_stream(stream)
-        with torch.cuda.stream(stream):
-            workspace = get_workspace(device).buffer  # read by the graph's attention layers
 
         def replay():
-            graph.replay()  # graph and workspace live as long as this closure
+            graph.replay()  # the graph (and its pool's memory) lives as long as this closure
 
-        replay.keepalive = (graph, workspace)
+        replay.keepalive = graph
         return replay, out
 
 

@@ -15,9 +15,17 @@ context), one call needs::
 (each piece rounded up to ``ALIGN`` bytes). The first call of layer 0 allocates
 exactly what it needs (a UNet's layer 0 is its largest self-attention, so this
 is usually final); any later call of any layer that needs more grows the
-buffer to that call's size. Growth never happens while a CUDA graph is being
-captured: capture must reuse memory that exists, so run one eager call of the
-largest shape, on the capturing stream, first.
+buffer to that call's size.
+
+CUDA-graph capture never touches this buffer. A call captured into a graph carves its
+pieces from a buffer allocated for that call during the capture, which comes from the
+graph's private memory pool: the graph owns it (replays read it at the same address,
+and the pool is freed with the graph), and no eager call ever uses it. So a graph
+never reads memory that a later, larger eager call could free by growing the
+workspace, and capture works with no warm-up on the capturing stream (PyTorch's
+``torch.cuda.graph`` recipe and ``make_graphed_callables`` capture on a stream of their
+own). Within one capture the pool reuses each call's buffer for the next, so a graph
+holds about one call's worth, the largest.
 """
 from __future__ import annotations
 
@@ -42,7 +50,8 @@ class Workspace:
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.buffer: torch.Tensor | None = None  # uint8 [nbytes]
+        self.buffer: torch.Tensor | None = None  # uint8 [nbytes], for eager calls
+        self._capture_buffer: torch.Tensor | None = None  # this captured call's, from the graph's pool
         self._offset = 0
 
     @property
@@ -63,24 +72,22 @@ class Workspace:
         return total
 
     def reserve(self, nbytes: int) -> None:
-        """Make the buffer at least ``nbytes`` long and restart carving at 0.
+        """Make room for one call's ``nbytes`` and restart carving at 0.
 
-        Raises RuntimeError if it would have to grow during CUDA-graph capture.
+        Eager: grows the buffer if it is smaller. During CUDA-graph capture: a fresh
+        buffer of exactly ``nbytes`` from the graph's pool, used for this call only.
         """
+        self._offset = 0
+        if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            self._capture_buffer = None  # the previous captured call's: its memory returns to the pool
+            self._capture_buffer = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+            return
+        self._capture_buffer = None
         if nbytes > self.nbytes:
-            if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-                raise RuntimeError(
-                    f"deepspeed_diffusers_attn: the attention workspace on {self.device} "
-                    f"(current stream) holds {self.nbytes} bytes but this call needs {nbytes}, "
-                    "and it cannot grow during CUDA-graph capture. Run one eager warm-up call "
-                    "with the largest shape (batch, sequence length) first, on the stream "
-                    "that captures (e.g. under torch.cuda.stream(capture_stream)), then capture."
-                )
             # The old buffer is released to the caching allocator, which orders
             # its reuse after the work already queued on this stream.
             self.buffer = None
             self.buffer = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-        self._offset = 0
 
     def take(self, shape, dtype: torch.dtype) -> torch.Tensor:
         """The next piece of the buffer as a contiguous tensor of this shape and dtype."""
@@ -88,14 +95,15 @@ class Workspace:
         for s in shape:
             n *= s
         esize = dtype.itemsize
+        buffer = self._capture_buffer if self._capture_buffer is not None else self.buffer
         start, end = self._offset, self._offset + n * esize
-        if end > self.nbytes:
+        if buffer is None or end > buffer.numel():
             raise RuntimeError(
-                f"deepspeed_diffusers_attn: workspace overrun ({end} > {self.nbytes} bytes); "
-                "reserve() was called with too small a size"
+                f"deepspeed_diffusers_attn: workspace overrun ({end} > "
+                f"{0 if buffer is None else buffer.numel()} bytes); reserve() was called with too small a size"
             )
         self._offset = _align(end)
-        return self.buffer[start:end].view(dtype).view(shape)
+        return buffer[start:end].view(dtype).view(shape)
 
 
 _WORKSPACES: dict[tuple, Workspace] = {}

@@ -675,6 +675,60 @@ def test_cuda_graph_after_set_adapters_equals_eager(patched):
     assert wrapper.stats["captures"] == 3  # the last state was captured first, and replays
 
 
+class _UNetSample(nn.Module):
+    """unet(sample, timestep, context) -> the sample tensor: the tensor-only callable
+    torch.cuda.make_graphed_callables takes."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, context):
+        return self.unet(sample, timestep, context, return_dict=False)[0]
+
+
+@requires_cuda
+def test_cuda_pytorch_graph_recipe_on_a_patched_unet():
+    """torch.cuda.graph as PyTorch's docs show it: warm-up on a side stream, then capture on
+    the graph's own stream (where no attention workspace exists)."""
+    unet, inputs = make_unet("sd15", "cuda", torch.float16)
+    dda.patch(unet)
+    static = {k: v.clone() for k, v in inputs.items()}
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(side):
+        for _ in range(3):
+            unet(**static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        static_out = unet(**static).sample
+    for seed in (3, 4):
+        fresh = unet_inputs(unet.config, "sd15", "cuda", torch.float16, 2, unet.config.sample_size, 77, seed=seed)
+        for k in ("sample", "encoder_hidden_states"):
+            static[k].copy_(fresh[k])
+        graph.replay()
+        with torch.no_grad():
+            eager = unet(**fresh).sample
+        assert _report(f"torch.cuda.graph recipe, seed {seed}", static_out, eager) <= 2e-3
+
+
+@requires_cuda
+def test_cuda_make_graphed_callables_on_a_patched_unet():
+    unet, inputs = make_unet("sd15", "cuda", torch.float16)
+    dda.patch(unet)
+    unet.requires_grad_(False)  # inference: the fused attention has no backward
+    module = _UNetSample(unet)
+    args = (inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"])
+    graphed = torch.cuda.make_graphed_callables(module, args)
+    fresh = unet_inputs(unet.config, "sd15", "cuda", torch.float16, 2, unet.config.sample_size, 77, seed=5)
+    fresh_args = (fresh["sample"], fresh["timestep"], fresh["encoder_hidden_states"])
+    with torch.no_grad():
+        out = graphed(*fresh_args)
+        eager = module(*fresh_args)
+    assert _report("make_graphed_callables", out, eager) <= 2e-3
+
+
 @requires_cuda
 def test_cuda_patch_then_torch_compile_reduce_overhead():
     unet, inputs = make_unet("sd15", "cuda", torch.float16)

@@ -494,25 +494,30 @@ def test_gpu_to_cuda_keeps_kv_fused_and_matches_cpu():
 
 
 @requires_cuda
-def test_gpu_workspace_cannot_grow_during_graph_capture():
+def test_gpu_capture_takes_its_scratch_from_the_graph_pool():
+    """PyTorch's recipe: warm up on a side stream, capture on the graph's own stream (no
+    workspace there). The captured call's scratch comes from the graph's pool: the eager
+    workspace does not grow, and a later eager call that grows it does not disturb replays."""
     m = _convert(make_attention(64, 2, 32, device="cuda"))
-    stream = torch.cuda.Stream()
-    small, big = (torch.randn(2, S, 64, device="cuda") for S in (16, 64))
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        _run(m, small)  # eager warm-up on the capturing stream
-    torch.cuda.current_stream().wait_stream(stream)
+    static = torch.randn(2, 64, 64, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            _run(m, static)
+    torch.cuda.current_stream().wait_stream(side)
+    eager_bytes = workspace_nbytes("cuda")
     graph = torch.cuda.CUDAGraph()
-    with pytest.raises(RuntimeError, match="warm-up"):
-        with torch.cuda.graph(graph, stream=stream):
-            _run(m, big)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        out = _run(m, small)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(out, _run(m, small))
+    with torch.cuda.graph(graph):
+        out = _run(m, static)
+    assert workspace_nbytes("cuda") == eager_bytes
+    _run(m, torch.randn(4, 256, 64, device="cuda"))  # grows the eager workspace of this stream
+    assert workspace_nbytes("cuda") > eager_bytes
+    for _ in range(2):
+        static.copy_(torch.randn_like(static))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, _run(m, static))
 
 
 @requires_cuda
