@@ -27,12 +27,15 @@ What a patched model looks like:
   ``load_state_dict`` of a stock state dict updates the fused tensors through those
   views; a dict with the fused keys (``...attn1.dda.attn_qkvw``) loads too.
   ``named_parameters()`` lists the fused tensors.
-* A patched ``Attention`` refuses to change attention processors (``set_processor``
-  raises; ``unet.set_attn_processor``, ``set_default_attn_processor``, IP-Adapter loading
-  and, in recent diffusers, ``fuse_qkv_projections`` go through it), and refuses
-  ``cross_attention_kwargs`` that could change the result. Modules with LoRA layers or
-  custom processors are declined: fuse and unload LoRA (``pipe.fuse_lora();
-  pipe.unload_lora_weights()``) before patching, or load LoRA / IP-Adapter weights after
+* diffusers' processor API keeps its meaning on a patched ``Attention``
+  (:class:`.adapters.attention_processor.PatchedAttention`): ``attn_processors`` reports
+  what runs; ``set_attn_processor`` / ``set_default_attn_processor`` /
+  ``fuse_qkv_projections`` with a processor we reproduce keep our kernels, and any other
+  processor (``load_ip_adapter``'s, a custom one) makes that module run stock diffusers
+  with it (``patch`` again lists it as "already patched" with "runs stock: <why>"), until
+  a supported one is set again. ``cross_attention_kwargs`` that would change our result
+  raise. Modules whose projections carry LoRA layers are declined: fuse and unload LoRA
+  (``pipe.fuse_lora(); pipe.unload_lora_weights()``) before patching, or load LoRA after
   :func:`unpatch` (PEFT does not find the projections of a patched module).
 
 ``patch`` (``fuse_blocks=True``, the default) also replaces diffusers ``GEGLU`` and
@@ -337,7 +340,9 @@ def patch(obj, *, cuda_graph: bool = False, channels_last: bool = False, kv_cach
     for places in _sites(obj, want=_is_attention).values():
         name, _, _, module = places[0]
         if adapters.is_stand_in(module):
-            rows.append(PatchRow(name, ALREADY_PATCHED, family=_family(module.original)))
+            stock = getattr(module, "stock_reason", "")
+            rows.append(PatchRow(name, ALREADY_PATCHED, (f"runs stock: {stock}",) if stock else (),
+                                 _family(module.original)))
             continue
         adapter = adapters.adapter_for(module)
         if places[0][1] is None:

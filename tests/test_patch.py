@@ -413,16 +413,88 @@ def test_cross_attention_kwargs_that_change_the_math_raise():
             block.transformer_blocks[0].attn2(h, encoder_hidden_states=(ctx, ctx))
 
 
-def test_processor_changes_are_refused_while_patched():
-    unet, _ = make_unet("sd15")
+def test_attn_processors_report_what_runs_and_hand_back_keeps_our_kernels():
+    from deepspeed_diffusers_attn.adapters.attention_processor import FusedAttnProcessor
+
+    unet, inputs = make_unet("sd15")
     n = len(unet.attn_processors)
     dda.patch(unet)
-    assert len(unet.attn_processors) == n
-    with pytest.raises(RuntimeError, match="unpatch"):
-        unet.set_attn_processor(AttnProcessor2_0())
-    if "set_attn_processor" in inspect.getsource(type(unet).fuse_qkv_projections):  # newer diffusers
-        with pytest.raises(RuntimeError, match="unpatch"):
-            unet.fuse_qkv_projections()
+    out = run_unet(unet, inputs)
+    procs = unet.attn_processors
+    assert len(procs) == n and all(type(p) is FusedAttnProcessor for p in procs.values())
+    assert "FusedAttnProcessor(stock=AttnProcessor2_0)" in repr(next(iter(procs.values())))
+    unet.set_attn_processor(procs)
+    unet.set_attn_processor(AttnProcessor2_0())
+    assert all(not m.stock_reason for m in unet.modules() if isinstance(m, PatchedAttention))
+    assert_bit_equal(run_unet(unet, inputs), out)
+
+
+def test_set_default_attn_processor_keeps_our_kernels_with_its_scale_rule():
+    from diffusers.models.attention_processor import AttnProcessor
+
+    unet, inputs = make_unet("sd15")
+    stock = UNet2DConditionModel.from_config(unet.config).eval()
+    stock.load_state_dict(unet.state_dict())
+    stock.set_default_attn_processor()
+    dda.patch(unet)
+    unet.set_default_attn_processor()
+    assert all(type(p.stock) is AttnProcessor for p in unet.attn_processors.values())
+    assert all(not m.stock_reason for m in unet.modules() if isinstance(m, PatchedAttention))
+    assert_close(run_unet(unet, inputs), run_unet(stock, inputs))
+
+
+def test_fuse_qkv_projections_leaves_results_unchanged():
+    unet, inputs = make_unet("sd15")
+    dda.patch(unet)
+    out = run_unet(unet, inputs)
+    unet.fuse_qkv_projections()
+    assert_close(run_unet(unet, inputs), out)
+    assert all(not m.stock_reason for m in unet.modules() if isinstance(m, PatchedAttention))
+    unet.unfuse_qkv_projections()
+    assert_bit_equal(run_unet(unet, inputs), out)
+
+
+def test_an_unsupported_processor_runs_stock_until_a_supported_one_returns():
+    unet, inputs = make_unet("sd15")
+    stock = UNet2DConditionModel.from_config(unet.config).eval()
+    stock.load_state_dict(unet.state_dict())
+    stock.set_attn_processor(OwnProcessor())
+    dda.patch(unet)
+    ours = run_unet(unet, inputs)
+    unet.set_attn_processor(OwnProcessor())
+    wrappers = [m for m in unet.modules() if isinstance(m, PatchedAttention)]
+    assert all("OwnProcessor is custom" in m.stock_reason for m in wrappers)
+    assert all(type(p) is OwnProcessor for p in unet.attn_processors.values())
+    assert_bit_equal(run_unet(unet, inputs), run_unet(stock, inputs))
+    report = dda.patch(unet)
+    assert all(r.status == "already patched" and "runs stock" in r.reasons[0] for r in report)
+    unet.set_attn_processor(AttnProcessor2_0())
+    assert_bit_equal(run_unet(unet, inputs), ours)
+    dda.unpatch(unet)
+    assert all(type(p) is AttnProcessor2_0 for p in unet.attn_processors.values())
+
+
+def test_ip_adapter_processor_on_a_patched_attention_runs_stock_with_its_weights():
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+
+    torch.manual_seed(0)
+    attn = Attention(64, cross_attention_dim=32, heads=2, dim_head=32).eval()
+    ref = Attention(64, cross_attention_dim=32, heads=2, dim_head=32).eval()
+    ref.load_state_dict(attn.state_dict())
+    model = nn.ModuleDict({"attn": attn})
+    dda.patch(model)
+    ip = IPAdapterAttnProcessor2_0(64, cross_attention_dim=32, num_tokens=(4,), scale=0.7).eval()
+    ip_ref = IPAdapterAttnProcessor2_0(64, cross_attention_dim=32, num_tokens=(4,), scale=0.7).eval()
+    ip_ref.load_state_dict(ip.state_dict())
+    model["attn"].set_processor(ip)
+    ref.set_processor(ip_ref)
+    assert "attn.processor.to_k_ip.0.weight" in model.state_dict()
+    x, text, image = torch.randn(2, 10, 64), torch.randn(2, 7, 32), torch.randn(2, 4, 32)
+    with torch.no_grad():
+        assert_bit_equal(model["attn"](x, (text, [image])), ref(x, (text, [image])))
+        ip.scale = [0.3]
+        ip_ref.scale = [0.3]
+        assert_bit_equal(model["attn"](x, (text, [image])), ref(x, (text, [image])))
 
 
 def test_bad_arguments_change_nothing():

@@ -17,7 +17,7 @@ from ..attention import (DeepSpeedDiffusersAttention, DeepSpeedDiffusersAttentio
                          unsupported_head_dim)
 from .stand_in import StandIn, share_weights
 
-__all__ = ["NAME", "claims", "supports", "from_diffusers", "convert", "PatchedAttention"]
+__all__ = ["NAME", "claims", "supports", "from_diffusers", "convert", "PatchedAttention", "FusedAttnProcessor"]
 
 NAME = "Attention"
 
@@ -231,16 +231,63 @@ def convert(attn, *, kv_cache: bool = False) -> tuple[PatchedAttention | None, l
     return PatchedAttention(attn, fused), []
 
 
+class FusedAttnProcessor:
+    """What ``attn_processors`` reports for a patched ``Attention``: our fused kernels run.
+
+    ``stock`` is the diffusers processor whose math they reproduce (``AttnProcessor2_0``
+    when built with no argument). Handing it back to ``set_attn_processor`` keeps our
+    kernels; called directly on an ``Attention`` (after ``unpatch``), it runs ``stock``.
+
+    diffusers decides what a model's processors allow by comparing their classes with its
+    own lists (``set_default_attn_processor``, ``fuse_qkv_projections``, the IP-Adapter
+    loader's ``p.__class__()``), so ``p.__class__`` answers the stock class; ``type(p)`` and
+    ``repr(p)`` show what runs.
+    """
+
+    @property
+    def __class__(self):
+        return type(self.stock)
+
+    def __init__(self, stock=None):
+        if stock is None:
+            from diffusers.models.attention_processor import AttnProcessor2_0
+
+            stock = AttnProcessor2_0()
+        self.stock = stock
+
+    def __call__(self, attn, *args, **kwargs):
+        """Runs the stock processor on a diffusers ``Attention``."""
+        return self.stock(attn, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"FusedAttnProcessor(stock={type(self.stock).__name__})"
+
+
+def _unwrap(processor):
+    return processor.stock if type(processor) is FusedAttnProcessor else processor
+
+
 class PatchedAttention(StandIn):
     """Stands in for one diffusers ``Attention``, with its call signature, running ``dda``.
 
     ``dda`` is the fused :class:`DeepSpeedDiffusersAttention` (the only child);
     ``original`` is the replaced ``Attention``, kept unregistered for ``unpatch``.
+
+    diffusers' processor API keeps its meaning. :meth:`get_processor` (and so the model's
+    ``attn_processors``) reports what runs: a :class:`FusedAttnProcessor` while our kernels
+    run, the original's processor otherwise. :meth:`set_processor` gives the processor to
+    the original and asks :func:`supports` again: a processor we reproduce
+    (``AttnProcessor2_0``, ``AttnProcessor``, ``FusedAttnProcessor2_0``, our own report)
+    keeps our kernels, with its scale rule; any other (IP-Adapter, custom) makes this
+    module run the original, stock diffusers with that processor, until a supported one
+    is set again. :attr:`stock_reason` says why it runs stock ("" while ours runs).
     """
 
     def __init__(self, original, fused: DeepSpeedDiffusersAttention):
         super().__init__(original)
         self.dda = fused
+        self._processor = FusedAttnProcessor(original.processor)
+        self.stock_reason = ""
 
     def _shared_pairs(self) -> list:
         return _shared_pairs(self._original, self.dda)
@@ -250,34 +297,62 @@ class PatchedAttention(StandIn):
         """The original's head count (diffusers code reads ``attn.heads``)."""
         return self._original.heads
 
+    @property
+    def processor(self):
+        """What runs: a :class:`FusedAttnProcessor`, or the original's processor while it runs stock."""
+        return self._original.processor if self.stock_reason else self._processor
+
     def get_processor(self, return_deprecated_lora: bool = False):
-        """The original's processor, so ``model.attn_processors`` keeps working (it is not used)."""
-        return self._original.processor
+        """What runs (see :attr:`processor`), as diffusers' ``attn_processors`` collects it."""
+        return self.processor
 
     def set_processor(self, processor, *args, **kwargs) -> None:
-        """Refused: a patched attention runs no processor (unpatch first to set one)."""
-        raise RuntimeError(
-            f"this Attention is patched by deepspeed_diffusers_attn and ignores processors; to set "
-            f"{type(processor).__name__}, {_UNPATCH_HINT}")
+        """Give ``processor`` to the original; keep our kernels if we reproduce it, else run stock."""
+        from diffusers.models.attention_processor import AttnProcessor, FusedAttnProcessor2_0
 
-    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+        stock = _unwrap(processor)
+        if type(stock) is FusedAttnProcessor2_0:  # AttnProcessor2_0's math on fused projections: ours are
+            from diffusers.models.attention_processor import AttnProcessor2_0
+
+            stock = AttnProcessor2_0()
+        self._original.set_processor(stock)
+        reasons = supports(self._original)
+        self.stock_reason = "; ".join(reasons)
+        if not reasons:
+            self.dda.config.scale = float(self._original.scale) if type(stock) is AttnProcessor else None
+            self._processor = FusedAttnProcessor(stock)  # a new object: graph keys see the change
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states=None,
                 attention_mask: torch.Tensor | None = None, **cross_attention_kwargs) -> torch.Tensor:
-        """diffusers ``Attention.forward``'s signature, run by the fused module.
+        """diffusers ``Attention.forward``'s signature, run by the fused module (or by the
+        original while :attr:`stock_reason` is set).
 
         hidden_states [B, S, C] or [B, C, H, W]; encoder_hidden_states [B, Sk, Cctx];
         attention_mask: diffusers' mask (bool or additive), e.g. [B, 1, Sk] from the UNet.
-        ``cross_attention_kwargs`` that would change the result raise ValueError naming them.
+        ``cross_attention_kwargs`` that would change our result raise ValueError naming them.
         """
+        if self.stock_reason:
+            return self._original(hidden_states, encoder_hidden_states, attention_mask, **cross_attention_kwargs)
         _check_cross_attention_kwargs(cross_attention_kwargs)
         if isinstance(encoder_hidden_states, (tuple, list)):
             raise ValueError(
-                "encoder_hidden_states is a tuple (IP-Adapter image embeddings); a patched attention "
-                f"cannot apply IP-Adapter: {_UNPATCH_HINT}, then load the IP-Adapter")
+                "encoder_hidden_states is a tuple (IP-Adapter image embeddings), but this Attention runs "
+                "our kernels with a plain processor: load the IP-Adapter (pipe.load_ip_adapter) first")
         return self.dda(hidden_states, context=encoder_hidden_states, input_mask=attention_mask)
 
+    def _apply(self, fn, recurse=True):
+        # A processor that is a module (IP-Adapter's image projections) lives in the original,
+        # which is not registered here: move it with the rest.
+        super()._apply(fn, recurse)
+        processor = self._original.processor
+        if isinstance(processor, nn.Module):
+            processor._apply(fn)
+        return self
+
     def extra_repr(self) -> str:
-        """Names the replaced module in ``print(model)``."""
-        return f"original={type(self._original).__name__}(heads={self._original.heads})"
+        """Names the replaced module in ``print(model)``, and says when it runs stock."""
+        stock = f", runs stock: {self.stock_reason}" if self.stock_reason else ""
+        return f"original={type(self._original).__name__}(heads={self._original.heads}){stock}"
 
 
 def _check_cross_attention_kwargs(kwargs: dict) -> None:
