@@ -209,8 +209,28 @@ def fuse_resnet(module: nn.Module) -> bool:
         return False
     if type(module.norm1) is not ChannelsLastGroupNorm or type(module.norm2) is not ChannelsLastGroupNorm:
         return False
-    module.forward = _resnet_forward.__get__(module)
+    module.forward = _Bound(_resnet_forward, module)
     return True
+
+
+class _Bound:
+    """``fn`` bound to ``module``, set as an instance attribute of it that survives pickling.
+
+    A bound method of a module-level function pickles as ``getattr(module, fn.__name__)``,
+    which the loaded module does not have; this pickles as (fn, module) instead, so
+    ``torch.save(model)`` / ``torch.load`` and ``copy.deepcopy`` of a patched model work.
+    """
+
+    __slots__ = ("__func__", "__self__")
+
+    def __init__(self, fn, module: nn.Module):
+        self.__func__, self.__self__ = fn, module
+
+    def __call__(self, *args, **kwargs):
+        return self.__func__(self.__self__, *args, **kwargs)
+
+    def __reduce__(self):
+        return _Bound, (self.__func__, self.__self__)
 
 
 def _unbind(module: nn.Module, name: str, fn) -> bool:
@@ -250,7 +270,7 @@ def keep_output_layout(module: nn.Module) -> bool:
         return False
     if type(module)._get_output_for_continuous_inputs is not Transformer2DModel._get_output_for_continuous_inputs:
         return False
-    module._get_output_for_continuous_inputs = _output_in_input_layout.__get__(module)
+    module._get_output_for_continuous_inputs = _Bound(_output_in_input_layout, module)
     return True
 
 

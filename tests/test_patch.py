@@ -413,6 +413,20 @@ def test_cross_attention_kwargs_that_change_the_math_raise():
             block.transformer_blocks[0].attn2(h, encoder_hidden_states=(ctx, ctx))
 
 
+def test_torch_save_and_load_of_a_patched_model(tmp_path):
+    unet, inputs = make_unet("sdxl")
+    dda.patch(unet)
+    out = run_unet(unet, inputs)
+    torch.save(unet, tmp_path / "unet.pt")
+    loaded = torch.load(tmp_path / "unet.pt", weights_only=False)
+    assert_bit_equal(run_unet(loaded, inputs), out)
+    assert sum(isinstance(m, PatchedAttention) for m in loaded.modules()) > 0
+    dda.unpatch(loaded)
+    stock = UNet2DConditionModel.from_config(unet.config).eval()
+    stock.load_state_dict(loaded.state_dict())
+    assert_close(run_unet(stock, inputs), out)
+
+
 def test_attn_processors_report_what_runs_and_hand_back_keeps_our_kernels():
     from deepspeed_diffusers_attn.adapters.attention_processor import FusedAttnProcessor
 

@@ -248,6 +248,10 @@ class FusedAttnProcessor:
     def __class__(self):
         return type(self.stock)
 
+    def __reduce__(self):
+        # pickle's default reduction reads __class__, which answers the stock class
+        return FusedAttnProcessor, (self.stock,)
+
     def __init__(self, stock=None):
         if stock is None:
             from diffusers.models.attention_processor import AttnProcessor2_0
