@@ -1,4 +1,4 @@
-"""Where a UNet step's GPU time goes: a kernel breakdown from torch.profiler (issue 6).
+"""Where a UNet step's GPU time goes: a kernel breakdown from torch.profiler.
 
     python benchmarks/profile_unet.py --config sd15 [--variants stock+graph+cl,ours+graph+cl] [--steps 5] [--out profile_out]
     python benchmarks/profile_unet.py --cpu-smoke     # tiny scaled-down model on the CPU: checks the code paths only
