@@ -45,8 +45,9 @@ objects, same ``state_dict`` keys; originals kept in ``.original``), lets each
 forward that folds SiLU and the time-embedding add into its GroupNorm calls; :func:`unpatch`
 undoes it.
 
-``patch(pipe, cuda_graph=True)`` also runs ``unet.forward`` and ``vae.decode`` / ``vae.encode``
-through shape-keyed CUDA graphs, and ``channels_last=True`` converts those modules to
+``patch(pipe, cuda_graph=True)`` also runs ``unet.forward``, ``vae.decode`` / ``vae.encode``
+and a ControlNet pipeline's ``controlnet.forward`` (each net of several) through
+shape-keyed CUDA graphs, and ``channels_last=True`` converts those modules to
 channels-last; both are :mod:`.graphs` wrappers, removed by :func:`unpatch`.
 
 Uses only public attributes of diffusers (a pipeline's ``components``; the adapters read
@@ -204,10 +205,12 @@ def _family(module: nn.Module) -> str:
 
 
 def _graph_targets(obj) -> list[tuple[str, nn.Module, str]]:
-    """(report name, module, method) to wrap: a UNet's ``forward``, a VAE's ``decode`` and ``encode``.
+    """(report name, module, method) to wrap: a UNet's ``forward``, a VAE's ``decode`` and
+    ``encode``, a ControlNet's ``forward`` (each net of a ``MultiControlNetModel``).
 
-    In a pipeline, the components named ``unet`` and ``vae``; a module passed directly
-    is wrapped if it is a ``UNet2DConditionModel`` or an ``AutoencoderKL``.
+    In a pipeline, the components named ``unet``, ``vae`` and ``controlnet``; a module passed
+    directly is wrapped if it is a ``UNet2DConditionModel``, an ``AutoencoderKL`` or a
+    ControlNet.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -215,13 +218,24 @@ def _graph_targets(obj) -> list[tuple[str, nn.Module, str]]:
     for prefix, module in _roots(obj):
         name = prefix or type(module).__name__
         if prefix == "unet" or (not prefix and isinstance(module, UNet2DConditionModel)):
-            methods = ["forward"]
+            targets.append((f"{name}.forward", module, "forward"))
         elif prefix == "vae" or (not prefix and isinstance(module, AutoencoderKL)):
-            methods = [m for m in ("decode", "encode") if callable(getattr(module, m, None))]
-        else:
-            methods = []
-        targets += [(f"{name}.{m}", module, m) for m in methods]
+            targets += [(f"{name}.{m}", module, m) for m in ("decode", "encode") if callable(getattr(module, m, None))]
+        elif prefix == "controlnet" or (not prefix and _is_controlnet(module)):
+            nets = getattr(module, "nets", None)  # MultiControlNetModel runs each of its nets in turn
+            if isinstance(nets, nn.ModuleList):
+                targets += [(f"{name}.nets.{i}.forward", net, "forward") for i, net in enumerate(nets)]
+            else:
+                targets.append((f"{name}.forward", module, "forward"))
     return sorted(targets, key=lambda target: target[0])
+
+
+def _is_controlnet(module: nn.Module) -> bool:
+    try:
+        from diffusers import ControlNetModel
+    except ImportError:  # pragma: no cover - every supported diffusers has it
+        return False
+    return isinstance(module, ControlNetModel) or type(module).__name__.startswith("MultiControlNet")
 
 
 def _wrap(obj, cuda_graph: bool, channels_last: bool, max_graphs: int, clone_outputs: bool) -> tuple[str, ...]:
@@ -307,9 +321,9 @@ def patch(obj, *, cuda_graph: bool = False, channels_last: bool = False, kv_cach
     reasons; attention modules of a family no adapter serves are listed as declined too.
     Patching a patched model is a no-op ("already patched" rows).
 
-    ``cuda_graph=True`` also runs the pipeline's ``unet.forward`` and ``vae.decode`` /
-    ``vae.encode`` (or those of a UNet2DConditionModel / AutoencoderKL passed directly)
-    through CUDA graphs keyed by input signature, at most ``max_graphs`` per method
+    ``cuda_graph=True`` also runs the pipeline's ``unet.forward``, ``vae.decode`` /
+    ``vae.encode`` and ``controlnet.forward`` (or those of a UNet2DConditionModel /
+    AutoencoderKL / ControlNet passed directly) through CUDA graphs keyed by input signature, at most ``max_graphs`` per method
     (LRU), outputs cloned unless ``clone_outputs=False``: see :mod:`.graphs`.
     ``channels_last=True`` converts those modules' 4-D weights to channels-last and
     their 4-D inputs likewise (with or without graphs). :func:`unpatch` undoes both.
