@@ -24,6 +24,7 @@ from . import ops
 from .workspace import Workspace, get_workspace
 
 __all__ = [
+    "LowRankUpdates",
     "unsupported_head_dim",
     "unsupported_device_dtype",
     "DeepSpeedDiffusersAttentionConfig",
@@ -127,14 +128,16 @@ class DeepSpeedDiffusersAttentionFunction(torch.autograd.Function):
 
     ``apply(module, input, context, input_mask, *weights)``: ``weights`` are the module's
     parameters, passed only so that autograd sees them; the forward reads them from
-    ``module``. The module calls this only when autograd is recording; otherwise it runs
+    ``module``. With low-rank updates, ``weights`` starts with the :class:`LowRankUpdates`,
+    followed by the parameters and its A/B tensors. The module calls this only when autograd is recording; otherwise it runs
     the same forward directly.
     """
 
     @staticmethod
     def forward(ctx, module, input, context, input_mask, *weights):
         """Run ``module``'s fused forward (see DeepSpeedDiffusersAttention.forward)."""
-        return module._fused_forward(input, context, input_mask)
+        low_rank = weights[0] if weights and isinstance(weights[0], LowRankUpdates) else None
+        return module._fused_forward(input, context, input_mask, low_rank)
 
     @staticmethod
     def backward(ctx, *grad_outputs):
@@ -460,6 +463,8 @@ class DeepSpeedDiffusersAttention(nn.Module):
         input: torch.Tensor,
         context: Optional[torch.Tensor] = None,
         input_mask: Optional[torch.Tensor] = None,
+        *,
+        low_rank: Optional["LowRankUpdates"] = None,
     ) -> torch.Tensor:
         """Attention of ``input`` over itself, or over ``context``.
 
@@ -470,18 +475,22 @@ class DeepSpeedDiffusersAttention(nn.Module):
             dtype) or bool (True = attend), shaped [B, Sk], [B, 1|Sq, Sk],
             [B*H, 1|Sq, Sk] (diffusers' convention: the same mask for every head unless
             given per head), or 4-D broadcastable to [B, H, Sq, Sk]. Never copied.
+        low_rank: low-rank updates added to the projections (LoRA), see :class:`LowRankUpdates`;
+            each runs as two small GEMMs accumulated into the fused projection's output.
         float32 input / context to a float16/bfloat16 module is cast; the output has the
         module's dtype and is a fresh tensor. Bad inputs raise TypeError (dtype) or
         ValueError (shape, device).
         """
         if torch.compiler.is_compiling() or not torch.is_grad_enabled():
-            return self._fused_forward(input, context, input_mask)
+            return self._fused_forward(input, context, input_mask, low_rank)
         weights = tuple(self.parameters())
+        if low_rank is not None:
+            weights = (low_rank, *weights, *low_rank.tensors())
         if any(isinstance(t, torch.Tensor) and t.requires_grad for t in (input, context, *weights)):
             return DeepSpeedDiffusersAttentionFunction.apply(self, input, context, input_mask, *weights)
-        return self._fused_forward(input, context, input_mask)
+        return self._fused_forward(input, context, input_mask, low_rank)
 
-    def _fused_forward(self, input, context, input_mask) -> torch.Tensor:
+    def _fused_forward(self, input, context, input_mask, low_rank=None) -> torch.Tensor:
         cfg = self.config
         dtype, device = self.attn_ow.dtype, self.attn_ow.device
         compiling = torch.compiler.is_compiling()
@@ -539,12 +548,18 @@ class DeepSpeedDiffusersAttention(nn.Module):
         f = cfg.rescale_output_factor
         ob = self._out_bias(compiling)
 
+        low_rank = low_rank if low_rank is not None and low_rank else None
         if compiling:
-            o = self._attend_functional(h, None if ctx is None else _gemm_input(ctx, dtype), mask, B, Sq, Sk)
+            o = self._attend_functional(h, None if ctx is None else _gemm_input(ctx, dtype), mask, B, Sq, Sk,
+                                        low_rank)
         else:
-            o = self._attend_workspace(h, ctx, mask, B, Sq, Sk, cacheable=context is not None)
+            cacheable = context is not None and (low_rank is None or not (low_rank.k or low_rank.v))
+            o = self._attend_workspace(h, ctx, mask, B, Sq, Sk, cacheable, low_rank)
         # y = (o Wo^T + bo + r) / f = (1/f) o Wo^T + (1/f) r + bo/f: one GEMM epilogue.
-        y = ops.linear(o.view(B, Sq, inner), self.attn_ow, ob, residual, 1.0 / f, 1.0 / f)
+        o2 = o.view(B, Sq, inner)
+        y = ops.linear(o2, self.attn_ow, ob, residual, 1.0 / f, 1.0 / f)
+        if low_rank is not None:
+            y = _add_low_rank(o2, low_rank.out, y, 1.0 / f, compiling)
 
         if x.dim() == 4:
             y = y.view(B, Hi, Wi, C).permute(0, 3, 1, 2)  # channels-last strides
@@ -564,12 +579,13 @@ class DeepSpeedDiffusersAttention(nn.Module):
         w = self.attn_qkvw
         return w[:inner], bq, w[inner:], (w[inner : 2 * inner], w[2 * inner :]), bkv
 
-    def _attend_workspace(self, h, ctx, mask, B, Sq, Sk, cacheable=False) -> torch.Tensor:
+    def _attend_workspace(self, h, ctx, mask, B, Sq, Sk, cacheable=False, low_rank=None) -> torch.Tensor:
         """Projections and attention through the shared workspace; returns o [B, Sq, H, D].
 
         ctx: None (self-attention), or the K/V source [B, Sk, Cctx] as the caller passed it
         (any float32 cast and contiguous copy happen only if the K/V GEMM runs).
         cacheable: ctx is the caller's context, which keys the K/V cache.
+        low_rank: :class:`LowRankUpdates` accumulated into the projections, or None.
         """
         H, D, inner = self.config.heads, self.config.dim_head, self.config.inner_dim
         dtype = h.dtype
@@ -580,7 +596,11 @@ class DeepSpeedDiffusersAttention(nn.Module):
             ws.reserve(Workspace.bytes_for(shapes, dtype))
             qkv = ws.take(shapes[0], dtype)
             o = ws.take(shapes[1], dtype)
-            ops.linear_out(h, self.attn_qkvw, self.attn_qkvb, None, 1.0, 1.0, qkv.view(B, Sq, 3 * inner))
+            qkv3 = qkv.view(B, Sq, 3 * inner)
+            ops.linear_out(h, self.attn_qkvw, self.attn_qkvb, None, 1.0, 1.0, qkv3)
+            if low_rank is not None:
+                for i, updates in enumerate((low_rank.q, low_rank.k, low_rank.v)):
+                    _add_low_rank(h, updates, qkv3[..., i * inner : (i + 1) * inner])
             q, k, v = qkv.unbind(2)  # [B, Sq, H, D] views with row stride 3*inner
             ops.attention_out(q, k, v, mask, scale, o)
             return o
@@ -595,9 +615,16 @@ class DeepSpeedDiffusersAttention(nn.Module):
         kv = self._cached_kv(ctx, B, Sk) if cacheable else None  # the module's own tensor, or None
         if kv is None:
             kv = kv_ws
-            self._project_kv(_gemm_input(ctx, dtype), kv)
+            source = _gemm_input(ctx, dtype)
+            self._project_kv(source, kv)
+            if low_rank is not None:
+                kv2 = kv.view(B, Sk, 2 * inner)
+                _add_low_rank(source, low_rank.k, kv2[..., :inner])
+                _add_low_rank(source, low_rank.v, kv2[..., inner:])
         wq, bq = self._qkv_weights(fused=False)[:2]
         ops.linear_out(h, wq, bq, None, 1.0, 1.0, q.view(B, Sq, inner))
+        if low_rank is not None:
+            _add_low_rank(h, low_rank.q, q.view(B, Sq, inner))
         k, v = kv.unbind(2)
         ops.attention_out(q, k, v, mask, scale, o)
         return o
@@ -615,20 +642,23 @@ class DeepSpeedDiffusersAttention(nn.Module):
         ops.linear_out(ctx, wk, bk, None, 1.0, 1.0, kv3[:, :, 0])
         ops.linear_out(ctx, wv, bv, None, 1.0, 1.0, kv3[:, :, 1])
 
-    def _attend_functional(self, h, ctx, mask, B, Sq, Sk) -> torch.Tensor:
+    def _attend_functional(self, h, ctx, mask, B, Sq, Sk, low_rank=None) -> torch.Tensor:
         """The same with fresh outputs (no workspace), for torch.compile tracing."""
-        H, D = self.config.heads, self.config.dim_head
+        H, D, inner = self.config.heads, self.config.dim_head, self.config.inner_dim
         scale = self.config.softmax_scale
-        if ctx is None:
+        if ctx is None and low_rank is None:
             qkv = ops.linear(h, self.attn_qkvw, self.attn_qkvb).view(B, Sq, 3, H, D)
             q, k, v = qkv.unbind(2)
         else:
-            inner = self.config.inner_dim
             wq, bq, _, (wk, wv), bkv = self._qkv_weights(fused=False)
             bk, bv = (None, None) if bkv is None else (bkv[:inner], bkv[inner:])
-            q = ops.linear(h, wq, bq).view(B, Sq, H, D)
-            k = ops.linear(ctx, wk, bk).view(B, Sk, H, D)
-            v = ops.linear(ctx, wv, bv).view(B, Sk, H, D)
+            src = h if ctx is None else ctx
+            q, k, v = ops.linear(h, wq, bq), ops.linear(src, wk, bk), ops.linear(src, wv, bv)
+            if low_rank is not None:
+                q = _add_low_rank(h, low_rank.q, q, functional=True)
+                k = _add_low_rank(src, low_rank.k, k, functional=True)
+                v = _add_low_rank(src, low_rank.v, v, functional=True)
+            q, k, v = q.view(B, Sq, H, D), k.view(B, Sk, H, D), v.view(B, Sk, H, D)
         o, _ = ops.attention(q, k, v, mask, scale)
         return o
 
@@ -654,6 +684,41 @@ class DeepSpeedDiffusersAttention(nn.Module):
 
 
 # ---------------------------------------------------------------------- helpers
+class LowRankUpdates(NamedTuple):
+    """Low-rank updates (LoRA) of the four projections, for ``forward(..., low_rank=...)``.
+
+    Each field is a tuple of ``(A [r, in], B [out, r], scale)``: the projection's output
+    gains ``scale * (x A^T) B^T`` for each, computed as two GEMMs, the second accumulated
+    into the fused projection's output (beta = 1), so the fused Q/K/V and output GEMMs stay
+    as they are. A and B are contiguous, in the module's dtype and on its device.
+    """
+
+    q: tuple = ()
+    k: tuple = ()
+    v: tuple = ()
+    out: tuple = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.q or self.k or self.v or self.out)
+
+    def tensors(self) -> tuple:
+        """Every A and B, in field order."""
+        return tuple(t for updates in self for a, b, _ in updates for t in (a, b))
+
+
+def _add_low_rank(x: torch.Tensor, updates, out: torch.Tensor, factor: float = 1.0,
+                  functional: bool = False) -> torch.Tensor:
+    """out += factor * scale * (x A^T) B^T for each (A, B, scale); in place into ``out``
+    (a view of a fused result), or as a new tensor when ``functional`` (torch.compile)."""
+    for a, b, scale in updates:
+        t = ops.linear(x, a)
+        if functional:
+            out = ops.linear(t, b, None, out, factor * scale, 1.0)
+        else:
+            ops.linear_out(t, b, None, out, factor * scale, 1.0, out)
+    return out
+
+
 class _KVEntry(NamedTuple):
     """One cached K/V: the key's plain values, weak references to its tensors, and kv."""
 

@@ -450,7 +450,7 @@ def test_patch_kv_cache_option_on_a_unet():
         report = dda.patch(unet, kv_cache=True)
         assert report.options["kv_cache"] is True
         cached = [unet(sample, t, ctx).sample for t in (10, 500)]
-        layers = [m for m in unet.modules() if isinstance(m, DeepSpeedDiffusersAttention) and m.config.is_cross_attention]
+        layers = [m.dda for m in unet.modules() if dda.adapters.is_stand_in(m) and m.dda.config.is_cross_attention]
         assert layers and all(m.kv_cache for m in layers)
         assert all(m.kv_cache_misses == 1 and m.kv_cache_hits == 1 for m in layers)
         for a, b in zip(plain, cached):

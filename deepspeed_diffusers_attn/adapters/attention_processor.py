@@ -13,8 +13,9 @@ import math
 import torch
 from torch import nn
 
-from ..attention import (DeepSpeedDiffusersAttention, DeepSpeedDiffusersAttentionConfig, unsupported_device_dtype,
-                         unsupported_head_dim)
+from ..attention import (DeepSpeedDiffusersAttention, DeepSpeedDiffusersAttentionConfig, LowRankUpdates,
+                         unsupported_device_dtype, unsupported_head_dim)
+from . import peft_lora
 from .stand_in import StandIn, share_weights
 
 __all__ = ["NAME", "claims", "supports", "from_diffusers", "convert", "PatchedAttention", "FusedAttnProcessor"]
@@ -36,6 +37,7 @@ def claims(module: nn.Module) -> bool:
 
 
 def _is_plain_linear(m) -> bool:
+    m = peft_lora.base_linear(m)  # a PEFT LoRA layer runs on our kernels when its base is plain
     if type(m) is nn.Linear:
         return True
     # diffusers' LoRACompatibleLinear without a LoRA layer is a plain Linear.
@@ -95,15 +97,17 @@ def supports(attn) -> list[str]:
             reasons.append(f"{name} is missing (pre_only or only_cross_attention)")
             bad = True
         elif not _is_plain_linear(m):
-            reasons.append(f"{name} is a {type(m).__name__}, not a plain nn.Linear (PEFT/LoRA-wrapped or custom "
-                           "projection)")
+            reasons.append(f"{name} is a {type(m).__name__}, not a plain nn.Linear or a PEFT LoRA layer "
+                           "around one")
             bad = True
-        elif _has_hooks(m):
+        elif peft_lora.unsupported(m):
+            reasons.append(f"{name}: {peft_lora.unsupported(m)}")
+        elif _has_hooks(m) or _has_hooks(peft_lora.base_linear(m)):
             reasons.append(f"forward hooks on {name} would be bypassed")
     if bad:
         return reasons
 
-    to_q, to_k, to_v, out0 = projections.values()
+    to_q, to_k, to_v, out0 = (peft_lora.base_linear(m) for m in projections.values())
     heads = int(get("heads", 0) or 0)
     inner = to_q.out_features
     head_dim = None
@@ -132,7 +136,8 @@ def supports(attn) -> list[str]:
     if group_norm is not None and (type(group_norm) is not nn.GroupNorm or group_norm.num_channels != to_q.in_features):
         reasons.append("group_norm is not an nn.GroupNorm over query_dim channels")
 
-    params = list(attn.parameters())
+    adapters = {id(t) for m in projections.values() for t in peft_lora.adapter_tensors(m)}
+    params = [p for p in attn.parameters() if id(p) not in adapters]
     dtypes = {p.dtype for p in params}
     devices = {p.device for p in params}
     if len(dtypes) > 1 or len(devices) > 1:
@@ -159,8 +164,10 @@ def from_diffusers(attn, *, kv_cache: bool = False) -> DeepSpeedDiffusersAttenti
     group_norm, residual_connection, rescale_output_factor and cross-attention.
     ``upcast_attention`` / ``upcast_softmax`` hold by construction: our scores, softmax
     and accumulation are always fp32. ``kv_cache`` turns on the K/V cache (see
-    :class:`~deepspeed_diffusers_attn.attention.DeepSpeedDiffusersAttention`). Raises
-    ValueError listing the reasons when :func:`supports` is non-empty.
+    :class:`~deepspeed_diffusers_attn.attention.DeepSpeedDiffusersAttention`). Projections
+    wrapped in PEFT LoRA layers give their base weights; the adapters are not part of the
+    fused module (the stand-in passes them per call). Raises ValueError listing the reasons
+    when :func:`supports` is non-empty.
     """
     from diffusers.models.attention_processor import AttnProcessor
 
@@ -168,7 +175,7 @@ def from_diffusers(attn, *, kv_cache: bool = False) -> DeepSpeedDiffusersAttenti
     if reasons:
         raise ValueError(f"cannot convert this {type(attn).__name__} to DeepSpeedDiffusersAttention: "
                          + "; ".join(reasons))
-    to_q, to_k, to_v, out0 = attn.to_q, attn.to_k, attn.to_v, attn.to_out[0]
+    to_q, to_k, to_v, out0 = (peft_lora.base_linear(m) for m in (attn.to_q, attn.to_k, attn.to_v, attn.to_out[0]))
     heads = int(attn.heads)
     inner = to_q.out_features
     cross = bool(getattr(attn, "is_cross_attention", to_k.in_features != to_q.in_features))
@@ -203,13 +210,20 @@ def from_diffusers(attn, *, kv_cache: bool = False) -> DeepSpeedDiffusersAttenti
     return module
 
 
-def _shared_pairs(attn, fused: DeepSpeedDiffusersAttention) -> list:
-    """(original parameter, the fused view holding its values) for each tensor the fused module copied.
+def _projections(attn) -> tuple:
+    """``attn``'s four projections as they are now (plain, or wrapped in LoRA layers)."""
+    return attn.to_q, attn.to_k, attn.to_v, attn.to_out[0]
 
-    A fused bias slice whose original is None (the fused module zero-fills it) has no pair.
+
+def _shared_pairs(attn, fused: DeepSpeedDiffusersAttention) -> list:
+    """(stock parameter, the fused view holding its values) for each tensor the fused module copied.
+
+    ``attn``: the original or its stand-in (the same children). A fused bias slice whose
+    original is None (the fused module zero-fills it) has no pair.
     """
     pairs = []
-    for (w, b), linear in zip(fused.projections(), (attn.to_q, attn.to_k, attn.to_v, attn.to_out[0])):
+    for (w, b), m in zip(fused.projections(), _projections(attn)):
+        linear = peft_lora.base_linear(m)
         pairs.append((linear.weight, w.data))
         if b is not None:
             pairs.append((linear.bias, b.data))
@@ -225,7 +239,10 @@ def convert(attn, *, kv_cache: bool = False) -> tuple[PatchedAttention | None, l
     if reasons:
         return None, reasons
     fused = from_diffusers(attn, kv_cache=kv_cache)
-    reasons = share_weights(attn, _shared_pairs(attn, fused))
+    keep = [t for m in _projections(attn) for t in peft_lora.adapter_tensors(m)]
+    if isinstance(attn.processor, nn.Module):
+        keep += [*attn.processor.parameters(), *attn.processor.buffers()]
+    reasons = share_weights(attn, _shared_pairs(attn, fused), keep)
     if reasons:
         return None, reasons
     return PatchedAttention(attn, fused), []
@@ -272,10 +289,20 @@ def _unwrap(processor):
 
 
 class PatchedAttention(StandIn):
-    """Stands in for one diffusers ``Attention``, with its call signature, running ``dda``.
+    """Stands in for one diffusers ``Attention``, with its call signature and layout, running ``dda``.
 
-    ``dda`` is the fused :class:`DeepSpeedDiffusersAttention` (the only child);
-    ``original`` is the replaced ``Attention``, kept unregistered for ``unpatch``.
+    Its children are the original's (``to_q``, ``to_k``, ``to_v``, ``to_out``, and
+    ``group_norm`` where present), whose parameters view the fused tensors of ``dda``, the
+    fused :class:`DeepSpeedDiffusersAttention` (see :class:`~.stand_in.StandIn`);
+    ``original`` is the replaced ``Attention``, given back by ``unpatch``.
+
+    LoRA. PEFT finds the projections here as in stock diffusers, so adapters load before or
+    after patching, and every adapter call (``set_adapters``, ``disable_lora``,
+    ``fuse_lora``, ``delete_adapters``...) acts on them. Each call reads the active adapters
+    (:mod:`.peft_lora`) and passes them to the fused module as low-rank updates: the fused
+    Q/K/V and output GEMMs stay, and each adapter adds two small GEMMs accumulated into
+    their results. An adapter we cannot reproduce (DoRA, LoRA bias, active dropout) makes
+    the module run stock for as long as it is there, and :attr:`stock_reason` says so.
 
     diffusers' processor API keeps its meaning. :meth:`get_processor` (and so the model's
     ``attn_processors``) reports what runs: a :class:`FusedAttnProcessor` while our kernels
@@ -283,18 +310,27 @@ class PatchedAttention(StandIn):
     the original and asks :func:`supports` again: a processor we reproduce
     (``AttnProcessor2_0``, ``AttnProcessor``, ``FusedAttnProcessor2_0``, our own report)
     keeps our kernels, with its scale rule; any other (IP-Adapter, custom) makes this
-    module run the original, stock diffusers with that processor, until a supported one
-    is set again. :attr:`stock_reason` says why it runs stock ("" while ours runs).
+    module run stock diffusers with that processor, until a supported one is set again.
     """
 
     def __init__(self, original, fused: DeepSpeedDiffusersAttention):
-        super().__init__(original)
-        self.dda = fused
+        super().__init__(original, fused)
         self._processor = FusedAttnProcessor(original.processor)
-        self.stock_reason = ""
+        self._processor_reason = ""
 
     def _shared_pairs(self) -> list:
-        return _shared_pairs(self._original, self.dda)
+        return _shared_pairs(self, self.dda)
+
+    @property
+    def stock_reason(self) -> str:
+        """Why this module runs stock diffusers now ("" while our kernels run)."""
+        if self._processor_reason:
+            return self._processor_reason
+        for name, m in zip(("to_q", "to_k", "to_v", "to_out[0]"), _projections(self)):
+            problem = peft_lora.unsupported(m)
+            if problem:
+                return f"{name}: {problem}"
+        return ""
 
     @property
     def heads(self) -> int:
@@ -312,19 +348,37 @@ class PatchedAttention(StandIn):
 
     def set_processor(self, processor, *args, **kwargs) -> None:
         """Give ``processor`` to the original; keep our kernels if we reproduce it, else run stock."""
-        from diffusers.models.attention_processor import AttnProcessor, FusedAttnProcessor2_0
+        from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0
 
         stock = _unwrap(processor)
         if type(stock) is FusedAttnProcessor2_0:  # AttnProcessor2_0's math on fused projections: ours are
-            from diffusers.models.attention_processor import AttnProcessor2_0
-
             stock = AttnProcessor2_0()
         self._original.set_processor(stock)
-        reasons = supports(self._original)
-        self.stock_reason = "; ".join(reasons)
+        if isinstance(stock, nn.Module):  # its weights (IP-Adapter's) belong in parameters() and state_dict()
+            self._modules["processor"] = stock
+        else:
+            self._modules.pop("processor", None)
+        reasons = [r for r in supports(self._sync_original()) if not r.startswith(("to_q:", "to_k:", "to_v:",
+                                                                                    "to_out[0]:"))]
+        self._processor_reason = "; ".join(reasons)
         if not reasons:
             self.dda.config.scale = float(self._original.scale) if type(stock) is AttnProcessor else None
             self._processor = FusedAttnProcessor(stock)  # a new object: graph keys see the change
+
+    def _low_rank(self) -> LowRankUpdates | None:
+        dtype = self.dda.attn_ow.dtype
+        q, k, v, out = (peft_lora.updates(m, dtype) for m in _projections(self))
+        updates = LowRankUpdates(q, k, v, out)
+        return updates if updates else None
+
+    def _check_views(self) -> None:
+        # Something replaced a stock parameter's storage (assign=True loading, a safe merge):
+        # copy its values into the fused tensors and make it a view again.
+        for param, fused in self._shared_pairs():
+            if param.data_ptr() != fused.data_ptr() or param.shape != fused.shape:
+                with torch.no_grad():
+                    fused.copy_(param)
+                param.data = fused
 
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states=None,
                 attention_mask: torch.Tensor | None = None, **cross_attention_kwargs) -> torch.Tensor:
@@ -336,22 +390,17 @@ class PatchedAttention(StandIn):
         ``cross_attention_kwargs`` that would change our result raise ValueError naming them.
         """
         if self.stock_reason:
-            return self._original(hidden_states, encoder_hidden_states, attention_mask, **cross_attention_kwargs)
+            return self._sync_original()(hidden_states, encoder_hidden_states, attention_mask,
+                                         **cross_attention_kwargs)
         _check_cross_attention_kwargs(cross_attention_kwargs)
         if isinstance(encoder_hidden_states, (tuple, list)):
             raise ValueError(
                 "encoder_hidden_states is a tuple (IP-Adapter image embeddings), but this Attention runs "
                 "our kernels with a plain processor: load the IP-Adapter (pipe.load_ip_adapter) first")
-        return self.dda(hidden_states, context=encoder_hidden_states, input_mask=attention_mask)
-
-    def _apply(self, fn, recurse=True):
-        # A processor that is a module (IP-Adapter's image projections) lives in the original,
-        # which is not registered here: move it with the rest.
-        super()._apply(fn, recurse)
-        processor = self._original.processor
-        if isinstance(processor, nn.Module):
-            processor._apply(fn)
-        return self
+        if not torch.compiler.is_compiling():
+            self._check_views()
+        return self.dda(hidden_states, context=encoder_hidden_states, input_mask=attention_mask,
+                        low_rank=self._low_rank())
 
     def extra_repr(self) -> str:
         """Names the replaced module in ``print(model)``, and says when it runs stock."""

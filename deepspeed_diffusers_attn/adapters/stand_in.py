@@ -1,13 +1,16 @@
-"""What every adapter's stand-in shares: the original kept aside, stock checkpoints, shared weight memory.
+"""What every adapter's stand-in shares: the original's layout kept, shared weight memory.
 
-A stand-in replaces one diffusers attention module in its parents. It keeps the
-original unregistered (``.original``), so ``parameters()`` counts nothing twice, and its
-fused module as its only child. The original's parameters become views of the fused
-tensors (:func:`share_weights`), so no weight memory is duplicated and the original's
-``state_dict()`` holds the values that run: :class:`StandIn` hands that state dict out
-as its own (stock diffusers keys, so ``save_pretrained`` writes a stock checkpoint) and
-accepts stock keys in ``load_state_dict`` (written through the views into the fused
-tensors).
+A stand-in replaces one diffusers attention module in its parents and keeps that
+module's layout: the original's children (``to_q``, ``to_k``, ``to_v``, ``to_out``,
+``group_norm``...) are registered in the stand-in under the same names, so
+``parameters()``, ``state_dict()`` (stock keys: ``save_pretrained`` writes a stock
+checkpoint, ``load_state_dict`` takes one), ``named_modules()`` and PEFT's adapter
+injection see a stock diffusers model. The fused module (``dda``) is held unregistered:
+its tensors are the storage that the original's parameters view (:func:`share_weights`),
+so no weight memory is duplicated and nothing is counted twice, and writing a stock
+parameter (``load_state_dict``, ``copy_``) writes what the fused kernels read.
+``.to()`` / ``.half()`` move the fused tensors first and re-point the views, so no
+parameter is copied on its own.
 """
 from __future__ import annotations
 
@@ -20,68 +23,62 @@ __all__ = ["StandIn", "share_weights", "unshare_weights"]
 class StandIn(nn.Module):
     """Base of every adapter's stand-in module.
 
-    Subclasses set ``self.dda`` (the fused module) and implement ``forward`` with the
-    original's call signature, and ``_shared_pairs()``: the (original parameter, fused
-    view) pairs of :func:`share_weights`.
+    Subclasses implement ``forward`` with the original's call signature, and
+    ``_shared_pairs()``: the (stock parameter, fused view) pairs of :func:`share_weights`,
+    read from the stand-in's current children (an adapter layer PEFT wrapped around a
+    projection holds the stock parameter as its ``base_layer``).
     """
 
-    def __init__(self, original: nn.Module):
+    def __init__(self, original: nn.Module, fused: nn.Module):
         super().__init__()
-        object.__setattr__(self, "_original", original)  # bypasses nn.Module registration
+        object.__setattr__(self, "_original", original)  # unregistered: restored by unpatch
+        object.__setattr__(self, "_dda", fused)  # unregistered: its tensors are what the children view
+        for name, child in original.named_children():
+            self.add_module(name, child)
         self.train(original.training)
-        self.register_load_state_dict_pre_hook(StandIn._load_stock_keys)
 
     @property
     def original(self) -> nn.Module:
         """The diffusers module this stand-in replaced (given back by :meth:`restore`)."""
         return self._original
 
+    @property
+    def dda(self) -> nn.Module:
+        """The fused module that runs (not registered: the stock parameters view its tensors)."""
+        return self._dda
+
     def _shared_pairs(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
         raise NotImplementedError
 
+    def train(self, mode: bool = True):
+        """Set the training flag here, on the children and on the fused module."""
+        super().train(mode)
+        self._dda.train(mode)
+        return self
+
     def restore(self) -> nn.Module:
-        """Give the original its own storage again (the fused tensors' current values,
-        device and dtype) and its training flag; returns it. The stand-in is spent."""
+        """Give the original the stand-in's current children (with any adapter layers added
+        meanwhile), its own weight storage again (the fused tensors' current values, device
+        and dtype) and the training flag; returns it. The stand-in is spent."""
         unshare_weights(self._shared_pairs())
+        for name, child in self.named_children():
+            setattr(self._original, name, child)
         self._original.train(self.training)
         return self._original
 
-    def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
-        """The original's state dict: stock diffusers keys and values.
-
-        Its parameters are views of the fused tensors, so the values are the ones that run.
-        """
-        return self._original.state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
-
-    @staticmethod
-    def _load_stock_keys(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                         error_msgs) -> None:
-        # load_state_dict pre-hook: stock keys (``to_q.weight``...) are copied into the original's
-        # parameters, which are views of the fused tensors, and taken out of the dict; the fused
-        # parameters are then "loaded" from themselves. A dict with fused keys loads as is.
-        stock = module._original.state_dict(prefix=prefix, keep_vars=True)
-        if not any(key in state_dict for key in stock):
-            return
-        with torch.no_grad():
-            for key, param in stock.items():
-                if key not in state_dict:
-                    missing_keys.append(key)
-                    continue
-                value = state_dict.pop(key)
-                if value.shape != param.shape:
-                    error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(value.shape)} "
-                                      f"from checkpoint, the shape in current model is {tuple(param.shape)}.")
-                    continue
-                param.copy_(value)
-        for name, param in module.dda.named_parameters():
-            state_dict.setdefault(f"{prefix}dda.{name}", param)
+    def _sync_original(self) -> nn.Module:
+        """The original with the stand-in's current children (for running it stock)."""
+        for name, child in self.named_children():
+            self._original._modules[name] = child
+        return self._original
 
     def _apply(self, fn, recurse=True):
-        # .to() / .half() / .cuda(): move the fused tensors, then re-point the original's views.
-        super()._apply(fn, recurse)
+        # Move the fused tensors, re-point the stock parameters at them, then move the rest
+        # (adapter weights, a processor module): fn leaves already-converted views alone.
+        self._dda._apply(fn, recurse)
         for param, fused in self._shared_pairs():
             param.data = fused
-        return self
+        return super()._apply(fn, recurse)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -90,17 +87,19 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.detach().view(ints[t.element_size()])
 
 
-def share_weights(original: nn.Module, pairs) -> list[str]:
-    """Make each original parameter of ``pairs`` a view of its fused tensor; returns why not (empty: done).
+def share_weights(original: nn.Module, pairs, keep=()) -> list[str]:
+    """Make each stock parameter of ``pairs`` a view of its fused tensor; returns why not (empty: done).
 
-    ``pairs``: (original parameter, fused view holding a bit-identical copy of its values).
-    Nothing changes unless every parameter and buffer of ``original`` is covered and every
-    copy is bit-identical; the original storage is then freed.
+    ``pairs``: (stock parameter, fused view holding a bit-identical copy of its values).
+    ``keep``: tensors of ``original`` that keep their own storage (adapter weights).
+    Nothing changes unless every other parameter and buffer of ``original`` is covered and
+    every copy is bit-identical; the stock storage is then freed.
     """
-    covered = {id(p) for p, _ in pairs}
+    covered = {id(p) for p, _ in pairs} | {id(t) for t in keep}
     reasons = [f"parameter {name} is not used by the fused module"
                for name, p in original.named_parameters() if id(p) not in covered]
-    reasons += [f"buffer {name} is not used by the fused module" for name, _ in original.named_buffers()]
+    reasons += [f"buffer {name} is not used by the fused module"
+                for name, b in original.named_buffers() if id(b) not in covered]
     for p, t in pairs:
         if (p.shape, p.dtype, p.device) != (t.shape, t.dtype, t.device) or not torch.equal(_bits(p), _bits(t)):
             reasons.append(f"internal: fused copy of a {tuple(p.shape)} {p.dtype} parameter differs from the original")
@@ -111,6 +110,6 @@ def share_weights(original: nn.Module, pairs) -> list[str]:
 
 
 def unshare_weights(pairs) -> None:
-    """Give each original parameter its own storage, holding its fused tensor's current values."""
+    """Give each stock parameter its own storage, holding its fused tensor's current values."""
     for param, fused in pairs:
         param.data = fused.clone()

@@ -1,0 +1,194 @@
+"""LoRA (PEFT, as diffusers loads it) on patched attention: the fused projections stay, and
+every adapter call keeps stock's meaning.
+
+CPU, fp32, a scaled-down SD1.5 UNet with two random (not zero-initialised) adapters on
+every attention projection: loaded before or after patch(), then each diffusers adapter
+call, compared with a stock copy that gets the same adapters and the same calls.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import deepspeed_diffusers_attn as dda
+from deepspeed_diffusers_attn.adapters.attention_processor import PatchedAttention
+from deepspeed_diffusers_attn.configs import SD15_UNET, SDXL_UNET, scaled_down, sdxl_added_cond_shapes
+
+pytest.importorskip("peft")
+
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TOL = 2e-5
+
+
+def make_unet(kind="sd15"):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    config = scaled_down({"sd15": SD15_UNET, "sdxl": SDXL_UNET}[kind])
+    unet = UNet2DConditionModel.from_config(config).eval()
+    gen = torch.Generator().manual_seed(1)
+    inputs = {"sample": torch.randn(2, 4, config["sample_size"], config["sample_size"], generator=gen),
+              "timestep": torch.tensor([10, 500]),
+              "encoder_hidden_states": torch.randn(2, 77, config["cross_attention_dim"], generator=gen)}
+    if kind == "sdxl":
+        inputs["added_cond_kwargs"] = {k: torch.randn(s, generator=gen)
+                                       for k, s in sdxl_added_cond_shapes(config, 2).items()}
+    return unet, inputs
+
+
+def add_adapters(unet, names=("a", "b"), targets=TARGETS, rank=4, seed=7):
+    from peft import LoraConfig
+
+    for i, name in enumerate(names):
+        torch.manual_seed(seed + i)
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets),
+                                    init_lora_weights=False), adapter_name=name)
+
+
+def run(unet, inputs):
+    with torch.no_grad():
+        return unet(**inputs).sample
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def patched_modules(unet):
+    return [m for m in unet.modules() if isinstance(m, PatchedAttention)]
+
+
+CALLS = {
+    "set_adapters both": lambda u: u.set_adapters(["a", "b"], weights=[1.0, 0.5]),
+    "set_adapters one": lambda u: u.set_adapters(["b"], weights=[0.75]),
+    "disable_lora": lambda u: u.disable_lora(),
+    "enable_lora": lambda u: (u.disable_lora(), u.enable_lora()),
+    "delete_adapters": lambda u: u.delete_adapters("a"),
+    "fuse_lora": lambda u: u.fuse_lora(adapter_names=["a"], lora_scale=0.8),
+    "fuse_then_unfuse": lambda u: (u.fuse_lora(adapter_names=["a"]), u.unfuse_lora()),
+    "unload_lora": lambda u: u.unload_lora(),
+}
+
+
+@pytest.mark.parametrize("when", ["before patch", "after patch"])
+def test_lora_runs_on_our_kernels_and_equals_stock(when):
+    unet, inputs = make_unet()
+    stock = copy.deepcopy(unet)
+    add_adapters(stock)
+    if when == "before patch":
+        add_adapters(unet)
+        report = dda.patch(unet)
+    else:
+        report = dda.patch(unet)
+        add_adapters(unet)
+    assert report.summary()["declined"] == 0 and report.summary()["patched"] == len(patched_modules(unet)) > 0
+    assert all(not m.stock_reason for m in patched_modules(unet))
+    ref = run(stock, inputs)
+    assert rel(run(unet, inputs), ref) <= TOL
+    base = copy.deepcopy(stock)
+    base.disable_lora()
+    assert rel(run(base, inputs), ref) > 1e-3, "the adapters should change the output"
+
+
+@pytest.mark.parametrize("call", list(CALLS))
+def test_every_adapter_call_keeps_stock_meaning(call):
+    unet, inputs = make_unet()
+    stock = copy.deepcopy(unet)
+    add_adapters(stock)
+    dda.patch(unet)
+    add_adapters(unet)
+    CALLS[call](stock)
+    CALLS[call](unet)
+    assert rel(run(unet, inputs), run(stock, inputs)) <= TOL
+    assert all(not m.stock_reason for m in patched_modules(unet))
+
+
+def test_state_dict_with_lora_has_stock_keys_and_unpatch_keeps_the_adapters():
+    unet, inputs = make_unet()
+    stock = copy.deepcopy(unet)
+    add_adapters(stock)
+    dda.patch(unet)
+    add_adapters(unet)
+    sd, ref = unet.state_dict(), stock.state_dict()
+    assert list(sd) == list(ref)
+    assert all(torch.equal(sd[k], ref[k]) for k in ref)
+    out = run(unet, inputs)
+    dda.unpatch(unet)
+    assert not patched_modules(unet)
+    assert rel(run(unet, inputs), out) <= TOL
+    assert list(unet.state_dict()) == list(ref)
+
+
+def test_lora_on_layers_we_do_not_own_keeps_working():
+    unet, inputs = make_unet()
+    stock = copy.deepcopy(unet)
+    targets = TARGETS + ["proj_in", "proj_out", "ff.net.2", "conv1"]
+    add_adapters(stock, targets=targets)
+    add_adapters(unet, targets=targets)
+    dda.patch(unet)
+    assert rel(run(unet, inputs), run(stock, inputs)) <= TOL
+
+
+def test_sdxl_lora_cross_attention_with_kv_cache():
+    unet, inputs = make_unet("sdxl")
+    stock = copy.deepcopy(unet)
+    add_adapters(stock)
+    add_adapters(unet)
+    dda.patch(unet, kv_cache=True)
+    ref = run(stock, inputs)
+    for _ in range(2):  # the cache must not serve K/V without the adapters' updates
+        assert rel(run(unet, inputs), ref) <= TOL
+    stock.set_adapters(["a"], weights=[0.3])
+    unet.set_adapters(["a"], weights=[0.3])
+    assert rel(run(unet, inputs), run(stock, inputs)) <= TOL
+
+
+def test_unsupported_adapter_runs_stock_and_says_why():
+    from peft import LoraConfig
+
+    unet, inputs = make_unet()
+    stock = copy.deepcopy(unet)
+    dda.patch(unet)
+    for model in (stock, unet):
+        torch.manual_seed(3)
+        model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q"], use_dora=True,
+                                     init_lora_weights=False), adapter_name="dora")
+    wrappers = patched_modules(unet)
+    assert all("DoRA" in m.stock_reason for m in wrappers)
+    assert all(type(m.processor).__name__ != "FusedAttnProcessor" for m in wrappers)
+    assert rel(run(unet, inputs), run(stock, inputs)) <= TOL
+    report = dda.patch(unet)
+    assert all("runs stock" in r.reasons[0] and "DoRA" in r.reasons[0] for r in report)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("when", ["before patch", "after patch"])
+def test_cuda_sdxl_two_loras_against_float64(when):
+    """fp16 on our kernels with two adapters: error against a float64 stock run at most 2x
+    stock fp16's own error."""
+    unet, inputs = make_unet("sdxl")
+    add_adapters(unet, rank=8)
+    unet.set_adapters(["a", "b"], weights=[1.0, 0.7])
+    ref64 = copy.deepcopy(unet).to("cuda", torch.float64)
+    stock16 = copy.deepcopy(unet).to("cuda", torch.float16)
+    ours = copy.deepcopy(unet) if when == "before patch" else make_unet("sdxl")[0]
+    ours = ours.to("cuda", torch.float16)
+    dda.patch(ours)
+    if when == "after patch":
+        add_adapters(ours, rank=8)
+        ours.set_adapters(["a", "b"], weights=[1.0, 0.7])
+        lora = {k: v for k, v in unet.state_dict().items() if "lora_" in k}
+        assert not ours.load_state_dict(lora, strict=False).unexpected_keys
+    assert all(not m.stock_reason for m in patched_modules(ours))
+
+    def on(dtype):
+        return {k: (v.to("cuda", dtype) if v.is_floating_point() else v.to("cuda")) if torch.is_tensor(v)
+                else {kk: vv.to("cuda", dtype) for kk, vv in v.items()} for k, v in inputs.items()}
+
+    ref = run(ref64, on(torch.float64))
+    stock_err = rel(run(stock16, on(torch.float16)), ref)
+    ours_err = rel(run(ours, on(torch.float16)), ref)
+    print(f"SDXL + 2 LoRAs ({when}): ours {ours_err:.3g}, stock fp16 {stock_err:.3g} (rel. L2 vs float64)")
+    assert ours_err <= 2 * stock_err + 1e-4
