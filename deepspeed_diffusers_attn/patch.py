@@ -14,29 +14,29 @@ running stock diffusers), or already patched.
 What a patched model looks like:
 
 * Each converted module is replaced, in every parent that holds it, by its adapter's
-  stand-in (:class:`.adapters.StandIn`): one child ``dda`` (the fused module), and the
-  original kept unregistered in ``.original``, so nothing is counted twice by
-  ``parameters()``.
-* No weight memory is duplicated: the original's parameters keep their Parameter
-  objects, but their ``.data`` become views into the fused storage (values
-  bit-identical, checked). ``model.to(...)`` / ``.half()`` move the fused tensors and
-  re-point the views.
-* ``state_dict()`` of a patched model has stock diffusers' keys and values (each stand-in
-  gives its original's state dict, whose parameters are views of the fused tensors), so
-  ``save_pretrained`` writes a checkpoint that stock diffusers loads bit-exactly.
-  ``load_state_dict`` of a stock state dict updates the fused tensors through those
-  views; a dict with the fused keys (``...attn1.dda.attn_qkvw``) loads too.
-  ``named_parameters()`` lists the fused tensors.
+  stand-in (:class:`.adapters.StandIn`), which keeps the original's layout: the
+  original's children (``to_q``, ``to_k``, ``to_v``, ``to_out``...) are registered in it
+  under the same names, the fused module ``.dda`` is not registered, and the original is
+  kept in ``.original`` for :func:`unpatch`. So ``parameters()``, ``named_modules()`` and
+  ``state_dict()`` are stock diffusers' (``save_pretrained`` writes a stock checkpoint,
+  ``load_state_dict`` takes one), and PEFT finds the projections.
+* No weight memory is duplicated: the stock parameters keep their Parameter objects, but
+  their ``.data`` become views into the fused storage (values bit-identical, checked), so
+  writing them writes what the kernels read. ``model.to(...)`` / ``.half()`` move the
+  fused tensors and re-point the views; storage replaced otherwise (``load_state_dict(...,
+  assign=True)``) is copied into the fused tensors at the next call.
+* LoRA (PEFT, as diffusers loads it) runs on our kernels, loaded before or after
+  ``patch``: the active adapters are read on every call and added as low-rank updates to
+  the fused projections' results; every adapter call (``set_adapters``, ``disable_lora``,
+  ``fuse_lora``, ``delete_adapters``, ``unload_lora``...) keeps its meaning.
 * diffusers' processor API keeps its meaning on a patched ``Attention``
   (:class:`.adapters.attention_processor.PatchedAttention`): ``attn_processors`` reports
   what runs; ``set_attn_processor`` / ``set_default_attn_processor`` /
   ``fuse_qkv_projections`` with a processor we reproduce keep our kernels, and any other
-  processor (``load_ip_adapter``'s, a custom one) makes that module run stock diffusers
-  with it (``patch`` again lists it as "already patched" with "runs stock: <why>"), until
-  a supported one is set again. ``cross_attention_kwargs`` that would change our result
-  raise. Modules whose projections carry LoRA layers are declined: fuse and unload LoRA
-  (``pipe.fuse_lora(); pipe.unload_lora_weights()``) before patching, or load LoRA after
-  :func:`unpatch` (PEFT does not find the projections of a patched module).
+  processor (``load_ip_adapter``'s, a custom one), like an adapter we cannot reproduce
+  (DoRA), makes that module run stock diffusers (``patch`` again lists it as "already
+  patched" with "runs stock: <why>"), until that changes. ``cross_attention_kwargs`` that
+  would change our result raise.
 
 ``patch`` (``fuse_blocks=True``, the default) also replaces diffusers ``GEGLU`` and
 ``torch.nn.GroupNorm`` modules by the fused stand-ins of :mod:`.blocks` (same Parameter
