@@ -25,6 +25,7 @@ from .workspace import Workspace, get_workspace
 
 __all__ = [
     "LowRankUpdates",
+    "ImageKV",
     "unsupported_head_dim",
     "unsupported_device_dtype",
     "DeepSpeedDiffusersAttentionConfig",
@@ -465,6 +466,7 @@ class DeepSpeedDiffusersAttention(nn.Module):
         input_mask: Optional[torch.Tensor] = None,
         *,
         low_rank: Optional["LowRankUpdates"] = None,
+        image_kv: tuple = (),
     ) -> torch.Tensor:
         """Attention of ``input`` over itself, or over ``context``.
 
@@ -477,10 +479,18 @@ class DeepSpeedDiffusersAttention(nn.Module):
             given per head), or 4-D broadcastable to [B, H, Sq, Sk]. Never copied.
         low_rank: low-rank updates added to the projections (LoRA), see :class:`LowRankUpdates`;
             each runs as two small GEMMs accumulated into the fused projection's output.
+        image_kv: IP-Adapter branches (:class:`ImageKV`), with a context only: each adds
+            ``scale * attention(q, K_i, V_i)`` (no mask) to the attention output before the
+            output projection.
         float32 input / context to a float16/bfloat16 module is cast; the output has the
         module's dtype and is a fresh tensor. Bad inputs raise TypeError (dtype) or
         ValueError (shape, device).
         """
+        if image_kv:
+            if context is None:
+                raise ValueError("image_kv (IP-Adapter branches) needs a context: it is for cross-attention")
+            low_rank = LowRankUpdates() if low_rank is None else low_rank
+            low_rank = low_rank._replace(image=tuple(image_kv))
         if torch.compiler.is_compiling() or not torch.is_grad_enabled():
             return self._fused_forward(input, context, input_mask, low_rank)
         weights = tuple(self.parameters())
@@ -627,7 +637,19 @@ class DeepSpeedDiffusersAttention(nn.Module):
             _add_low_rank(h, low_rank.q, q.view(B, Sq, inner))
         k, v = kv.unbind(2)
         ops.attention_out(q, k, v, mask, scale, o)
+        if low_rank is not None:
+            for branch in low_rank.image:
+                o.add_(self._image_attention(q, branch), alpha=branch.scale)
         return o
+
+    def _image_attention(self, q: torch.Tensor, branch: "ImageKV") -> torch.Tensor:
+        """attention(q, K, V) without a mask, K and V projected from an IP-Adapter branch's context."""
+        B, H, D = q.shape[0], self.config.heads, self.config.dim_head
+        ctx = branch.context.reshape(B, -1, branch.context.shape[-1])
+        ctx = _gemm_input(ctx, q.dtype)
+        k = ops.linear(ctx, branch.wk).view(B, -1, H, D)
+        v = ops.linear(ctx, branch.wv).view(B, -1, H, D)
+        return ops.attention(q, k, v, None, self.config.softmax_scale)[0]
 
     def _project_kv(self, ctx: torch.Tensor, kv: torch.Tensor) -> None:
         """kv [B, Sk, 2, H, D] (contiguous) = the K and V projections of ctx [B, Sk, Cctx]."""
@@ -660,6 +682,9 @@ class DeepSpeedDiffusersAttention(nn.Module):
                 v = _add_low_rank(src, low_rank.v, v, functional=True)
             q, k, v = q.view(B, Sq, H, D), k.view(B, Sk, H, D), v.view(B, Sk, H, D)
         o, _ = ops.attention(q, k, v, mask, scale)
+        if low_rank is not None:
+            for branch in low_rank.image:
+                o = o + branch.scale * self._image_attention(q, branch)
         return o
 
     def _warn_split_kv(self) -> None:
@@ -697,13 +722,29 @@ class LowRankUpdates(NamedTuple):
     k: tuple = ()
     v: tuple = ()
     out: tuple = ()
+    image: tuple = ()  # ImageKV branches, set by forward(..., image_kv=...)
 
     def __bool__(self) -> bool:
-        return bool(self.q or self.k or self.v or self.out)
+        return bool(self.q or self.k or self.v or self.out or self.image)
 
     def tensors(self) -> tuple:
-        """Every A and B, in field order."""
-        return tuple(t for updates in self for a, b, _ in updates for t in (a, b))
+        """Every A and B (and each image branch's context and weights), in field order."""
+        low = tuple(t for updates in self[:4] for a, b, _ in updates for t in (a, b))
+        return low + tuple(t for branch in self.image for t in (branch.context, branch.wk, branch.wv))
+
+
+class ImageKV(NamedTuple):
+    """One IP-Adapter branch, for ``forward(..., image_kv=...)``: the attention output gains
+    ``scale * attention(q, context wk^T, context wv^T)`` (no mask, the module's softmax scale).
+
+    context: the image tokens [B, S_img, C_img] (or [B, n, S_img, C_img], flattened);
+    wk, wv: [inner, C_img] without bias, contiguous, in the module's dtype.
+    """
+
+    context: torch.Tensor
+    wk: torch.Tensor
+    wv: torch.Tensor
+    scale: float
 
 
 def _add_low_rank(x: torch.Tensor, updates, out: torch.Tensor, factor: float = 1.0,

@@ -27,7 +27,8 @@ need be imported):
   adapters are loaded, their rank and kind are structure (registered modules).
 * Modules with an attention ``processor`` (diffusers ``Attention`` and its relatives):
   the processor object and its plain attributes (numbers, strings, and lists / tuples of
-  them, e.g. ``IPAdapterAttnProcessor2_0.scale``).
+  them, e.g. ``IPAdapterAttnProcessor2_0.scale``), and those of the processor it stands
+  for when it has a ``stock`` attribute (our ``FusedAttnProcessor``).
 
 Anything else a forward reads from Python objects (a custom module's flag) is not seen:
 call :meth:`.graphs.GraphedCallable.reset` after changing it.
@@ -103,11 +104,15 @@ def _has_processor(m: nn.Module) -> bool:
     return getattr(m, "processor", None) is not None and callable(getattr(m, "set_processor", None))
 
 
+def _plain_attrs(obj) -> tuple:
+    attrs = vars(obj) if hasattr(obj, "__dict__") else {}
+    return tuple((k, v) for k, v in ((k, _plain(v)) for k, v in attrs.items()) if v is not None)
+
+
 def _processor_key(m: nn.Module) -> tuple:
     p = m.processor
-    attrs = vars(p) if hasattr(p, "__dict__") else {}
-    return (id(p), type(p).__qualname__,
-            tuple((k, v) for k, v in ((k, _plain(v)) for k, v in attrs.items()) if v is not None))
+    wrapped = vars(p).get("stock") if hasattr(p, "__dict__") else None  # a processor standing for another
+    return (id(p), type(p).__qualname__, _plain_attrs(p), None if wrapped is None else _plain_attrs(wrapped))
 
 
 class ModelState:

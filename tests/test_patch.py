@@ -487,7 +487,8 @@ def test_an_unsupported_processor_runs_stock_until_a_supported_one_returns():
     assert all(type(p) is AttnProcessor2_0 for p in unet.attn_processors.values())
 
 
-def test_ip_adapter_processor_on_a_patched_attention_runs_stock_with_its_weights():
+def _ip_pair(n_adapters=1, tokens=4):
+    """A patched cross-attention and a stock copy, each with an IP-Adapter processor (same weights)."""
     from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 
     torch.manual_seed(0)
@@ -496,19 +497,45 @@ def test_ip_adapter_processor_on_a_patched_attention_runs_stock_with_its_weights
     ref.load_state_dict(attn.state_dict())
     model = nn.ModuleDict({"attn": attn})
     dda.patch(model)
-    ip = IPAdapterAttnProcessor2_0(64, cross_attention_dim=32, num_tokens=(4,), scale=0.7).eval()
-    ip_ref = IPAdapterAttnProcessor2_0(64, cross_attention_dim=32, num_tokens=(4,), scale=0.7).eval()
+    scales = [0.7, 0.4][:n_adapters]
+    ip = IPAdapterAttnProcessor2_0(64, cross_attention_dim=32, num_tokens=(tokens,) * n_adapters,
+                                   scale=scales).eval()
+    ip_ref = IPAdapterAttnProcessor2_0(64, cross_attention_dim=32, num_tokens=(tokens,) * n_adapters,
+                                       scale=list(scales)).eval()
     ip_ref.load_state_dict(ip.state_dict())
     model["attn"].set_processor(ip)
     ref.set_processor(ip_ref)
+    return model, ref
+
+
+@pytest.mark.parametrize("n_adapters", [1, 2])
+def test_ip_adapter_runs_on_our_kernels(n_adapters):
+    model, ref = _ip_pair(n_adapters)
+    patched = model["attn"]
+    assert not patched.stock_reason and type(patched.processor).__name__ == "FusedAttnProcessor"
     assert "attn.processor.to_k_ip.0.weight" in model.state_dict()
+    x, text = torch.randn(2, 10, 64), torch.randn(2, 7, 32)
+    images = [torch.randn(2, 4, 32) for _ in range(n_adapters)]
+    with torch.no_grad():
+        assert_close(patched(x, (text, images)), ref(x, (text, images)))
+        patched.processor.scale = [0.3] * n_adapters  # as set_ip_adapter_scale writes it: through to the processor
+        ref.processor.scale = [0.3] * n_adapters
+        assert_close(patched(x, (text, images)), ref(x, (text, images)))
+        patched.processor.scale = [0.0] * n_adapters  # skipped branches
+        ref.processor.scale = [0.0] * n_adapters
+        assert_close(patched(x, (text, images)), ref(x, (text, images)))
+
+
+def test_ip_adapter_concatenated_tokens_and_masks():
+    model, ref = _ip_pair(1)
+    patched = model["attn"]
     x, text, image = torch.randn(2, 10, 64), torch.randn(2, 7, 32), torch.randn(2, 4, 32)
     with torch.no_grad():
-        assert_bit_equal(model["attn"](x, (text, [image])), ref(x, (text, [image])))
-        ip.scale = [0.3]
-        ip_ref.scale = [0.3]
-        assert_bit_equal(model["attn"](x, (text, [image])), ref(x, (text, [image])))
-
+        joined = torch.cat([text, image], dim=1)  # diffusers' deprecated form
+        assert_close(patched(x, joined), ref(x, joined))
+        masks = [torch.ones(1, 1, 2, 5)]  # per-image masks: stock diffusers applies them
+        assert_bit_equal(patched(x, (text, [image.unsqueeze(1)]), ip_adapter_masks=masks),
+                         ref(x, (text, [image.unsqueeze(1)]), ip_adapter_masks=masks))
 
 def test_bad_arguments_change_nothing():
     """Option behaviour is tested with each option (test_graphs.py, test_kv_cache.py); here,
@@ -521,3 +548,24 @@ def test_bad_arguments_change_nothing():
     with pytest.raises(TypeError):
         dda.patch(object())
     assert not any(isinstance(m, PatchedAttention) for m in unet.modules())
+
+
+def test_ip_adapter_scale_change_is_in_the_graph_key():
+    from deepspeed_diffusers_attn.graphs import graph_module_forward
+
+    model, ref = _ip_pair(1)
+    patched = model["attn"]
+
+    def frozen(run, device):  # replays what it captured, like a real graph
+        out = run()
+        return (lambda: None), out
+
+    wrapper = graph_module_forward(patched, capture=frozen)
+    x, text, image = torch.randn(2, 10, 64), torch.randn(2, 7, 32), torch.randn(2, 4, 32)
+    with torch.no_grad():
+        first = patched(x, (text, [image])).clone()
+        patched.processor.scale = [0.2]
+        ref.processor.scale = [0.2]
+        assert_close(patched(x, (text, [image])), ref(x, (text, [image])))
+        assert not torch.equal(patched(x, (text, [image])), first)
+    assert wrapper.stats["captures"] == 2

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from ..attention import (DeepSpeedDiffusersAttention, DeepSpeedDiffusersAttentionConfig, LowRankUpdates,
+from ..attention import (DeepSpeedDiffusersAttention, DeepSpeedDiffusersAttentionConfig, ImageKV, LowRankUpdates,
                          unsupported_device_dtype, unsupported_head_dim)
 from . import peft_lora
 from .stand_in import StandIn, share_weights
@@ -52,9 +52,22 @@ def _has_hooks(m) -> bool:
     )
 
 
+def _processor_classes() -> tuple:
+    """The processors we reproduce: plain attention, with or without attn.scale, and IP-Adapter's."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, IPAdapterAttnProcessor2_0
+
+    return AttnProcessor2_0, AttnProcessor, IPAdapterAttnProcessor2_0
+
+
+def _is_ip_adapter(processor) -> bool:
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+
+    return type(processor) is IPAdapterAttnProcessor2_0
+
+
 def supports(attn) -> list[str]:
     """Every reason the diffusers ``Attention`` ``attn`` cannot be converted; empty if it can."""
-    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+    from diffusers.models.attention_processor import AttnProcessor
 
     if not claims(attn):
         return [f"{type(attn).__name__} is not a diffusers Attention"]
@@ -78,9 +91,9 @@ def supports(attn) -> list[str]:
     if get("is_causal", False):
         reasons.append("is_causal is not supported")
     processor = get("processor")
-    if type(processor) not in (AttnProcessor2_0, AttnProcessor):
-        reasons.append(f"processor {type(processor).__name__} is custom; only AttnProcessor2_0 and "
-                       "AttnProcessor are reproduced")
+    if type(processor) not in _processor_classes():
+        reasons.append(f"processor {type(processor).__name__} is custom; only AttnProcessor2_0, "
+                       "AttnProcessor and IPAdapterAttnProcessor2_0 are reproduced")
     if _has_hooks(attn):
         reasons.append("forward hooks on the Attention module would be bypassed")
 
@@ -148,10 +161,10 @@ def supports(attn) -> list[str]:
         if problem:
             reasons.append(problem)
 
-    if (head_dim is not None and type(processor) is AttnProcessor2_0
+    if (head_dim is not None and type(processor) is not AttnProcessor
             and not math.isclose(float(get("scale", head_dim**-0.5)), head_dim**-0.5, rel_tol=1e-6)):
-        reasons.append(f"attn.scale = {get('scale')} but AttnProcessor2_0 ignores it and uses 1/sqrt({head_dim}); "
-                       "set AttnProcessor() to apply attn.scale")
+        reasons.append(f"attn.scale = {get('scale')} but {type(processor).__name__} ignores it and uses "
+                       f"1/sqrt({head_dim}); set AttnProcessor() to apply attn.scale")
     return reasons
 
 
@@ -274,7 +287,17 @@ class FusedAttnProcessor:
             from diffusers.models.attention_processor import AttnProcessor2_0
 
             stock = AttnProcessor2_0()
-        self.stock = stock
+        object.__setattr__(self, "stock", stock)
+
+    def __getattr__(self, name):
+        # the stock processor's values (an IP-Adapter's scale, to_k_ip...) read through
+        if name == "stock":
+            raise AttributeError(name)
+        return getattr(self.stock, name)
+
+    def __setattr__(self, name, value):
+        # ... and written through: set_ip_adapter_scale sets .scale on what attn_processors gave
+        setattr(self.stock, name, value)
 
     def __call__(self, attn, *args, **kwargs):
         """Runs the stock processor on a diffusers ``Attention``."""
@@ -389,23 +412,57 @@ class PatchedAttention(StandIn):
         attention_mask: diffusers' mask (bool or additive), e.g. [B, 1, Sk] from the UNet.
         ``cross_attention_kwargs`` that would change our result raise ValueError naming them.
         """
-        if self.stock_reason:
+        context, image_kv, stock = encoder_hidden_states, (), self.stock_reason
+        if not stock and _is_ip_adapter(self._original.processor):
+            context, image_kv, stock = _ip_branches(self._original.processor, encoder_hidden_states,
+                                                    cross_attention_kwargs, self.dda.attn_ow.dtype)
+        if stock:
             return self._sync_original()(hidden_states, encoder_hidden_states, attention_mask,
                                          **cross_attention_kwargs)
         _check_cross_attention_kwargs(cross_attention_kwargs)
-        if isinstance(encoder_hidden_states, (tuple, list)):
+        if isinstance(context, (tuple, list)):
             raise ValueError(
                 "encoder_hidden_states is a tuple (IP-Adapter image embeddings), but this Attention runs "
                 "our kernels with a plain processor: load the IP-Adapter (pipe.load_ip_adapter) first")
         if not torch.compiler.is_compiling():
             self._check_views()
-        return self.dda(hidden_states, context=encoder_hidden_states, input_mask=attention_mask,
-                        low_rank=self._low_rank())
+        return self.dda(hidden_states, context=context, input_mask=attention_mask, low_rank=self._low_rank(),
+                        image_kv=image_kv)
 
     def extra_repr(self) -> str:
         """Names the replaced module in ``print(model)``, and says when it runs stock."""
         stock = f", runs stock: {self.stock_reason}" if self.stock_reason else ""
         return f"original={type(self._original).__name__}(heads={self._original.heads}){stock}"
+
+
+def _ip_branches(processor, encoder_hidden_states, kwargs: dict, dtype: torch.dtype):
+    """(text context, IP-Adapter branches as :class:`ImageKV`, why this call runs stock or "").
+
+    As ``IPAdapterAttnProcessor2_0``: ``encoder_hidden_states`` is ``(text, [image tokens per
+    adapter])``, or (deprecated) one tensor whose last ``num_tokens[0]`` tokens are the image's;
+    a branch whose scale is 0 is skipped. Per-image masks (``ip_adapter_masks``) and per-image
+    scale lists run stock.
+    """
+    if encoder_hidden_states is None:
+        return None, (), "IP-Adapter attention without encoder_hidden_states"
+    if isinstance(encoder_hidden_states, tuple):
+        text, images = encoder_hidden_states
+    else:
+        end = encoder_hidden_states.shape[1] - processor.num_tokens[0]
+        text, images = encoder_hidden_states[:, :end], [encoder_hidden_states[:, end:]]
+    if kwargs.get("ip_adapter_masks") is not None:
+        return text, (), "ip_adapter_masks (per-image masks) are applied by stock diffusers"
+    branches = []
+    for image, scale, to_k, to_v in zip(images, processor.scale, processor.to_k_ip, processor.to_v_ip):
+        if isinstance(scale, (list, tuple)):
+            return text, (), "per-image IP-Adapter scales are applied by stock diffusers"
+        if scale == 0:
+            continue
+        wk, wv = to_k.weight, to_v.weight
+        if wk.dtype != dtype:
+            wk, wv = wk.to(dtype), wv.to(dtype)
+        branches.append(ImageKV(image, wk, wv, float(scale)))
+    return text, tuple(branches), ""
 
 
 def _check_cross_attention_kwargs(kwargs: dict) -> None:
