@@ -23,6 +23,9 @@
 #include <string.h>
 
 #include <atomic>
+#include <mutex>
+#include <string>
+#include <unordered_set>
 
 #include "attention_common.cuh"
 #include "dda.h"
@@ -115,12 +118,16 @@ const char *argument_refusal(const dda_attention_params *p) {
   return nullptr;
 }
 
-/* "unsupported: <why>" in a per-thread buffer. */
-const char *unsupported_string(const char *why) {
-  static thread_local char buf[256];
-  snprintf(buf, sizeof buf, "unsupported: %s", why);
-  return buf;
+/* A static copy of s: the answers are a small finite set (reasons, kernel-name lists), so
+ * each is stored once for the life of the process and returned by pointer. */
+const char *intern(const std::string &s) {
+  static std::mutex mu;
+  static std::unordered_set<std::string> *strings = new std::unordered_set<std::string>();
+  const std::lock_guard<std::mutex> lock(mu);
+  return strings->insert(s).first->c_str();
 }
+
+const char *unsupported_string(const char *why) { return intern(std::string("unsupported: ") + why); }
 
 /* Shared memory per block (opt-in) and per SM by compute capability, for naming
  * kernels of a device that is not at hand. */
@@ -209,8 +216,7 @@ extern "C" const char *dda_attention_kernel_name(int cc_major, int cc_minor, dda
   p.q_stride_s = p.k_stride_s = p.v_stride_s = p.o_stride_s = row;
   p.dtype = dtype;
   p.scale = 1.0f;
-  static thread_local char buf[512];
-  buf[0] = '\0';
+  std::string names;
   const long long sizes[] = {256LL * d.sms, 64LL * d.sms, 16};
   for (long long sq : sizes) {
     p.Sq = static_cast<int>(sq);
@@ -218,15 +224,8 @@ extern "C" const char *dda_attention_kernel_name(int cc_major, int cc_minor, dda
     const char *why = dda_attention_check_reason(&p);
     const Family *f = why ? nullptr : select_family(&p, d, &why);
     if (f == nullptr) return unsupported_string(why);
-    const char *name = f->kernel(&p, d);
-    /* distinct names only */
-    bool seen = false;
-    for (const char *s = buf; *s && !seen; s = strchr(s, '|') ? strchr(s, '|') + 1 : s + strlen(s))
-      seen = strncmp(s, name, strlen(name)) == 0 && (s[strlen(name)] == '|' || s[strlen(name)] == '\0');
-    if (!seen) {
-      if (buf[0]) strncat(buf, "|", sizeof buf - strlen(buf) - 1);
-      strncat(buf, name, sizeof buf - strlen(buf) - 1);
-    }
+    const std::string name = f->kernel(&p, d);
+    if (("|" + names + "|").find("|" + name + "|") == std::string::npos) names += (names.empty() ? "" : "|") + name;
   }
-  return buf;
+  return intern(names);
 }

@@ -245,15 +245,14 @@ const char *dda_attention_supported_cuda(const dda_attention_params *p);
  * grid first, joined by '|'. It calls the same selection as dda_attention_fwd_cuda
  * (with the current device's facts when its compute capability is the one asked;
  * otherwise that generation's shared memory, and for 9.x a build with sm_90a).
- * Never NULL; "unsupported: <why>" where nothing runs. Valid until the next call on
- * this thread. */
+ * Static string; never NULL; "unsupported: <why>" where nothing runs. */
 const char *dda_attention_kernel_name(int cc_major, int cc_minor, dda_dtype dtype,
                                       int head_dim, int seq_k);
 
 /* The exact kernel dda_attention_fwd_cuda runs for p on the current device (the same
- * selection: device, build, dtype, head dim, alignment, grid size, p->backend). Never
- * NULL; "unsupported: <why>" where nothing runs. Valid until the next call on this
- * thread. Reads device attributes, launches nothing. */
+ * selection: device, build, dtype, head dim, alignment, grid size, p->backend). Static
+ * string; never NULL; "unsupported: <why>" where nothing runs. Reads device attributes,
+ * launches nothing. */
 const char *dda_attention_kernel_for(const dda_attention_params *p);
 
 #ifdef __cplusplus
