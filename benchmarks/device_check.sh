@@ -17,7 +17,7 @@ NV="nvcc -std=c++17 -O2 -lineinfo -I csrc/include -gencode=arch=compute_90a,code
 CPU_SRC="csrc/cpu/check.c csrc/cpu/status.c"
 t0=$(date +%s)
 # the C harnesses build in the background, beside the extension
-( mkdir -p /tmp/ho && for f in csrc/cuda/attention_fwd*.cu csrc/tests/attention_harness.cu; do
+( mkdir -p /tmp/ho && for f in csrc/cuda/attention_dispatch.cu csrc/cuda/attention_fwd*.cu csrc/tests/attention_harness.cu; do
     $NV -c $f -o /tmp/ho/$(basename $f).o > /tmp/ho/$(basename $f).log 2>&1 & done; wait
   $NV /tmp/ho/*.o csrc/cpu/attention_fwd.c $CPU_SRC -o /tmp/attn_harness; cat /tmp/ho/*.log ) > "$OUT/harness_build.log" 2>&1 &
 $NV -I $CU/include csrc/tests/linear_harness.cu csrc/cuda/linear.cu csrc/cpu/linear.c $CPU_SRC -L $CU/lib64 -lcublasLt -o /tmp/lin_harness >> "$OUT/harness_build.log" 2>&1 &
@@ -31,24 +31,24 @@ echo "harnesses built: $(( $(date +%s) - t0 )) s"; grep -iE "warning|error" "$OU
 H="$OUT/harness.log"
 echo "== wgmma probe"; /tmp/wgmma_probe | tail -3
 echo "== attention harness"; /tmp/attn_harness --big > "$H" 2>&1; echo "rc=$?"; grep -v "^ok " "$H" | tail -14
-echo "== attention harness, every eligible case on the cp.async sm_90a kernel (DDA_SM90=force DDA_SM90_TMA=0)"
-DDA_SM90=force DDA_SM90_TMA=0 /tmp/attn_harness --big >> "$H" 2>&1; echo "rc=$?"; tail -1 "$H"
-echo "== attention harness, every eligible case on the TMA sm_90a kernel (DDA_SM90_TMA=force)"
-DDA_SM90_TMA=force /tmp/attn_harness --big >> "$H" 2>&1; echo "rc=$?"; tail -1 "$H"
+for b in generic mma short d512 sm90 sm90_tma; do
+  echo "== attention harness, every case the $b family takes (--backend $b)"
+  /tmp/attn_harness --big --backend $b >> "$H" 2>&1; echo "rc=$?"; tail -1 "$H"
+done
 echo "== linear harness"; /tmp/lin_harness >> "$H" 2>&1; echo "rc=$?"; tail -3 "$H"
 if [ "${SANITIZE:-1}" != 0 ]; then
   S="$OUT/sanitizer.log"; : > "$S"
-  # modes: automatic dispatch (TMA kernel for the unmasked cases), the cp.async sm_90a kernel
+  # backends: automatic dispatch (TMA kernel for the unmasked cases), the cp.async sm_90a kernel
   # forced (SAN_MODES="" skips these); then the TMA kernel on its own cases
   for tool in memcheck racecheck; do
-    for mode in ${SAN_MODES-"DDA_SM90=auto" "DDA_SM90=force DDA_SM90_TMA=0"}; do
-      echo "== compute-sanitizer $tool (attention harness, small odd sizes, $mode)" | tee -a "$S"
-      env $mode timeout ${SAN_TIMEOUT:-240} compute-sanitizer --tool $tool --error-exitcode 9 /tmp/attn_harness >> "$S" 2>&1; echo "rc=$?" | tee -a "$S"; tail -2 "$S"
+    for mode in ${SAN_MODES-auto sm90}; do
+      echo "== compute-sanitizer $tool (attention harness, small odd sizes, --backend $mode)" | tee -a "$S"
+      timeout ${SAN_TIMEOUT:-240} compute-sanitizer --tool $tool --error-exitcode 9 /tmp/attn_harness --backend $mode >> "$S" 2>&1; echo "rc=$?" | tee -a "$S"; tail -2 "$S"
     done
   done
   for tool in memcheck racecheck synccheck; do
     echo "== compute-sanitizer $tool (attention harness --unmasked: every case on the TMA kernel)" | tee -a "$S"
-    DDA_SM90_TMA=force timeout ${SAN_TIMEOUT:-240} compute-sanitizer --tool $tool --error-exitcode 9 /tmp/attn_harness --unmasked >> "$S" 2>&1; echo "rc=$?" | tee -a "$S"; tail -2 "$S"
+    timeout ${SAN_TIMEOUT:-240} compute-sanitizer --tool $tool --error-exitcode 9 /tmp/attn_harness --unmasked --backend sm90_tma >> "$S" 2>&1; echo "rc=$?" | tee -a "$S"; tail -2 "$S"
   done
   for tool in memcheck racecheck; do
     echo "== compute-sanitizer $tool (GEGLU / GroupNorm CUDA tests)" | tee -a "$S"

@@ -18,8 +18,10 @@ __all__ = [
     "linear_out",
     "attention",
     "attention_out",
+    "attention_backends",
     "attention_kernel_for",
     "attention_kernel_name",
+    "attention_supported",
     "cuda_built",
     "geglu",
     "group_norm",
@@ -65,6 +67,7 @@ def attention(
     mask: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
     return_lse: bool = False,
+    backend: str = "auto",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Fused attention forward: ``softmax(scale * q k^T + mask) v``.
 
@@ -73,10 +76,13 @@ def attention(
     additive float, broadcastable to ``[B, H, Sq, Sk]``. scale defaults to ``1/sqrt(D)``.
     Scores and softmax are fp32 for every dtype. Returns ``(out [B, Sq, H, D], lse)``; lse is
     ``[B, H, Sq]`` fp32 when ``return_lse`` else an empty tensor. A fully masked row gives 0.
+    backend: ``"auto"`` (the dispatcher picks) or one of :func:`attention_backends`; a family
+    that cannot run the inputs raises, naming why (:func:`attention_supported`), and never
+    falls back to another.
     """
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    return torch.ops.dda.attention(q, k, v, mask, float(scale), bool(return_lse))
+    return torch.ops.dda.attention(q, k, v, mask, float(scale), bool(return_lse), str(backend))
 
 
 def attention_out(
@@ -87,12 +93,33 @@ def attention_out(
     scale: Optional[float],
     out: torch.Tensor,
     lse: Optional[torch.Tensor] = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """:func:`attention` written into ``out`` ``[B, Sq, H, D]`` (and ``lse``, if given). Returns ``out``."""
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    torch.ops.dda.attention_out(q, k, v, mask, float(scale), out, lse)
+    torch.ops.dda.attention_out(q, k, v, mask, float(scale), out, lse, str(backend))
     return out
+
+
+def attention_backends() -> Tuple[str, ...]:
+    """The values of ``backend``: ``"auto"``, ``"reference"`` (the C reference, the only
+    backend for CPU tensors) and the CUDA kernel families (``"generic"``, ``"mma"``,
+    ``"short"``, ``"d512"``, ``"sm90"``, ``"sm90_tma"``)."""
+    return tuple(torch.ops.dda.attention_backends())
+
+
+def attention_supported(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+) -> str:
+    """Why :func:`attention` would refuse these inputs with this backend on their device,
+    or ``""`` if it runs them. The op's own checks and the C capability rules
+    (``dda_attention_supported_cpu`` / ``_cuda``) answer; nothing is launched."""
+    return torch.ops.dda.attention_supported(q, k, v, mask, str(backend))
 
 
 def attention_kernel_name(
@@ -105,31 +132,34 @@ def attention_kernel_name(
     Where the choice depends on B·H·Sq (the mma kernel's tiling; on Hopper, the sm_90a
     kernel needs a full wave of 128-row blocks), the name lists the candidates
     (``wgmma_sm90_...|mma_sm80_..._m128kb64|m64kb64|m32kb64``); :func:`attention_kernel_for`
-    answers exactly for given tensors. ``DDA_MMA_FORCE=m64`` (read once) pins an mma tile.
+    answers exactly for given tensors.
     Starts with ``"unsupported: "`` and a reason when no kernel can run the case.
     ``seq_k`` <= 128 picks the short-key kernel (``short_sm80_...``: cross-attention on the
-    text tokens; ``DDA_SHORT=0`` turns it off) where the head dim is at most 160."""
+    text tokens) where the head dim is at most 160."""
     device = torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
     if device.type == "cpu":
-        if dtype != torch.float32:
-            return "unsupported: the CPU reference supports float32 only"
-        if head_dim % 8 or not 8 <= head_dim <= 512:
-            return "unsupported: head dim must be a multiple of 8 in [8, 512]"
-        return "cpu_reference"
+        # the C rules on stand-in tensors of this dtype and head dim (k expanded: no memory)
+        q = torch.empty((1, 1, 1, max(int(head_dim), 0)), dtype=dtype)
+        k = q.expand(1, max(int(seq_k), 0), 1, q.shape[-1])
+        why = attention_supported(q, k, k)
+        return "unsupported: " + why if why else "cpu_reference"
     major, minor = torch.cuda.get_device_capability(device)
     return torch.ops.dda.attention_kernel_name(major, minor, dtype, int(head_dim), int(seq_k))
 
 
 def attention_kernel_for(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+    backend: str = "auto",
 ) -> str:
-    """The exact kernel :func:`attention` runs for these inputs on their device: the same
-    decision as the launch (compute capability, build, dtype, head dim, alignment of the
-    pointers and strides, grid size; ``DDA_SM90``, ``DDA_SM90_TMA`` and ``DDA_MMA_FORCE``,
-    read once).
+    """The exact kernel :func:`attention` runs for these inputs and backend on their device:
+    the same selection as the launch (compute capability, build, dtype, head dim, alignment
+    of the pointers and strides, grid size, backend).
     ``"cpu_reference"`` on the CPU. Bad inputs raise the op's own errors; ``"unsupported:
-    <why>"`` where no kernel runs them. Launches nothing."""
-    return torch.ops.dda.attention_kernel_for(q, k, v, mask)
+    <why>"`` where no kernel (of that backend) runs them. Launches nothing."""
+    return torch.ops.dda.attention_kernel_for(q, k, v, mask, str(backend))
 
 
 def geglu(x: torch.Tensor, approximate: bool = False) -> torch.Tensor:
@@ -210,7 +240,7 @@ def _linear_out_fake(x, weight, bias, residual, alpha, beta, out):
 
 
 @torch.library.register_fake("dda::attention")
-def _attention_fake(q, k, v, mask, scale, return_lse):
+def _attention_fake(q, k, v, mask, scale, return_lse, backend="auto"):
     torch._check(q.dim() == 4 and k.dim() == 4, lambda: "dda.attention: q, k must be 4-D")
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if return_lse:
@@ -221,7 +251,7 @@ def _attention_fake(q, k, v, mask, scale, return_lse):
 
 
 @torch.library.register_fake("dda::attention_out")
-def _attention_out_fake(q, k, v, mask, scale, out, lse):
+def _attention_out_fake(q, k, v, mask, scale, out, lse, backend="auto"):
     return None
 
 

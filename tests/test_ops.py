@@ -168,6 +168,7 @@ def _opcheck_samples(device, dtype):
         (torch.ops.dda.linear_out.default, (x, w, b, None, 1.0, 0.0, torch.empty(2, 7, 24, device=device, dtype=dtype))),
         (torch.ops.dda.attention.default, (q, k, v, mask, 0.25, True)),
         (torch.ops.dda.attention.default, (q, k, v, None, 0.25, False)),
+        (torch.ops.dda.attention.default, (q, k, v, mask, 0.25, False, "generic" if device == "cuda" else "reference")),
         (
             torch.ops.dda.attention_out.default,
             (q, k, v, None, 0.25, torch.empty(2, 13, 2, 16, device=device, dtype=dtype),
@@ -197,6 +198,40 @@ def test_torch_compile_fullgraph_cpu():
 
     compiled = torch.compile(block, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(x), block(x))
+
+
+def test_attention_backends_on_cpu():
+    backends = ops.attention_backends()
+    assert backends[:2] == ("auto", "reference")
+    assert {"generic", "mma", "short", "d512", "sm90", "sm90_tma"} <= set(backends)
+    gen = torch.Generator().manual_seed(9)
+    q, k, v = packed_qkv(2, 13, 9, 2, 16, torch.float32, "cpu", gen, True)
+    auto, _ = ops.attention(q, k, v)
+    ref, _ = ops.attention(q, k, v, backend="reference")
+    assert torch.equal(auto, ref)
+    assert ops.attention_supported(q, k, v) == "" and ops.attention_supported(q, k, v, backend="reference") == ""
+    assert ops.attention_kernel_for(q, k, v, backend="reference") == "cpu_reference"
+    for family in backends[2:]:  # the CUDA families: refused on CPU tensors, naming why
+        why = ops.attention_supported(q, k, v, backend=family)
+        assert "CPU tensors run only the C reference" in why, why
+        assert ops.attention_kernel_for(q, k, v, backend=family).startswith("unsupported: ")
+        with pytest.raises(RuntimeError, match=f'backend "{family}" cannot run these inputs: CPU tensors'):
+            ops.attention(q, k, v, backend=family)
+    with pytest.raises(RuntimeError, match='unknown backend "fast"'):
+        ops.attention(q, k, v, backend="fast")
+    assert "multiple of 8 in [8, 512]" in ops.attention_supported(q[..., :12], k[..., :12], v[..., :12])
+    assert "float32 only" in ops.attention_supported(q.half(), k.half(), v.half())
+
+
+def test_torch_compile_fullgraph_backend_argument_cpu():
+    gen = torch.Generator().manual_seed(10)
+    q, k, v = packed_qkv(1, 6, 6, 2, 8, torch.float32, "cpu", gen, False)
+
+    def f(q, k, v):
+        return ops.attention(q, k, v, None, 0.5, backend="reference")[0] * 2
+
+    compiled = torch.compile(f, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(q, k, v), f(q, k, v))
 
 
 def test_attention_kernel_name_cpu():
@@ -351,6 +386,86 @@ def test_attention_kernel_for_cpu():
     assert ops.attention_kernel_for(q, k, v) == "cpu_reference"
     with pytest.raises(RuntimeError):
         ops.attention_kernel_for(q, k[..., :4], v)
+
+
+# The kernel names of each CUDA family (what attention_kernel_for reports).
+FAMILY_PREFIX = {"generic": "generic_simt", "mma": "mma_sm80", "short": "short_sm80", "d512": "mma_d512",
+                 "sm90": "wgmma_sm90", "sm90_tma": "tma_ws_sm90"}
+
+# The same inputs through every family that takes them; the others must refuse, naming why.
+BACKEND_CASES = [
+    # B, H, Sq, Sk, D, cross, mask
+    (2, 3, 200, 200, 64, False, None),        # generic, mma, sm90, sm90_tma
+    (2, 2, 97, 77, 80, True, "add_b1k"),      # generic, short, mma, sm90 (a mask: no sm90_tma)
+    (1, 2, 130, 300, 128, True, None),        # generic, mma, sm90, sm90_tma
+    (1, 1, 100, 150, 512, False, None),       # generic, d512
+    (2, 2, 33, 33, 40, False, "bool_q"),      # generic, short, mma, sm90
+]
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("B,H,Sq,Sk,D,cross,mask_kind", BACKEND_CASES)
+def test_attention_every_backend_same_inputs(B, H, Sq, Sk, D, cross, mask_kind, dtype):
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(("backends", B, H, Sq, Sk, D, mask_kind, dtype)).encode()))
+    q, k, v = packed_qkv(B, Sq, Sk, H, D, dtype, "cuda", gen, cross)
+    mask = make_mask(mask_kind, B, H, Sq, Sk, gen, "cuda")
+    scale = 1.0 / math.sqrt(D)
+    m64 = None if mask is None else (mask if mask.dtype == torch.bool else mask.double())
+    ref = sdpa_ref(q.double(), k.double(), v.double(), m64, scale)
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        torch_err = rel_err(sdpa_ref(q, k, v, mask, scale), ref)
+    auto = ops.attention_kernel_for(q, k, v, mask)
+    ran = []
+    for family in ops.attention_backends()[2:]:
+        why = ops.attention_supported(q, k, v, mask, backend=family)
+        if why:
+            assert ops.attention_kernel_for(q, k, v, mask, backend=family) == "unsupported: " + why
+            with pytest.raises(RuntimeError, match=f'backend "{family}" cannot run these inputs'):
+                ops.attention(q, k, v, mask, scale, backend=family)
+            continue
+        name = ops.attention_kernel_for(q, k, v, mask, backend=family)
+        assert name.startswith(FAMILY_PREFIX[family]), (family, name)
+        if name == auto:
+            ran.append("auto")
+        out = torch.full((B, Sq, H, D), float("nan"), device="cuda", dtype=dtype)
+        lse = torch.full((B, H, Sq), float("nan"), device="cuda")
+        ops.attention_out(q, k, v, mask, scale, out, lse, backend=family)
+        torch.cuda.synchronize()
+        assert torch.isfinite(out).all(), f"{family}: some outputs were not written"
+        assert rel_err(out, ref) <= max(2 * torch_err, 4 * EPS[dtype]), family
+        s = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * scale
+        if m64 is not None:
+            s = s.masked_fill(~m64, float("-inf")) if m64.dtype == torch.bool else s + m64
+        torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), rtol=1e-4, atol=1e-3)
+        ran.append(family)
+    assert "generic" in ran and "auto" in ran, (ran, auto)  # auto is one of the named families
+    if dtype != torch.float32 and torch.cuda.get_device_capability()[0] >= 8:
+        assert ("d512" if D > 256 else "mma") in ran, ran
+        if Sk <= 128:
+            assert "short" in ran, ran
+        hopper = "wgmma_sm90" in ops.attention_kernel_name("cuda", dtype, 64, 4096) or "tma_ws_sm90" in ops.attention_kernel_name("cuda", dtype, 64, 4096)
+        if hopper and D <= 256:
+            assert "sm90" in ran and ("sm90_tma" in ran) == (mask is None and D in (40, 64, 80, 128)), ran
+    else:
+        assert set(ran) == {"generic", "auto"}, ran
+
+
+@requires_cuda
+def test_attention_batch_heads_beyond_grid_limits():
+    # AnimateDiff-style temporal attention: 16 frames, B * H = 300,000 (B above 65535)
+    B, H, S, D = 75000, 4, 16, 40
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    q, k, v = (torch.randn(B, S, H, D, generator=gen, device="cuda", dtype=torch.float16) for _ in range(3))
+    picks = [0, 1, 65535, 65536, B - 1]
+    ref = sdpa_ref(q[picks].double(), k[picks].double(), v[picks].double(), None, D**-0.5)
+    for backend in ["auto"] + list(ops.attention_backends()[2:]):
+        if ops.attention_supported(q, k, v, None, backend=backend):
+            continue
+        out, _ = ops.attention(q, k, v, backend=backend)
+        torch.cuda.synchronize()
+        assert rel_err(out[picks], ref) <= 4 * EPS[torch.float16], backend
+        del out
 
 
 @requires_cuda

@@ -61,6 +61,7 @@ dda_status dda_attention_fwd_cpu(const dda_attention_params *p) {
   dda_status st = dda_attention_check(p);
   if (st != DDA_OK) return st;
   if (p->dtype != DDA_F32) return DDA_ERR_UNSUPPORTED_DTYPE;
+  if (p->backend != DDA_ATTN_AUTO && p->backend != DDA_ATTN_REFERENCE) return DDA_ERR_UNSUPPORTED;
   const int D = p->D;
   float *acc = (float *)malloc(sizeof(float) * (size_t)D * 2);
   float *s = (float *)malloc(sizeof(float) * DDA_ATTN_KEY_BLOCK);

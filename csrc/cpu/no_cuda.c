@@ -19,6 +19,11 @@ const char *dda_attention_kernel_name(int cc_major, int cc_minor, dda_dtype dtyp
   return "unsupported: deepspeed_diffusers_attn was built without CUDA";
 }
 
+const char *dda_attention_supported_cuda(const dda_attention_params *p) {
+  (void)p;
+  return "deepspeed_diffusers_attn was built without CUDA";
+}
+
 const char *dda_attention_kernel_for(const dda_attention_params *p) {
   (void)p;
   return "unsupported: deepspeed_diffusers_attn was built without CUDA";

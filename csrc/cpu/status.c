@@ -21,6 +21,10 @@ const char *dda_status_string(dda_status s) {
     case DDA_ERR_UNPLANNED_IN_CAPTURE:
       return "this GEMM shape was first seen during CUDA-graph capture; run the same call once "
              "eagerly (warm-up) before capturing";
+    case DDA_ERR_UNSUPPORTED:
+      return "no attention kernel of the requested backend runs these inputs on this device";
+    case DDA_ERR_GRID_LIMIT:
+      return "too many thread blocks: query-row tiles x B x H exceeds the CUDA grid limit of 2^31 - 1";
   }
   return "unknown status";
 }

@@ -35,49 +35,18 @@
 #include <cuda_bf16.h>
 #include <math.h>
 #include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
 
 #include <atomic>
 
+#include "attention_common.cuh"
 #include "dda.h"
 #include "dtype_convert.cuh"
 #include "launch_common.cuh"
-
-/* ---- tensor-core path (attention_fwd_mma.cu): fp16/bf16, cc >= 8.0, D <= 256 ---- */
-const char *dda_attention_mma_name(int cc_major, dda_dtype dtype, int head_dim, size_t block_smem);
-dda_status dda_attention_fwd_mma(const dda_attention_params *p, cudaStream_t stream);
-/* ---- end tensor-core path declarations ---- */
-/* ---- tensor-core path for large head dims (attention_fwd_d512.cu): fp16/bf16, cc >= 8.0, 256 < D <= 512 ---- */
-const char *dda_attention_d512_name(int cc_major, dda_dtype dtype, int head_dim, size_t block_smem);
-dda_status dda_attention_fwd_d512(const dda_attention_params *p, cudaStream_t stream);
-/* ---- end large-head-dim tensor-core path declarations ---- */
-/* ---- Hopper path (attention_fwd_sm90.cu): fp16/bf16, sm_90a builds on cc 9.x, D <= 256 ---- */
-int dda_attention_sm90_available(void);
-size_t dda_attention_sm90_smem(int head_dim);
-int dda_attention_sm90_preferred(const dda_attention_params *p, int sms);
-const char *dda_attention_sm90_name(dda_dtype dtype, int head_dim);
-dda_status dda_attention_fwd_sm90(const dda_attention_params *p, cudaStream_t stream);
-/* ---- Hopper TMA + warp-specialised path (attention_fwd_sm90_tma.cu): D 33..80, 113..128, no mask ---- */
-int dda_attention_sm90_tma_takes(const dda_attention_params *p);
-size_t dda_attention_sm90_tma_smem(int head_dim);
-int dda_attention_sm90_tma_preferred(const dda_attention_params *p);
-const char *dda_attention_sm90_tma_name(dda_dtype dtype, int head_dim);
-dda_status dda_attention_fwd_sm90_tma(const dda_attention_params *p, cudaStream_t stream);
-const char *dda_attention_mma_name_for(const dda_attention_params *p, int sms, size_t block_smem);
-/* ---- end Hopper path declarations ---- */
-/* ---- short key sequences (attention_fwd_short.cu): fp16/bf16, cc >= 8.0, D <= 160, Sk <= 128 ---- */
-size_t dda_attention_short_smem(int head_dim, int seq_k);
-const char *dda_attention_short_name(int cc_major, dda_dtype dtype, int head_dim, int seq_k);
-dda_status dda_attention_fwd_short(const dda_attention_params *p, int sms, cudaStream_t stream);
-/* ---- end short-key declarations ---- */
 
 namespace {
 
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 /* Opt-in shared memory per block of the smallest (sm_86/89/120) and largest
  * (sm_90/100) current parts: which key tiles get compiled depends on them. */
 constexpr size_t kSmemSmall = 101376;
@@ -117,33 +86,6 @@ __device__ __forceinline__ float2 load2(const __half *p) {
 }
 __device__ __forceinline__ float2 load2(const __nv_bfloat16 *p) {
   return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(p));
-}
-
-/* ---------------------------------------------------- cp.async helpers -- */
-
-/* Copies 16 bytes global -> shared; src_bytes = 0 writes zeros and reads nothing. */
-__device__ __forceinline__ void cp_async16(void *smem, const void *gmem, int src_bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes)
-               : "memory");
-#else
-  *reinterpret_cast<uint4 *>(smem) =
-      src_bytes ? *reinterpret_cast<const uint4 *>(gmem) : make_uint4(0u, 0u, 0u, 0u);
-#endif
-}
-
-__device__ __forceinline__ void cp_async_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-#endif
-}
-
-/* Waits until at most one committed group is still in flight. */
-__device__ __forceinline__ void cp_async_wait_one() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group 1;\n" ::: "memory");
-#endif
 }
 
 __device__ __forceinline__ float warp_max(float x) {
@@ -275,7 +217,7 @@ __device__ __forceinline__ void score_tile(float (&s)[R][KPL], const float *qw, 
 
 template <typename T, int NP, int KB>
 __global__ void __launch_bounds__(kThreads)
-attention_fwd_simt(const dda_attention_params p, const float scale_log2, const bool vec) {
+attention_fwd_simt(const dda_attention_params p, const bool vec) {
   constexpr int R = rows_per_warp(static_cast<int>(sizeof(T)), NP);
   constexpr int BM = kWarps * R;
   constexpr int DP = 64 * NP;                                   /* padded head dim */
@@ -290,9 +232,10 @@ attention_fwd_simt(const dda_attention_params p, const float scale_log2, const b
 
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
-  const int h = blockIdx.y;
-  const int b = blockIdx.z;
-  const int row0 = blockIdx.x * BM + warp * R;                  /* this warp's first query row */
+  const BlockCoords bc = block_coords(p);
+  const int h = bc.h;
+  const int b = bc.b;
+  const int row0 = bc.tile * BM + warp * R;                     /* this warp's first query row */
   const int D = p.D, Sq = p.Sq, Sk = p.Sk;
 
   const T *q = static_cast<const T *>(p.q) + b * p.q_stride_b + h * p.q_stride_h;
@@ -314,7 +257,7 @@ attention_fwd_simt(const dda_attention_params p, const float scale_log2, const b
     const int i = row0 + r;
     for (int d = lane; d < DP; d += 32)
       qw[r * DP + d] =
-          (i < Sq && d < D) ? to_f32(q[static_cast<int64_t>(i) * p.q_stride_s + d]) * scale_log2 : 0.0f;
+          (i < Sq && d < D) ? to_f32(q[static_cast<int64_t>(i) * p.q_stride_s + d]) * p.scale_log2 : 0.0f;
   }
 
   float m[R], l[R], acc[R][2 * NP];
@@ -452,11 +395,6 @@ attention_fwd_simt(const dda_attention_params p, const float scale_log2, const b
 
 /* ----------------------------------------------------------- launcher -- */
 
-bool aligned16(const void *ptr, int64_t s0, int64_t s1, int64_t s2, size_t elem) {
-  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && (s0 * elem) % 16 == 0 &&
-         (s1 * elem) % 16 == 0 && (s2 * elem) % 16 == 0;
-}
-
 template <typename T, int NP, int KB>
 dda_status launch(const dda_attention_params *p, cudaStream_t stream) {
   constexpr int R = rows_per_warp(static_cast<int>(sizeof(T)), NP);
@@ -470,9 +408,9 @@ dda_status launch(const dda_attention_params *p, cudaStream_t stream) {
   }
   const bool vec = aligned16(p->k, p->k_stride_b, p->k_stride_s, p->k_stride_h, sizeof(T)) &&
                    aligned16(p->v, p->v_stride_b, p->v_stride_s, p->v_stride_h, sizeof(T));
-  const dim3 grid(static_cast<unsigned>((p->Sq + BM - 1) / BM), static_cast<unsigned>(p->H),
-                  static_cast<unsigned>(p->B));
-  kernel<<<grid, kThreads, smem, stream>>>(*p, p->scale * kLog2e, vec);
+  dim3 grid;
+  if (!fold_grid((p->Sq + BM - 1) / BM, p, &grid)) return DDA_ERR_GRID_LIMIT;
+  kernel<<<grid, kThreads, smem, stream>>>(*p, vec);
   const cudaError_t e = cudaGetLastError();
   return e == cudaSuccess ? DDA_OK : cuda_fail(e);
 }
@@ -517,178 +455,9 @@ dda_status launch_dtype(const dda_attention_params *p, size_t block_limit, size_
 
 int elem_bytes(dda_dtype t) { return t == DDA_F32 ? 4 : 2; }
 
-/* Shared memory per block (opt-in) and per SM by compute capability, for
- * naming a kernel without a device at hand (the launcher asks the device). */
-void smem_limits_for_cc(int major, int minor, size_t *block, size_t *sm) {
-  if (major == 8 && (minor == 0 || minor == 7)) {
-    *block = 166912; *sm = 167936;
-  } else if (major == 9 || major == 10) {
-    *block = kSmemLarge; *sm = 233472;
-  } else if (major == 7 && minor == 5) {
-    *block = 65536; *sm = 65536;
-  } else if (major == 7) {
-    *block = 98304; *sm = 98304;
-  } else {
-    *block = kSmemSmall; *sm = 102400;
-  }
-}
-
-
-/* --------------------------------------------------------- dispatcher -- */
-
-/* Device facts the dispatcher needs, read once per device id < 64. */
-struct DevInfo {
-  int cc_major, cc_minor, sms;
-  size_t block_smem, sm_smem;  /* opt-in shared memory per block, per SM */
-  bool sm90;                   /* this binary has the sm_90a kernels for the device */
-};
-
-cudaError_t dev_info(DevInfo *out) {
-  static DevInfo cache[64];
-  static std::atomic<bool> ready[64];
-  int dev = 0;
-  cudaError_t e = cudaGetDevice(&dev);
-  if (e != cudaSuccess) return e;
-  const bool cacheable = dev >= 0 && dev < 64;
-  if (cacheable && ready[dev].load(std::memory_order_acquire)) {
-    *out = cache[dev];
-    return cudaSuccess;
-  }
-  int major = 0, minor = 0, sms = 0, block = 0, sm = 0;
-  e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
-  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&block, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev);
-  if (e != cudaSuccess) return e;
-  const int sm90 = dda_attention_sm90_available();
-  if (sm90 < 0) {
-    const cudaError_t le = cudaGetLastError();
-    return le != cudaSuccess ? le : cudaErrorUnknown;
-  }
-  DevInfo d{major, minor, sms > 0 ? sms : 1, static_cast<size_t>(block), static_cast<size_t>(sm), sm90 == 1};
-  *out = d;
-  if (cacheable) {  /* benign race: every thread writes the same facts */
-    cache[dev] = d;
-    ready[dev].store(true, std::memory_order_release);
-  }
-  return cudaSuccess;
-}
-
-/* DDA_SM90 and DDA_SM90_TMA (read once): "0" never runs that sm_90a kernel, "force"
- * runs it for every call it takes (tests, A/B benchmarks), anything else / unset:
- * automatic. DDA_SM90=0 turns off both Hopper kernels. */
-enum Sm90Policy { kSm90Off = 0, kSm90Auto = 1, kSm90Force = 2 };
-int read_policy(const char *name) {
-  const char *s = getenv(name);
-  if (s == nullptr) return kSm90Auto;
-  if (strcmp(s, "0") == 0) return kSm90Off;
-  if (strcmp(s, "force") == 0) return kSm90Force;
-  return kSm90Auto;
-}
-int sm90_policy() {
-  static const int policy = read_policy("DDA_SM90");
-  return policy;
-}
-int sm90_tma_policy() {
-  static const int policy = read_policy("DDA_SM90_TMA");
-  return policy;
-}
-/* DDA_SHORT=0 never runs the short-key kernel (A/B benchmarks); else it takes every call it can. */
-int short_policy() {
-  static const int policy = read_policy("DDA_SHORT");
-  return policy;
-}
-
-bool short_takes(const dda_attention_params *p, int cc_major, size_t block_smem) {
-  return dda_attention_short_name(cc_major, p->dtype, p->D, p->Sk) != nullptr &&
-         dda_attention_short_smem(p->D, p->Sk) <= block_smem;
-}
-
-enum Path { kPathGeneric, kPathMma, kPathD512, kPathSm90, kPathSm90Tma, kPathShort };
-
-/* The one decision both dda_attention_fwd_cuda and dda_attention_kernel_for use.
- * Tensor-core kernels need every q/k/v/o pointer and stride 16-byte compatible
- * (cp.async, 16-byte stores); otherwise, and for fp32, the generic kernel runs.
- *   short  cc >= 8.0, Sk <= 128, D <= 160 (masks too), unless DDA_SHORT=0 or a Hopper
- *         kernel is forced (DDA_SM90=force / DDA_SM90_TMA=force, for their tests)
- *   sm90_tma  Hopper + an sm_90a build, D 33..80 or 113..128, no mask, strides TMA
- *         accepts, Sk > 128 (dda_attention_sm90_tma_preferred)
- *   sm90  the same for the cp.async Hopper kernel (D <= 256, masks): padded head dim
- *         64..128, Sk > 128, a full wave of blocks
- *   mma   cc >= 8.0, D <= 256
- *   d512  cc >= 8.0, 256 < D <= 512 */
-Path select_path(const dda_attention_params *p, const DevInfo &d) {
-  if (p->dtype == DDA_F32) return kPathGeneric;
-  const size_t es = 2;
-  if (!(aligned16(p->q, p->q_stride_b, p->q_stride_s, p->q_stride_h, es) &&
-        aligned16(p->k, p->k_stride_b, p->k_stride_s, p->k_stride_h, es) &&
-        aligned16(p->v, p->v_stride_b, p->v_stride_s, p->v_stride_h, es) &&
-        aligned16(p->o, p->o_stride_b, p->o_stride_s, p->o_stride_h, es)))
-    return kPathGeneric;
-  const int policy = sm90_policy(), tma = sm90_tma_policy();
-  const bool hopper_forced = d.sm90 && (policy == kSm90Force || tma == kSm90Force);
-  if (!hopper_forced && short_policy() != kSm90Off && short_takes(p, d.cc_major, d.block_smem)) return kPathShort;
-  if (d.sm90 && policy != kSm90Off && tma != kSm90Off && dda_attention_sm90_tma_takes(p) &&
-      dda_attention_sm90_tma_smem(p->D) <= d.block_smem) {
-    if (policy == kSm90Force || tma == kSm90Force || dda_attention_sm90_tma_preferred(p)) return kPathSm90Tma;
-  }
-  if (d.sm90 && policy != kSm90Off && dda_attention_sm90_name(p->dtype, p->D) != nullptr &&
-      dda_attention_sm90_smem(p->D) <= d.block_smem) {
-    if (policy == kSm90Force || dda_attention_sm90_preferred(p, d.sms)) return kPathSm90;
-  }
-  if (dda_attention_mma_name(d.cc_major, p->dtype, p->D, d.block_smem) != nullptr) return kPathMma;
-  if (dda_attention_d512_name(d.cc_major, p->dtype, p->D, d.block_smem) != nullptr) return kPathD512;
-  return kPathGeneric;
-}
-
-const char *generic_name(dda_dtype dtype, int head_dim, size_t block_smem, size_t sm_smem);
-
-}  // namespace
-
-extern "C" dda_status dda_attention_fwd_cuda(const dda_attention_params *p, cudaStream_t stream) {
-  const dda_status st = dda_attention_check(p);
-  if (st != DDA_OK) return st;
-  if (p->dtype != DDA_F32 && p->dtype != DDA_F16 && p->dtype != DDA_BF16) return DDA_ERR_UNSUPPORTED_DTYPE;
-  if (p->H > 65535 || p->B > 65535) return DDA_ERR_INVALID_ARGUMENT;  /* grid y / z limits */
-  DevInfo d;
-  const cudaError_t e = dev_info(&d);
-  if (e != cudaSuccess) return cuda_fail(e);
-  switch (select_path(p, d)) {
-    case kPathShort: return dda_attention_fwd_short(p, d.sms, stream);
-    case kPathSm90Tma: return dda_attention_fwd_sm90_tma(p, stream);
-    case kPathSm90: return dda_attention_fwd_sm90(p, stream);
-    case kPathMma: return dda_attention_fwd_mma(p, stream);
-    case kPathD512: return dda_attention_fwd_d512(p, stream);
-    default: break;
-  }
-  switch (p->dtype) {
-    case DDA_F32: return launch_dtype<float>(p, d.block_smem, d.sm_smem, stream);
-    case DDA_F16: return launch_dtype<__half>(p, d.block_smem, d.sm_smem, stream);
-    default: return launch_dtype<__nv_bfloat16>(p, d.block_smem, d.sm_smem, stream);
-  }
-}
-
-extern "C" const char *dda_attention_kernel_for(const dda_attention_params *p) {
-  const dda_status st = dda_attention_check(p);
-  if (st != DDA_OK) return "unsupported: invalid arguments (dda_attention_check failed)";
-  if (p->H > 65535 || p->B > 65535) return "unsupported: B or H above 65535";
-  DevInfo d;
-  if (dev_info(&d) != cudaSuccess) return "unsupported: CUDA error reading the device";
-  switch (select_path(p, d)) {
-    case kPathShort: return dda_attention_short_name(d.cc_major, p->dtype, p->D, p->Sk);
-    case kPathSm90Tma: return dda_attention_sm90_tma_name(p->dtype, p->D);
-    case kPathSm90: return dda_attention_sm90_name(p->dtype, p->D);
-    case kPathMma: return dda_attention_mma_name_for(p, d.sms, d.block_smem);
-    case kPathD512: return dda_attention_d512_name(d.cc_major, p->dtype, p->D, d.block_smem);
-    default: return generic_name(p->dtype, p->D, d.block_smem, d.sm_smem);
-  }
-}
-
-namespace {
-
-/* The generic kernel's name for the tile pick_tile chooses, or why it cannot run. */
-const char *generic_name(dda_dtype dtype, int head_dim, size_t block_smem, size_t sm_smem) {
+/* The generic kernel's name for the tile pick_tile chooses (it takes every case its
+ * shared memory fits). */
+const char *generic_name(dda_dtype dtype, int head_dim, int kb) {
   /* names[dtype][bucket][tile]: built once, thread-safe (function-local static). */
   struct Names {
     char s[3][5][3][48];
@@ -703,53 +472,42 @@ const char *generic_name(dda_dtype dtype, int head_dim, size_t block_smem, size_
   };
   static const Names names;
   const int np = np_bucket(head_dim);
-  const int kb = pick_tile(elem_bytes(dtype), np, block_smem, sm_smem);
-  if (kb == 0) return "unsupported: not enough shared memory per block on this device for this head dim";
   const int bucket = np <= 4 ? np - 1 : 4;
   const int tile = kb == 64 ? 0 : kb == 32 ? 1 : 2;
   return names.s[static_cast<int>(dtype)][bucket][tile];
 }
 
+/* ------------------------------------------------------------- family -- */
+
+const char *generic_unsupported(const dda_attention_params *, const dda_attn::DevInfo &) { return nullptr; }
+
+/* The tile it runs, else (nothing fits) the smallest tile's need, which the dispatcher refuses. */
+size_t generic_smem(const dda_attention_params *p, const dda_attn::DevInfo &d) {
+  const int eb = elem_bytes(p->dtype), np = np_bucket(p->D);
+  const int kb = pick_tile(eb, np, d.block_smem, d.sm_smem);
+  if (kb != 0) return smem_bytes(eb, np, kb);
+  size_t least = ~static_cast<size_t>(0);
+  for (int t = DDA_ATTN_KEY_BLOCK; t >= 16; t /= 2)
+    if (has_tile(eb, np, t) && smem_bytes(eb, np, t) < least) least = smem_bytes(eb, np, t);
+  return least;
+}
+
+bool generic_preferred(const dda_attention_params *, const dda_attn::DevInfo &) { return true; }
+
+const char *generic_kernel(const dda_attention_params *p, const dda_attn::DevInfo &d) {
+  return generic_name(p->dtype, p->D, pick_tile(elem_bytes(p->dtype), np_bucket(p->D), d.block_smem, d.sm_smem));
+}
+
+dda_status generic_launch(const dda_attention_params *p, const dda_attn::DevInfo &d, cudaStream_t stream) {
+  switch (p->dtype) {
+    case DDA_F32: return launch_dtype<float>(p, d.block_smem, d.sm_smem, stream);
+    case DDA_F16: return launch_dtype<__half>(p, d.block_smem, d.sm_smem, stream);
+    default: return launch_dtype<__nv_bfloat16>(p, d.block_smem, d.sm_smem, stream);
+  }
+}
+
 }  // namespace
 
-extern "C" const char *dda_attention_kernel_name(int cc_major, int cc_minor, dda_dtype dtype, int head_dim,
-                                                 int seq_k) {
-  if (dtype != DDA_F32 && dtype != DDA_F16 && dtype != DDA_BF16) return "unsupported: unknown dtype";
-  if (head_dim < 8 || head_dim > 512 || head_dim % 8 != 0)
-    return "unsupported: head dim must be a multiple of 8 in [8, 512]";
-  if (seq_k < 1) return "unsupported: seq_k must be >= 1";
-  if (cc_major < 7) return "unsupported: compute capability below 7.0";
-  size_t block_smem = 0, sm_smem = 0;
-  smem_limits_for_cc(cc_major, cc_minor, &block_smem, &sm_smem);
-  /* Short key sequences (Sk <= 128): the short-key kernel where it fits (unless DDA_SHORT=0). */
-  if (const char *s = dda_attention_short_name(cc_major, dtype, head_dim, seq_k))
-    if (short_policy() != kSm90Off && dda_attention_short_smem(head_dim, seq_k) <= block_smem) return s;
-  /* Tensor-core kernels run for 16-byte aligned q/k/v/o; misaligned ones run the generic kernel.
-   * Hopper: the TMA kernel (unmasked, Sk > 128) or the cp.async sm_90a kernel where the
-   * build has them, else mma (dda_attention_kernel_for answers exactly for given tensors). */
-  if (cc_major == 9 && dda_attention_sm90_name(dtype, head_dim) != nullptr) {
-    /* "[tma name|]sm90 name|mma candidates" per (dtype, padded head dim, TMA takes it), built once. */
-    static const int dps[8] = {48, 64, 80, 96, 128, 160, 192, 256};
-    struct Both {
-      char s[2][8][2][160];
-      Both() {
-        for (int a = 0; a < 2; ++a)
-          for (int i = 0; i < 8; ++i) {
-            const dda_dtype t = a == 0 ? DDA_F16 : DDA_BF16;
-            const char *tma = dda_attention_sm90_tma_name(t, dps[i]);
-            snprintf(s[a][i][0], sizeof s[a][i][0], "%s|%s", dda_attention_sm90_name(t, dps[i]),
-                     dda_attention_mma_name(9, t, dps[i], kSmemLarge));
-            snprintf(s[a][i][1], sizeof s[a][i][1], "%s|%s", tma ? tma : "", s[a][i][0]);
-          }
-      }
-    };
-    static const Both both;
-    int i = 0;
-    while (dps[i] < head_dim) ++i;  /* head_dim <= 256 here */
-    const bool tma = dda_attention_sm90_tma_name(dtype, head_dim) != nullptr;
-    return both.s[dtype == DDA_F16 ? 0 : 1][i][tma ? 1 : 0];
-  }
-  if (const char *mma = dda_attention_mma_name(cc_major, dtype, head_dim, block_smem)) return mma;
-  if (const char *big = dda_attention_d512_name(cc_major, dtype, head_dim, block_smem)) return big;
-  return generic_name(dtype, head_dim, block_smem, sm_smem);
-}
+/* Any dtype, any alignment, D <= 512 (the fallback of the automatic dispatch). */
+const dda_attn::Family dda_attn::kGenericFamily = {DDA_ATTN_GENERIC, generic_unsupported, generic_smem,
+                                                   generic_preferred, generic_kernel, generic_launch};

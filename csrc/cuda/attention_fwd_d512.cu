@@ -8,8 +8,8 @@
  *   o    [B, Sq, H, D]  likewise
  *   lse  [B, H, Sq]     fp32 contiguous, or NULL
  *   mask broadcast to [B, H, Sq, Sk] through four element strides, or NULL
- * Every q/k/v/o pointer and stride must be 16-byte compatible (the dispatcher
- * in attention_fwd.cu checks and falls back to the generic kernel otherwise).
+ * Every q/k/v/o pointer and stride must be 16-byte compatible (the family refuses
+ * other inputs; the automatic dispatch then runs the generic kernel).
  *
  * Why the output columns are split across two blocks: the fp32 accumulator of
  * 64 rows x 512 columns is 128 KB, more than 4 warps' registers can hold. So
@@ -20,7 +20,7 @@
  * them, no block-wide exchange of P or of rescale factors) and doubles the
  * number of blocks, which the VAE needs (1 head, Sq = 4096: 64 row tiles
  * would leave half of a 132-SM part idle; with the split, 128 blocks). The two
- * halves of a row tile are adjacent in blockIdx.x, so they run together and
+ * halves of a row tile are adjacent in the block order, so they run together and
  * share Q, K and V through L2.
  *
  * The head dim is padded to DQ = 512 for Q K^T (zero-filled columns add
@@ -67,6 +67,7 @@
 #include <atomic>
 #include <type_traits>
 
+#include "attention_common.cuh"
 #include "dda.h"
 #include "launch_common.cuh"
 #include "mma_common.cuh"
@@ -112,7 +113,7 @@ __device__ __forceinline__ void load_tile(uint32_t dst, const uint16_t *src, int
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1)
-attention_fwd_d512(const dda_attention_params p, const float scale_log2) {
+attention_fwd_d512(const dda_attention_params p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   constexpr int KS = kDQ / 16;  /* k-steps of S = Q K^T */
   constexpr int NS = kKB / 8;   /* 8-key tiles of S */
@@ -127,11 +128,12 @@ attention_fwd_d512(const dda_attention_params p, const float scale_log2) {
   const int warp = threadIdx.x >> 5;
   const int g = lane >> 2;
   const int c = lane & 3;
-  const int half = blockIdx.x % kSplit;         /* which output columns */
+  const BlockCoords bc = block_coords(p);
+  const int half = bc.tile % kSplit;            /* which output columns */
   const int d0 = half * kDV;                    /* first output column */
-  const int m0 = (blockIdx.x / kSplit) * kRows; /* first query row */
-  const int h = blockIdx.y;
-  const int b = blockIdx.z;
+  const int m0 = (bc.tile / kSplit) * kRows;    /* first query row */
+  const int h = bc.h;
+  const int b = bc.b;
   const int D = p.D, Sq = p.Sq, Sk = p.Sk;
 
   const uint16_t *q = static_cast<const uint16_t *>(p.q) + b * p.q_stride_b + h * p.q_stride_h;
@@ -182,7 +184,7 @@ attention_fwd_d512(const dda_attention_params p, const float scale_log2) {
 
     /* Scale, mask (keys >= Sk -> -inf) and online softmax (mma_common.cuh). */
     float alpha[2];
-    online_softmax<NS, true, true>(s, m, l, alpha, p, mkind, mrow, scale_log2, k0, c);
+    online_softmax<NS, true, true>(s, m, l, alpha, p, mkind, mrow, p.scale_log2, k0, c);
     /* The 128 accumulator registers are rescaled only when some row's max moved
      * (alpha is exactly 1 otherwise); after the first tiles it rarely does. */
     if (__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
@@ -222,31 +224,39 @@ dda_status launch(const dda_attention_params *p, cudaStream_t stream) {
   static std::atomic<unsigned long long> raised{0};
   cudaError_t e = raise_smem_once(kernel, kSmemBytes, raised);
   if (e != cudaSuccess) return cuda_fail(e);
-  const unsigned row_tiles = static_cast<unsigned>((p->Sq + kRows - 1) / kRows);
-  const dim3 grid(row_tiles * kSplit, static_cast<unsigned>(p->H), static_cast<unsigned>(p->B));
-  kernel<<<grid, kThreads, kSmemBytes, stream>>>(*p, p->scale * kLog2e);
+  dim3 grid;
+  if (!fold_grid(static_cast<long long>((p->Sq + kRows - 1) / kRows) * kSplit, p, &grid)) return DDA_ERR_GRID_LIMIT;
+  kernel<<<grid, kThreads, kSmemBytes, stream>>>(*p);
   e = cudaGetLastError();
   return e == cudaSuccess ? DDA_OK : cuda_fail(e);
 }
 
-}  // namespace
+/* ------------------------------------------------------------- family -- */
 
-/* The d512 kernel's name for (compute capability major, dtype, head dim) on a
- * device with block_smem bytes of opt-in shared memory per block, or NULL when
- * it does not take them (fp32, cc < 8.0, D <= 256 or > 512, too little shared
- * memory). Alignment of the pointers is the caller's to check. */
-const char *dda_attention_d512_name(int cc_major, dda_dtype dtype, int head_dim, size_t block_smem) {
-  if (cc_major < 8 || (dtype != DDA_F16 && dtype != DDA_BF16)) return nullptr;
-  if (head_dim <= 256 || head_dim > kDQ || head_dim % 8 != 0) return nullptr;
-  if (kSmemBytes > block_smem) return nullptr;
-  return dtype == DDA_F16 ? "mma_d512_m64_kb32_dv256_f16" : "mma_d512_m64_kb32_dv256_bf16";
+const char *d512_unsupported(const dda_attention_params *p, const dda_attn::DevInfo &d) {
+  if (p->dtype != DDA_F16 && p->dtype != DDA_BF16) return dda_attn::kNeedsHalf;
+  if (d.cc_major < 8) return dda_attn::kNeedsSm80;
+  if (p->D <= 256) return "takes head dims above 256 only (mma takes the others)";
+  if (!qkvo_aligned16(p)) return dda_attn::kNeedsAligned;
+  return nullptr;
 }
 
-/* Runs the d512 kernel; the caller has checked p (dda_attention_check), that
- * dda_attention_d512_name accepts it, and that q/k/v/o are 16-byte compatible. */
-dda_status dda_attention_fwd_d512(const dda_attention_params *p, cudaStream_t stream) {
-  if (p->D <= 256 || p->D > kDQ) return DDA_ERR_UNSUPPORTED_HEAD_DIM;
+size_t d512_smem(const dda_attention_params *, const dda_attn::DevInfo &) { return kSmemBytes; }
+
+bool d512_preferred(const dda_attention_params *, const dda_attn::DevInfo &) { return true; }
+
+const char *d512_kernel(const dda_attention_params *p, const dda_attn::DevInfo &) {
+  return p->dtype == DDA_F16 ? "mma_d512_m64_kb32_dv256_f16" : "mma_d512_m64_kb32_dv256_bf16";
+}
+
+dda_status d512_launch(const dda_attention_params *p, const dda_attn::DevInfo &, cudaStream_t stream) {
   if (p->dtype == DDA_F16) return launch<__half>(p, stream);
   if (p->dtype == DDA_BF16) return launch<__nv_bfloat16>(p, stream);
   return DDA_ERR_UNSUPPORTED_DTYPE;
 }
+
+}  // namespace
+
+/* Head dims 256 < D <= 512 (the VAE mid-block); needs sm_80's 163 KB of shared memory. */
+const dda_attn::Family dda_attn::kD512Family = {DDA_ATTN_D512, d512_unsupported, d512_smem, d512_preferred,
+                                                d512_kernel, d512_launch};

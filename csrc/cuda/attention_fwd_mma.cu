@@ -7,8 +7,8 @@
  *   o    [B, Sq, H, D]  likewise
  *   lse  [B, H, Sq]     fp32 contiguous, or NULL
  *   mask broadcast to [B, H, Sq, Sk] through four element strides, or NULL
- * Every q/k/v/o pointer and stride must be 16-byte compatible (the dispatcher
- * in attention_fwd.cu checks and falls back to the generic kernel otherwise).
+ * Every q/k/v/o pointer and stride must be 16-byte compatible (the family refuses
+ * other inputs; the automatic dispatch then runs the generic kernel).
  *
  * One block = ROWS query rows of one (b, h); three tiles (template arguments of
  * one kernel, picked per call by pick_tile from B H Sq and the SM count):
@@ -16,8 +16,7 @@
  *         feeds two mmas), KB = 64 keys (DP <= 64) or 32; DP <= 128 only
  *   m64:  4 warps x 16 rows, KB = 64 (32 for DP > 128)
  *   m32:  2 warps x 16 rows, same KB as m64: twice the blocks for small grids
- * DDA_MMA_FORCE=m128|m64|m32 overrides the choice (see forced_tile). The head
- * dim is padded to DP = the smallest of {48, 64, 80, 96, 128, 160, 192, 256}
+ * The head dim is padded to DP = the smallest of {48, 64, 80, 96, 128, 160, 192, 256}
  * that is >= D (the k-dim of Q K^T must be a multiple of 16); pad columns are
  * zero-filled in shared memory so they add nothing, and are never stored.
  *
@@ -66,30 +65,25 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
 
 #include <atomic>
 #include <type_traits>
 
+#include "attention_common.cuh"
 #include "dda.h"
 #include "launch_common.cuh"
 #include "mma_common.cuh"
 
 namespace {
 
+using dda_attn::DevInfo;
 
-/* Padded head dims compiled; D maps to the smallest one >= D. */
-constexpr int kPadded[] = {48, 64, 80, 96, 128, 160, 192, 256};
-constexpr int kNumPadded = 8;
+/* Padded head dims compiled: kPaddedDims (attention_common.cuh), all of them. */
+constexpr int kMaxDim = 256;
 
 __host__ __device__ constexpr int key_tile(int dp) { return dp <= 128 ? 64 : 32; }
 
-int padded_dim(int D) {
-  for (int i = 0; i < kNumPadded; ++i)
-    if (D <= kPadded[i]) return kPadded[i];
-  return 0;
-}
+int padded_dim(int D) { return padded_head_dim(D, kMaxDim); }
 
 /* load_rows (mma_common.cuh) with the thread index read through volatile asm, so the
  * per-chunk row / column indices are recomputed per call instead of hoisted out of the
@@ -127,7 +121,7 @@ __host__ __device__ constexpr size_t tile_smem(int dp, int tile) {
 
 template <typename T, int DP, int WARPS, int MT, int KB>
 __global__ void __launch_bounds__(WARPS * 32)
-attention_fwd_mma(const dda_attention_params p, const float scale_log2) {
+attention_fwd_mma(const dda_attention_params p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   constexpr int THREADS = WARPS * 32;
   constexpr int ROWS = 16 * MT * WARPS;  /* query rows per block */
@@ -149,9 +143,10 @@ attention_fwd_mma(const dda_attention_params p, const float scale_log2) {
   const int warp = threadIdx.x >> 5;
   const int g = lane >> 2;
   const int c = lane & 3;
-  const int h = blockIdx.y;
-  const int b = blockIdx.z;
-  const int m0 = blockIdx.x * ROWS;
+  const BlockCoords bc = block_coords(p);
+  const int h = bc.h;
+  const int b = bc.b;
+  const int m0 = bc.tile * ROWS;
   const int wr0 = warp * 16 * MT;  /* this warp's first row within the block */
   const int D = p.D, Sq = p.Sq, Sk = p.Sk;
 
@@ -253,7 +248,7 @@ attention_fwd_mma(const dda_attention_params p, const float scale_log2) {
 #pragma unroll
     for (int i = 0; i < MT; ++i) {
       float alpha[2];
-      online_softmax<NS, true, true>(s[i], m[i], l[i], alpha, p, mkind, mrow[i], scale_log2, k0, c);
+      online_softmax<NS, true, true>(s[i], m[i], l[i], alpha, p, mkind, mrow[i], p.scale_log2, k0, c);
 #pragma unroll
       for (int n = 0; n < NO; ++n) {
         o[i][n][0] *= alpha[0]; o[i][n][1] *= alpha[0];
@@ -329,51 +324,6 @@ attention_fwd_mma(const dda_attention_params p, const float scale_log2) {
 
 /* ----------------------------------------------------------- launcher -- */
 
-/* Per device (id < 64), read once: SM count and opt-in shared memory per block. */
-struct DeviceInfo {
-  int sms;
-  size_t block_smem;
-};
-
-cudaError_t device_info(DeviceInfo *info) {
-  static std::atomic<int> sms_cache[64];
-  static std::atomic<long long> smem_cache[64];
-  int dev = 0;
-  cudaError_t e = cudaGetDevice(&dev);
-  if (e != cudaSuccess) return e;
-  if (dev >= 0 && dev < 64 && sms_cache[dev].load(std::memory_order_acquire) > 0) {
-    info->sms = sms_cache[dev].load(std::memory_order_acquire);
-    info->block_smem = static_cast<size_t>(smem_cache[dev].load(std::memory_order_acquire));
-    return cudaSuccess;
-  }
-  int sms = 0, smem = 0;
-  e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-  if (e != cudaSuccess) return e;
-  info->sms = sms > 0 ? sms : 1;
-  info->block_smem = static_cast<size_t>(smem);
-  if (dev >= 0 && dev < 64) {
-    smem_cache[dev].store(smem, std::memory_order_release);
-    sms_cache[dev].store(info->sms, std::memory_order_release);
-  }
-  return cudaSuccess;
-}
-
-/* DDA_MMA_FORCE = "m128", "m64" or "m32" (a suffix such as "_kb64" is ignored)
- * forces that tile for every call where it exists for the head dim and fits the
- * device, so variants can be A/B-tested in one process; read once. -1 = automatic. */
-int forced_tile() {
-  static const int forced = [] {
-    const char *s = getenv("DDA_MMA_FORCE");
-    if (s == nullptr) return -1;
-    if (strncmp(s, "m128", 4) == 0) return static_cast<int>(kM128);
-    if (strncmp(s, "m64", 3) == 0) return static_cast<int>(kM64);
-    if (strncmp(s, "m32", 3) == 0) return static_cast<int>(kM32);
-    return -1;
-  }();
-  return forced;
-}
-
 /* The tile for a problem: the largest that still gives every SM work.
  *   m128 when it makes >= 2 blocks per SM (2 x 4 warps resident per SM) and
  *        Sk > 128 (short key loops, e.g. the 77 text tokens of cross-attention,
@@ -381,9 +331,7 @@ int forced_tile() {
  *   m64  when it makes >= 1 block per SM,
  *   m32  otherwise (small B H Sq, e.g. 2x8x256: 64 blocks of 64 rows on 132 SMs).
  * Tiles that do not exist for DP or do not fit block_smem are skipped. */
-int pick_tile(int dp, const dda_attention_params *p, const DeviceInfo &dev) {
-  const int f = forced_tile();
-  if (f >= 0 && tile_exists(dp, f) && tile_smem(dp, f) <= dev.block_smem) return f;
+int pick_tile(int dp, const dda_attention_params *p, const DevInfo &dev) {
   const long long bh = static_cast<long long>(p->B) * p->H;
   const long long blocks128 = bh * ((p->Sq + 127) / 128);
   const long long blocks64 = bh * ((p->Sq + 63) / 64);
@@ -405,15 +353,15 @@ dda_status launch(const dda_attention_params *p, cudaStream_t stream) {
     const cudaError_t e = raise_smem_once(kernel, smem, raised);
     if (e != cudaSuccess) return cuda_fail(e);
   }
-  const dim3 grid(static_cast<unsigned>((p->Sq + kRowsPerBlock - 1) / kRowsPerBlock),
-                  static_cast<unsigned>(p->H), static_cast<unsigned>(p->B));
-  kernel<<<grid, kWarps * 32, smem, stream>>>(*p, p->scale * kLog2e);
+  dim3 grid;
+  if (!fold_grid((p->Sq + kRowsPerBlock - 1) / kRowsPerBlock, p, &grid)) return DDA_ERR_GRID_LIMIT;
+  kernel<<<grid, kWarps * 32, smem, stream>>>(*p);
   const cudaError_t e = cudaGetLastError();
   return e == cudaSuccess ? DDA_OK : cuda_fail(e);
 }
 
 template <typename T, int DP>
-dda_status launch_dp(const dda_attention_params *p, const DeviceInfo &dev, cudaStream_t stream) {
+dda_status launch_dp(const dda_attention_params *p, const DevInfo &dev, cudaStream_t stream) {
   switch (pick_tile(DP, p, dev)) {
     case kM128:
       if constexpr (tile_exists(DP, kM128)) return launch<T, DP, kM128>(p, stream);
@@ -424,10 +372,7 @@ dda_status launch_dp(const dda_attention_params *p, const DeviceInfo &dev, cudaS
 }
 
 template <typename T>
-dda_status launch_dtype(const dda_attention_params *p, cudaStream_t stream) {
-  DeviceInfo dev;
-  const cudaError_t e = device_info(&dev);
-  if (e != cudaSuccess) return cuda_fail(e);
+dda_status launch_dtype(const dda_attention_params *p, const DevInfo &dev, cudaStream_t stream) {
   switch (padded_dim(p->D)) {
     case 48: return launch_dp<T, 48>(p, dev, stream);
     case 64: return launch_dp<T, 64>(p, dev, stream);
@@ -441,72 +386,48 @@ dda_status launch_dtype(const dda_attention_params *p, cudaStream_t stream) {
   }
 }
 
-/* Kernel names per (dtype, padded head dim): `any` lists the tile candidates,
- * `one` names a single tile. Built once (function-local static). */
+/* Kernel names per (dtype, padded head dim, tile). Built once (function-local static). */
 struct Names {
-  char any[2][kNumPadded][80];
-  char one[2][kNumPadded][kNumTiles][40];
+  char one[2][kNumPaddedDims][kNumTiles][40];
   Names() {
     for (int a = 0; a < 2; ++a)
-      for (int i = 0; i < kNumPadded; ++i) {
-        const int dp = kPadded[i];
-        const char *dt = a == 0 ? "f16" : "bf16";
+      for (int i = 0; i < kNumPaddedDims; ++i) {
+        const int dp = kPaddedDims[i];
         for (int t = 0; t < kNumTiles; ++t)
           snprintf(one[a][i][t], sizeof one[a][i][t], "mma_sm80_dp%d_m%d_kb%d_%s", dp, tile_rows(t),
-                   tile_kb(dp, t), dt);
-        if (tile_exists(dp, kM128))
-          snprintf(any[a][i], sizeof any[a][i], "mma_sm80_dp%d_%s_m128kb%d|m64kb%d|m32kb%d", dp, dt,
-                   tile_kb(dp, kM128), tile_kb(dp, kM64), tile_kb(dp, kM32));
-        else
-          snprintf(any[a][i], sizeof any[a][i], "mma_sm80_dp%d_%s_m64kb%d|m32kb%d", dp, dt,
-                   tile_kb(dp, kM64), tile_kb(dp, kM32));
+                   tile_kb(dp, t), a == 0 ? "f16" : "bf16");
       }
   }
 };
 
-const Names &mma_names() {
+/* ------------------------------------------------------------- family -- */
+
+const char *mma_unsupported(const dda_attention_params *p, const DevInfo &d) {
+  if (p->dtype != DDA_F16 && p->dtype != DDA_BF16) return dda_attn::kNeedsHalf;
+  if (d.cc_major < 8) return dda_attn::kNeedsSm80;
+  if (padded_dim(p->D) == 0) return "takes head dims up to 256 (d512 takes larger ones)";
+  if (!qkvo_aligned16(p)) return dda_attn::kNeedsAligned;
+  return nullptr;
+}
+
+/* The m64 tile's: the largest tile that must fit (m128 runs only where it fits too). */
+size_t mma_smem(const dda_attention_params *p, const DevInfo &) { return tile_smem(padded_dim(p->D), kM64); }
+
+bool mma_preferred(const dda_attention_params *, const DevInfo &) { return true; }
+
+const char *mma_kernel(const dda_attention_params *p, const DevInfo &d) {
   static const Names names;
-  return names;
+  const int dp = padded_dim(p->D);
+  return names.one[p->dtype == DDA_F16 ? 0 : 1][padded_index(dp)][pick_tile(dp, p, d)];
+}
+
+dda_status mma_launch(const dda_attention_params *p, const DevInfo &d, cudaStream_t stream) {
+  if (p->dtype == DDA_F16) return launch_dtype<__half>(p, d, stream);
+  if (p->dtype == DDA_BF16) return launch_dtype<__nv_bfloat16>(p, d, stream);
+  return DDA_ERR_UNSUPPORTED_DTYPE;
 }
 
 }  // namespace
 
-/* The mma kernel's name for (compute capability major, dtype, head dim) on a
- * device with block_smem bytes of opt-in shared memory per block, or NULL when
- * it does not take them (fp32, cc < 8.0, D > 256, too little shared memory for
- * the m64 tile). The tile is picked per call from B H Sq (pick_tile), so the name
- * lists the candidates, e.g. "mma_sm80_dp48_f16_m128kb128|m64kb64|m32kb64", or
- * names the one DDA_MMA_FORCE selects. Alignment of the pointers is the caller's to check. */
-const char *dda_attention_mma_name(int cc_major, dda_dtype dtype, int head_dim, size_t block_smem) {
-  const Names &names = mma_names();
-  if (cc_major < 8 || (dtype != DDA_F16 && dtype != DDA_BF16)) return nullptr;
-  if (head_dim < 8 || head_dim % 8 != 0) return nullptr;
-  const int dp = padded_dim(head_dim);
-  if (dp == 0 || tile_smem(dp, kM64) > block_smem) return nullptr;
-  int i = 0;
-  while (kPadded[i] != dp) ++i;
-  const int a = dtype == DDA_F16 ? 0 : 1;
-  const int f = forced_tile();
-  if (f >= 0 && tile_exists(dp, f) && tile_smem(dp, f) <= block_smem) return names.one[a][i][f];
-  return names.any[a][i];
-}
-
-/* The exact mma kernel (tile included) launch_dp picks for p on a device with
- * `sms` SMs and block_smem bytes of opt-in shared memory per block; NULL where
- * dda_attention_mma_name is. */
-const char *dda_attention_mma_name_for(const dda_attention_params *p, int sms, size_t block_smem) {
-  if (dda_attention_mma_name(8, p->dtype, p->D, block_smem) == nullptr) return nullptr;
-  const int dp = padded_dim(p->D);
-  int i = 0;
-  while (kPadded[i] != dp) ++i;
-  const DeviceInfo dev{sms, block_smem};
-  return mma_names().one[p->dtype == DDA_F16 ? 0 : 1][i][pick_tile(dp, p, dev)];
-}
-
-/* Runs the mma kernel; the caller has checked p (dda_attention_check), that
- * dda_attention_mma_name accepts it, and that q/k/v/o are 16-byte compatible. */
-dda_status dda_attention_fwd_mma(const dda_attention_params *p, cudaStream_t stream) {
-  if (p->dtype == DDA_F16) return launch_dtype<__half>(p, stream);
-  if (p->dtype == DDA_BF16) return launch_dtype<__nv_bfloat16>(p, stream);
-  return DDA_ERR_UNSUPPORTED_DTYPE;
-}
+const dda_attn::Family dda_attn::kMmaFamily = {DDA_ATTN_MMA, mma_unsupported, mma_smem, mma_preferred, mma_kernel,
+                                               mma_launch};

@@ -21,7 +21,7 @@
  * computed, and O leaves through the same buffer with 16-byte stores. Softmax is
  * one pass (all keys are in one tile: no running max, no rescale of O).
  *
- * Block = 4 warps; blockIdx = (chunk of TPB 16-row tiles, h, b); warp w takes tiles
+ * Block = 4 warps; block coordinates (chunk of TPB 16-row tiles, h, b); warp w takes tiles
  * w, w + 4, ... of its chunk. The key count is padded to SKP in {80, 128} (a multiple
  * of 16, the k-dim of P V); keys >= Sk are zero-filled and get score -inf. The head
  * dim is padded to DP in {48, 64, 80, 96, 128, 160}; pad columns are zero and never
@@ -47,27 +47,27 @@
 
 #include <atomic>
 
+#include "attention_common.cuh"
 #include "dda.h"
 #include "launch_common.cuh"
 #include "mma_common.cuh"
 
 namespace {
 
+using dda_attn::DevInfo;
+
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
 
-/* Padded head dims and key counts compiled; D and Sk map to the smallest one >= them. */
-constexpr int kPadded[] = {48, 64, 80, 96, 128, 160};
+/* Padded head dims compiled: kPaddedDims up to 160; key counts: D and Sk map to the
+ * smallest one >= them. */
+constexpr int kMaxDim = 160;
 constexpr int kNumPadded = 6;
 constexpr int kKeys[] = {80, 128};
 constexpr int kNumKeys = 2;
 constexpr int kMaxKeys = 128;
 
-int padded_dim(int D) {
-  for (int i = 0; i < kNumPadded; ++i)
-    if (D <= kPadded[i]) return kPadded[i];
-  return 0;
-}
+int padded_dim(int D) { return padded_head_dim(D, kMaxDim); }
 
 int padded_keys(int Sk) {
   for (int i = 0; i < kNumKeys; ++i)
@@ -117,7 +117,7 @@ __device__ __forceinline__ void softmax_tile(float (&s)[NS][4], float (&m)[2], f
 
 template <typename T, int DP, int SKP>
 __global__ void __launch_bounds__(kThreads)
-attention_fwd_short(const dda_attention_params p, const float scale_log2, const int tiles_per_block) {
+attention_fwd_short(const dda_attention_params p, const int tiles_per_block) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   constexpr int LD = DP + 8;  /* smem row stride, elements */
   constexpr int KS = DP / 16; /* k-steps of S = Q K^T */
@@ -131,8 +131,10 @@ attention_fwd_short(const dda_attention_params p, const float scale_log2, const 
   const int warp = threadIdx.x >> 5;
   const int g = lane >> 2;
   const int c = lane & 3;
-  const int h = blockIdx.y;
-  const int b = blockIdx.z;
+  const BlockCoords bc = block_coords(p);
+  const int h = bc.h;
+  const int b = bc.b;
+  const float scale_log2 = p.scale_log2;
   const int D = p.D, Sq = p.Sq, Sk = p.Sk;
   const uint32_t k_s = smem_u32(smem);
   const uint32_t v_s = k_s + kKVBytes;
@@ -145,8 +147,8 @@ attention_fwd_short(const dda_attention_params p, const float scale_log2, const 
 
   /* This warp's 16-row tiles: first, first + 4, ... < end (tile indices within the head). */
   const int ntiles = (Sq + 15) / 16;
-  const int end = min((static_cast<int>(blockIdx.x) + 1) * tiles_per_block, ntiles);
-  const int first = static_cast<int>(blockIdx.x) * tiles_per_block + warp;
+  const int end = min((bc.tile + 1) * tiles_per_block, ntiles);
+  const int first = bc.tile * tiles_per_block + warp;
 
   /* Group 1: K and V (whole block). Group 2: this warp's first Q tile. */
   load_rows<SKP, DP, kThreads>(k_s, k, p.k_stride_s, 0, Sk, D, threadIdx.x);
@@ -262,9 +264,9 @@ dda_status launch(const dda_attention_params *p, int sms, cudaStream_t stream) {
   }
   static std::atomic<int> resident[64];
   const int tpb = tiles_per_block(p, sms, resident_blocks(kernel, smem, resident));
-  const dim3 grid(static_cast<unsigned>(((p->Sq + 15) / 16 + tpb - 1) / tpb), static_cast<unsigned>(p->H),
-                  static_cast<unsigned>(p->B));
-  kernel<<<grid, kThreads, smem, stream>>>(*p, p->scale * kLog2e, tpb);
+  dim3 grid;
+  if (!fold_grid(((p->Sq + 15) / 16 + tpb - 1) / tpb, p, &grid)) return DDA_ERR_GRID_LIMIT;
+  kernel<<<grid, kThreads, smem, stream>>>(*p, tpb);
   const cudaError_t e = cudaGetLastError();
   return e == cudaSuccess ? DDA_OK : cuda_fail(e);
 }
@@ -288,42 +290,46 @@ dda_status launch_dtype(const dda_attention_params *p, int sms, cudaStream_t str
   }
 }
 
-}  // namespace
+/* ------------------------------------------------------------- family -- */
 
-/* Shared memory per block of the short-key kernel for (D, Sk), or 0 where it does not
- * take them (D > 160, Sk > 128). */
-size_t dda_attention_short_smem(int head_dim, int seq_k) {
-  const int dp = padded_dim(head_dim), skp = padded_keys(seq_k);
-  return dp == 0 || skp == 0 ? 0 : short_smem(dp, skp);
+const char *short_unsupported(const dda_attention_params *p, const DevInfo &d) {
+  if (p->dtype != DDA_F16 && p->dtype != DDA_BF16) return dda_attn::kNeedsHalf;
+  if (d.cc_major < 8) return dda_attn::kNeedsSm80;
+  if (p->Sk > kMaxKeys) return "takes key lengths up to 128 only";
+  if (padded_dim(p->D) == 0) return "takes head dims up to 160 only";
+  if (!qkvo_aligned16(p)) return dda_attn::kNeedsAligned;
+  return nullptr;
 }
 
-/* The short-key kernel's name for (cc major, dtype, head dim, key count), or NULL where it
- * does not take them (fp32, cc < 8.0, D not a multiple of 8 or above 160, Sk above 128). */
-const char *dda_attention_short_name(int cc_major, dda_dtype dtype, int head_dim, int seq_k) {
+size_t short_smem_for(const dda_attention_params *p, const DevInfo &) {
+  return short_smem(padded_dim(p->D), padded_keys(p->Sk));
+}
+
+bool short_preferred(const dda_attention_params *, const DevInfo &) { return true; }
+
+const char *short_kernel(const dda_attention_params *p, const DevInfo &) {
   static const struct Names {
     char s[2][kNumPadded][kNumKeys][40];
     Names() {
       for (int a = 0; a < 2; ++a)
         for (int i = 0; i < kNumPadded; ++i)
           for (int j = 0; j < kNumKeys; ++j)
-            snprintf(s[a][i][j], sizeof s[a][i][j], "short_sm80_dp%d_sk%d_%s", kPadded[i], kKeys[j],
+            snprintf(s[a][i][j], sizeof s[a][i][j], "short_sm80_dp%d_sk%d_%s", kPaddedDims[i], kKeys[j],
                      a == 0 ? "f16" : "bf16");
     }
   } names;
-  if (cc_major < 8 || (dtype != DDA_F16 && dtype != DDA_BF16)) return nullptr;
-  if (head_dim < 8 || head_dim % 8 != 0 || seq_k < 1 || seq_k > kMaxKeys) return nullptr;
-  const int dp = padded_dim(head_dim);
-  if (dp == 0) return nullptr;
-  int i = 0;
-  while (kPadded[i] != dp) ++i;
-  return names.s[dtype == DDA_F16 ? 0 : 1][i][padded_keys(seq_k) == 80 ? 0 : 1];
+  return names.s[p->dtype == DDA_F16 ? 0 : 1][padded_index(padded_dim(p->D))][padded_keys(p->Sk) == 80 ? 0 : 1];
 }
 
-/* Runs the short-key kernel on a device with `sms` SMs; the caller has checked p
- * (dda_attention_check), that dda_attention_short_name accepts it, that its shared
- * memory fits, and that q/k/v/o are 16-byte compatible. */
-dda_status dda_attention_fwd_short(const dda_attention_params *p, int sms, cudaStream_t stream) {
-  if (p->dtype == DDA_F16) return launch_dtype<__half>(p, sms, stream);
-  if (p->dtype == DDA_BF16) return launch_dtype<__nv_bfloat16>(p, sms, stream);
+dda_status short_launch(const dda_attention_params *p, const DevInfo &d, cudaStream_t stream) {
+  if (p->dtype == DDA_F16) return launch_dtype<__half>(p, d.sms, stream);
+  if (p->dtype == DDA_BF16) return launch_dtype<__nv_bfloat16>(p, d.sms, stream);
   return DDA_ERR_UNSUPPORTED_DTYPE;
 }
+
+}  // namespace
+
+/* Short key sequences (cross-attention on the text tokens): the automatic dispatch
+ * runs it for every case it takes. */
+const dda_attn::Family dda_attn::kShortFamily = {DDA_ATTN_SHORT, short_unsupported, short_smem_for, short_preferred,
+                                                 short_kernel, short_launch};

@@ -56,11 +56,10 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
 
 #include <atomic>
 
+#include "attention_common.cuh"
 #include "dda.h"
 #include "launch_common.cuh"
 #include "mma_common.cuh"
@@ -69,9 +68,10 @@
 
 namespace {
 
-/* Padded head dims compiled; D maps to the smallest one >= D. */
-constexpr int kPadded[] = {48, 64, 80, 96, 128, 160, 192, 256};
-constexpr int kNumPadded = 8;
+using dda_attn::DevInfo;
+
+/* Padded head dims compiled: kPaddedDims (attention_common.cuh), all of them. */
+constexpr int kMaxDim = 256;
 constexpr int kStages = 3;  /* K/V tiles in flight: t (P V), t + 1 (S), t + 2 (loading) */
 
 __host__ __device__ constexpr int sm90_kb(int dp) { return dp <= 64 ? 128 : dp <= 192 ? 64 : 32; }
@@ -83,11 +83,7 @@ __host__ __device__ constexpr size_t sm90_smem(int dp) {
   return static_cast<size_t>(64 * sm90_wg(dp) + 2 * kStages * sm90_kb(dp)) * dp * 2;
 }
 
-int padded_dim(int D) {
-  for (int i = 0; i < kNumPadded; ++i)
-    if (D <= kPadded[i]) return kPadded[i];
-  return 0;
-}
+int padded_dim(int D) { return padded_head_dim(D, kMaxDim); }
 
 /* ------------------------------------------------------- PTX wrappers -- */
 /* Device helpers exist only where the kernel body is compiled (host pass, sm_90a). */
@@ -127,7 +123,7 @@ __device__ __forceinline__ void load_il(uint32_t dst, const uint16_t *src, int64
 
 template <typename T, int DP, int KB, int WG, bool MASK>
 __global__ void __launch_bounds__(WG * 128, 1)
-attention_fwd_sm90(const dda_attention_params p, const float scale_log2) {
+attention_fwd_sm90(const dda_attention_params p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int THREADS = WG * 128;
   constexpr int ROWS = WG * 64;
@@ -145,9 +141,10 @@ attention_fwd_sm90(const dda_attention_params p, const float scale_log2) {
   const int warp = (threadIdx.x >> 5) & 3;
   const int g = lane >> 2;
   const int c = lane & 3;
-  const int h = blockIdx.y;
-  const int b = blockIdx.z;
-  const int m0 = blockIdx.x * ROWS;
+  const BlockCoords bc = block_coords(p);
+  const int h = bc.h;
+  const int b = bc.b;
+  const int m0 = bc.tile * ROWS;
   const int wr0 = wg * 64 + warp * 16;  /* this warp's first row within the block */
   const int D = p.D, Sq = p.Sq, Sk = p.Sk;
 
@@ -197,7 +194,7 @@ attention_fwd_sm90(const dda_attention_params p, const float scale_log2) {
   float alpha[2] = {0.0f, 0.0f};  /* O's rescale factor for the P held in s */
 
   auto softmax = [&](int tile) {
-    online_softmax<NS, MASK>(s, m, l, alpha, p, mkind, mrow, scale_log2, tile * KB, c);
+    online_softmax<NS, MASK>(s, m, l, alpha, p, mkind, mrow, p.scale_log2, tile * KB, c);
   };
 
   /* Prologue: Q and tile 0 landed; S of tile 0 and its softmax. */
@@ -279,9 +276,9 @@ dda_status launch(const dda_attention_params *p, cudaStream_t stream) {
   static std::atomic<unsigned long long> raised[2];  /* unmasked, masked */
   cudaError_t e = raise_smem_once(kernel, smem, raised[p->mask != nullptr ? 1 : 0]);
   if (e != cudaSuccess) return cuda_fail(e);
-  const dim3 grid(static_cast<unsigned>((p->Sq + 64 * kWG - 1) / (64 * kWG)), static_cast<unsigned>(p->H),
-                  static_cast<unsigned>(p->B));
-  kernel<<<grid, 128 * kWG, smem, stream>>>(*p, p->scale * kLog2e);
+  dim3 grid;
+  if (!fold_grid((p->Sq + 64 * kWG - 1) / (64 * kWG), p, &grid)) return DDA_ERR_GRID_LIMIT;
+  kernel<<<grid, 128 * kWG, smem, stream>>>(*p);
   e = cudaGetLastError();
   return e == cudaSuccess ? DDA_OK : cuda_fail(e);
 }
@@ -301,12 +298,57 @@ dda_status launch_dtype(const dda_attention_params *p, cudaStream_t stream) {
   }
 }
 
+/* ------------------------------------------------------------- family -- */
+
+const char *sm90_unsupported(const dda_attention_params *p, const DevInfo &d) {
+  if (p->dtype != DDA_F16 && p->dtype != DDA_BF16) return dda_attn::kNeedsHalf;
+  if (!d.sm90) return dda_attn::kNeedsSm90;
+  if (padded_dim(p->D) == 0) return "takes head dims up to 256 only";
+  if (!qkvo_aligned16(p)) return dda_attn::kNeedsAligned;
+  return nullptr;
+}
+
+size_t sm90_smem_for(const dda_attention_params *p, const DevInfo &) { return sm90_smem(padded_dim(p->D)); }
+
+/* Measured on an H200 (benchmarks/NOTES.md): it beats mma for padded head dims 64..128
+ * over long key sequences when its blocks fill the SMs (d64 @ 4096-9216 tokens, d128 @
+ * 8192); mma wins for d40 (DP 48), for short key sequences (cross-attention, Sk <= 128)
+ * and for small grids. */
+bool sm90_preferred(const dda_attention_params *p, const DevInfo &d) {
+  const int dp = padded_dim(p->D);
+  if (dp < 64 || dp > 128 || p->Sk <= 128) return false;
+  const int rows = 64 * sm90_wg(dp);
+  const long long blocks = static_cast<long long>(p->B) * p->H * ((p->Sq + rows - 1) / rows);
+  return blocks >= d.sms;
+}
+
+const char *sm90_kernel(const dda_attention_params *p, const DevInfo &) {
+  struct Names {
+    char s[2][kNumPaddedDims][48];
+    Names() {
+      for (int a = 0; a < 2; ++a)
+        for (int i = 0; i < kNumPaddedDims; ++i)
+          snprintf(s[a][i], sizeof s[a][i], "wgmma_sm90_dp%d_m%d_kb%d_%s", kPaddedDims[i],
+                   64 * sm90_wg(kPaddedDims[i]), sm90_kb(kPaddedDims[i]), a == 0 ? "f16" : "bf16");
+    }
+  };
+  static const Names names;
+  return names.s[p->dtype == DDA_F16 ? 0 : 1][padded_index(padded_dim(p->D))];
+}
+
+dda_status sm90_launch(const dda_attention_params *p, const DevInfo &, cudaStream_t stream) {
+  if (p->dtype == DDA_F16) return launch_dtype<__half>(p, stream);
+  if (p->dtype == DDA_BF16) return launch_dtype<__nv_bfloat16>(p, stream);
+  return DDA_ERR_UNSUPPORTED_DTYPE;
+}
+
 }  // namespace
 
-/* 1 when this binary holds the sm_90a kernels for the current device (a Hopper
- * part and a build with 9.0a in TORCH_CUDA_ARCH_LIST), 0 when not, or -1 on a
- * CUDA error. Cached per device id < 64; no stream work, so safe during capture. */
-int dda_attention_sm90_available(void) {
+const dda_attn::Family dda_attn::kSm90Family = {DDA_ATTN_SM90, sm90_unsupported, sm90_smem_for, sm90_preferred,
+                                                sm90_kernel, sm90_launch};
+
+/* Cached per device id < 64; no stream work, so safe during capture. */
+int dda_attn::sm90_built() {
   static std::atomic<int> cache[64];  /* 0 unknown, 1 yes, 2 no */
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess) return -1;
@@ -324,55 +366,4 @@ int dda_attention_sm90_available(void) {
   }
   if (dev >= 0 && dev < 64) cache[dev].store(ok ? 1 : 2, std::memory_order_release);
   return ok;
-}
-
-/* Whether the automatic dispatch prefers this kernel to the mma kernel for p on a
- * device with `sms` SMs. Measured on an H200 (benchmarks/NOTES.md, v6): it wins for
- * padded head dims 64..128 over long key sequences when its blocks fill the SMs
- * (d64 @ 4096-9216 tokens, d128 @ 8192); mma wins for d40 (DP 48), for short key
- * sequences (cross-attention, Sk <= 128) and for small grids. */
-int dda_attention_sm90_preferred(const dda_attention_params *p, int sms) {
-  const int dp = padded_dim(p->D);
-  if (dp < 64 || dp > 128 || p->Sk <= 128) return 0;
-  const int rows = 64 * sm90_wg(dp);
-  const long long blocks = static_cast<long long>(p->B) * p->H * ((p->Sq + rows - 1) / rows);
-  return blocks >= sms ? 1 : 0;
-}
-
-/* Shared memory one block of the sm90 kernel needs for a head dim, 0 if it takes none. */
-size_t dda_attention_sm90_smem(int head_dim) {
-  const int dp = padded_dim(head_dim);
-  return dp == 0 ? 0 : sm90_smem(dp);
-}
-
-/* The sm90 kernel's name for (dtype, head dim), or NULL when it takes neither
- * (fp32, D > 256, D not a multiple of 8). Availability on the device and the
- * 16-byte alignment of q/k/v/o are the caller's to check. */
-const char *dda_attention_sm90_name(dda_dtype dtype, int head_dim) {
-  struct Names {
-    char s[2][kNumPadded][48];
-    Names() {
-      for (int a = 0; a < 2; ++a)
-        for (int i = 0; i < kNumPadded; ++i)
-          snprintf(s[a][i], sizeof s[a][i], "wgmma_sm90_dp%d_m%d_kb%d_%s", kPadded[i], 64 * sm90_wg(kPadded[i]),
-                   sm90_kb(kPadded[i]), a == 0 ? "f16" : "bf16");
-    }
-  };
-  static const Names names;
-  if (dtype != DDA_F16 && dtype != DDA_BF16) return nullptr;
-  if (head_dim < 8 || head_dim % 8 != 0) return nullptr;
-  const int dp = padded_dim(head_dim);
-  if (dp == 0) return nullptr;
-  int i = 0;
-  while (kPadded[i] != dp) ++i;
-  return names.s[dtype == DDA_F16 ? 0 : 1][i];
-}
-
-/* Runs the sm90 kernel; the caller has checked p (dda_attention_check), that
- * dda_attention_sm90_name accepts it, dda_attention_sm90_available() == 1 and
- * that q/k/v/o are 16-byte compatible. */
-dda_status dda_attention_fwd_sm90(const dda_attention_params *p, cudaStream_t stream) {
-  if (p->dtype == DDA_F16) return launch_dtype<__half>(p, stream);
-  if (p->dtype == DDA_BF16) return launch_dtype<__nv_bfloat16>(p, stream);
-  return DDA_ERR_UNSUPPORTED_DTYPE;
 }

@@ -49,6 +49,7 @@
 
 #include <atomic>
 
+#include "attention_common.cuh"
 #include "dda.h"
 #include "launch_common.cuh"
 #include "mma_common.cuh"
@@ -118,8 +119,7 @@ __device__ __forceinline__ void setmaxnreg_dec() { asm volatile("setmaxnreg.dec.
 template <typename T, int DP, int NC, int NSTAGE, int SW>
 __global__ void __launch_bounds__((NC + 1) * 128, 1)
 attention_fwd_sm90_tma(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
-                       const __grid_constant__ CUtensorMap tm_v, const dda_attention_params p, const float scale_log2,
-                       const int hs) {
+                       const __grid_constant__ CUtensorMap tm_v, const dda_attention_params p, const int hs) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int KB = kKB;
   constexpr int ROWS = NC * 64;
@@ -139,9 +139,11 @@ attention_fwd_sm90_tma(const __grid_constant__ CUtensorMap tm_q, const __grid_co
   auto empty = [&](int i) { return q_full + 8 + 8 * NSTAGE + 8 * i; };
 
   const int wg = threadIdx.x >> 7;
-  const int h = blockIdx.y;
-  const int b = blockIdx.z;
-  const int m0 = blockIdx.x * ROWS;
+  const BlockCoords bc = block_coords(p);
+  const int h = bc.h;
+  const int b = bc.b;
+  const int m0 = bc.tile * ROWS;
+  const float scale_log2 = p.scale_log2;
   const int ntiles = (p.Sk + KB - 1) / KB;
 
   if (threadIdx.x == 0) {
@@ -355,42 +357,41 @@ dda_status launch(const dda_attention_params *p, cudaStream_t stream) {
       encode(&mk, p->dtype, p->k, p->D, p->Sk, p->H, p->B, kb, ks, kh, kKB, SW, hs) != CUDA_SUCCESS ||
       encode(&mv, p->dtype, p->v, p->D, p->Sk, p->H, p->B, vb, vs, vh, kKB, SW, hs) != CUDA_SUCCESS)
     return DDA_ERR_INVALID_ARGUMENT;
-  const dim3 grid(static_cast<unsigned>((p->Sq + 64 * NC - 1) / (64 * NC)), static_cast<unsigned>(p->H),
-                  static_cast<unsigned>(p->B));
-  kernel<<<grid, 128 * (NC + 1), smem, stream>>>(mq, mk, mv, *p, p->scale * kLog2e, hs ? 1 : 0);
+  dim3 grid;
+  if (!fold_grid((p->Sq + 64 * NC - 1) / (64 * NC), p, &grid)) return DDA_ERR_GRID_LIMIT;
+  kernel<<<grid, 128 * (NC + 1), smem, stream>>>(mq, mk, mv, *p, hs ? 1 : 0);
   e = cudaGetLastError();
   return e == cudaSuccess ? DDA_OK : cuda_fail(e);
 }
 
-}  // namespace
+/* ------------------------------------------------------------- family -- */
 
-/* 1 when the TMA kernel takes p: fp16/bf16, D in 49..64 or 113..128, no mask, and
- * q/k/v 16-byte aligned with strides TMA accepts, and a driver with cuTensorMapEncodeTiled. (Device and build: the caller
- * checks dda_attention_sm90_available.) */
-int dda_attention_sm90_tma_takes(const dda_attention_params *p) {
-  if (p->dtype != DDA_F16 && p->dtype != DDA_BF16) return 0;
-  if (padded(p->D) == 0 || p->mask != nullptr || encode_fn() == nullptr) return 0;
-  return operand_ok(p->q, p->q_stride_b, p->q_stride_s, p->q_stride_h, p->B, p->Sq, p->H, p->D) &&
-         operand_ok(p->k, p->k_stride_b, p->k_stride_s, p->k_stride_h, p->B, p->Sk, p->H, p->D) &&
-         operand_ok(p->v, p->v_stride_b, p->v_stride_s, p->v_stride_h, p->B, p->Sk, p->H, p->D);
+const char *tma_unsupported(const dda_attention_params *p, const dda_attn::DevInfo &d) {
+  if (p->dtype != DDA_F16 && p->dtype != DDA_BF16) return dda_attn::kNeedsHalf;
+  if (!d.sm90) return dda_attn::kNeedsSm90;
+  if (p->mask != nullptr) return "takes no mask";
+  if (padded(p->D) == 0) return "takes head dims 33..80 and 113..128 only";
+  if (!qkvo_aligned16(p)) return dda_attn::kNeedsAligned;
+  if (!(operand_ok(p->q, p->q_stride_b, p->q_stride_s, p->q_stride_h, p->B, p->Sq, p->H, p->D) &&
+        operand_ok(p->k, p->k_stride_b, p->k_stride_s, p->k_stride_h, p->B, p->Sk, p->H, p->D) &&
+        operand_ok(p->v, p->v_stride_b, p->v_stride_s, p->v_stride_h, p->B, p->Sk, p->H, p->D)))
+    return "needs q, k and v strides that a TMA tensor map accepts (positive, below 2^39 elements)";
+  if (encode_fn() == nullptr) return "needs a driver with cuTensorMapEncodeTiled (CUDA 12.0 or newer)";
+  return nullptr;
 }
 
-/* Shared memory of the largest block the kernel may launch for a head dim (0: not taken). */
-size_t dda_attention_sm90_tma_smem(int head_dim) {
-  const int dp = padded(head_dim);
-  return dp == 0 ? 0 : tma_smem(dp, tma_nc(dp));
+/* The largest block it may launch for the head dim. */
+size_t tma_smem_for(const dda_attention_params *p, const dda_attn::DevInfo &) {
+  const int dp = padded(p->D);
+  return tma_smem(dp, tma_nc(dp));
 }
 
-/* Whether the automatic dispatch prefers this kernel to the mma kernel: measured on an
- * H200 (benchmarks/NOTES.md, v7) it wins for every self-attention shape of SD1.5, SD2.1
- * and SDXL (1.4-2x mma) and loses for Sk <= 128 (cross-attention, Sk = 77: one partial
- * key tile, where mma's smaller blocks fill the SMs). */
-int dda_attention_sm90_tma_preferred(const dda_attention_params *p) { return p->Sk > 128; }
+/* Measured on an H200 (benchmarks/NOTES.md): it beats mma 1.4-2x on every self-attention
+ * shape of SD1.5, SD2.1 and SDXL and loses for Sk <= 128 (cross-attention, Sk = 77: one
+ * partial key tile, where mma's smaller blocks fill the SMs). */
+bool tma_preferred(const dda_attention_params *p, const dda_attn::DevInfo &) { return p->Sk > 128; }
 
-/* The kernel's name for (dtype, head dim), or NULL when it takes neither. */
-const char *dda_attention_sm90_tma_name(dda_dtype dtype, int head_dim) {
-  const int dp = padded(head_dim);
-  if (dp == 0 || (dtype != DDA_F16 && dtype != DDA_BF16)) return nullptr;
+const char *tma_kernel(const dda_attention_params *p, const dda_attn::DevInfo &) {
   struct Names {
     char s[2][4][48];  /* [dtype][dim] */
     Names() {
@@ -401,14 +402,13 @@ const char *dda_attention_sm90_tma_name(dda_dtype dtype, int head_dim) {
     }
   };
   static const Names names;
+  const int dp = padded(p->D);
   int i = 0;
   while (kDims[i] != dp) ++i;
-  return names.s[dtype == DDA_F16 ? 0 : 1][i];
+  return names.s[p->dtype == DDA_F16 ? 0 : 1][i];
 }
 
-/* Runs the TMA kernel; the caller has checked p (dda_attention_check),
- * dda_attention_sm90_tma_takes(p) and dda_attention_sm90_available() == 1. */
-dda_status dda_attention_fwd_sm90_tma(const dda_attention_params *p, cudaStream_t stream) {
+dda_status tma_launch(const dda_attention_params *p, const dda_attn::DevInfo &, cudaStream_t stream) {
   const bool f16 = p->dtype == DDA_F16;
   switch (padded(p->D)) {
     case 48: return f16 ? launch<__half, 48>(p, stream) : launch<__nv_bfloat16, 48>(p, stream);
@@ -418,3 +418,8 @@ dda_status dda_attention_fwd_sm90_tma(const dda_attention_params *p, cudaStream_
     default: return DDA_ERR_UNSUPPORTED_HEAD_DIM;
   }
 }
+
+}  // namespace
+
+const dda_attn::Family dda_attn::kSm90TmaFamily = {DDA_ATTN_SM90_TMA, tma_unsupported, tma_smem_for, tma_preferred,
+                                                   tma_kernel, tma_launch};

@@ -43,7 +43,10 @@ typedef enum {
   DDA_ERR_CUDA = 6,               /* a CUDA runtime call or a launch failed */
   DDA_ERR_CUBLAS = 7,             /* a cuBLASLt call failed or found no algorithm */
   DDA_ERR_NOT_BUILT = 8,          /* the library was built without CUDA */
-  DDA_ERR_UNPLANNED_IN_CAPTURE = 9 /* a GEMM shape first seen during CUDA-graph capture */
+  DDA_ERR_UNPLANNED_IN_CAPTURE = 9, /* a GEMM shape first seen during CUDA-graph capture */
+  DDA_ERR_UNSUPPORTED = 10,       /* no attention kernel of the requested backend runs these inputs
+                                     on this device (dda_attention_supported_cuda says why) */
+  DDA_ERR_GRID_LIMIT = 11         /* the launch needs more than 2^31 - 1 blocks (query-row tiles x B x H) */
 } dda_status;
 
 /* A static, human-readable name for a status. Never NULL. */
@@ -83,6 +86,30 @@ typedef struct {
 } dda_linear_params;
 
 /* ------------------------------------------------------------- attention --
+ * Backends: which attention implementation runs. AUTO (0, what a zeroed params
+ * struct asks for) lets the dispatcher pick; every other value forces one family,
+ * and a family that cannot take the inputs is refused (DDA_ERR_UNSUPPORTED), never
+ * replaced by another. REFERENCE is the CPU's C reference; the others are CUDA kernel
+ * families. dda_attention_backend_name gives the lowercase names the Python API uses.
+ */
+typedef enum {
+  DDA_ATTN_AUTO = 0,
+  DDA_ATTN_REFERENCE = 1, /* "reference": the fp32 C reference (CPU) */
+  DDA_ATTN_GENERIC = 2,   /* "generic":   SIMT, any dtype, any alignment */
+  DDA_ATTN_MMA = 3,       /* "mma":       mma.sync, sm_80+, fp16/bf16, D <= 256 */
+  DDA_ATTN_SHORT = 4,     /* "short":     mma.sync for Sk <= 128, D <= 160 */
+  DDA_ATTN_D512 = 5,      /* "d512":      mma.sync for 256 < D <= 512 */
+  DDA_ATTN_SM90 = 6,      /* "sm90":      cp.async + wgmma, sm_90a builds on Hopper, D <= 256 */
+  DDA_ATTN_SM90_TMA = 7,  /* "sm90_tma":  TMA + warp-specialised wgmma, unmasked, D 33..80, 113..128 */
+  DDA_ATTN_NUM_BACKENDS = 8
+} dda_attention_backend;
+
+/* "auto", "reference", "generic", ...; NULL for a value out of range. */
+const char *dda_attention_backend_name(dda_attention_backend b);
+/* The backend of a name; DDA_OK, or DDA_ERR_INVALID_ARGUMENT for an unknown name. */
+dda_status dda_attention_backend_from_name(const char *name, dda_attention_backend *out);
+
+/*
  * o[b, i, h, :] = sum_j p[b, h, i, j] v[b, j, h, :],
  * p = softmax_j(scale * q[b, i, h, :] . k[b, j, h, :] + mask[b, h, i, j])
  *
@@ -124,6 +151,9 @@ typedef struct {
   int B, H, Sq, Sk, D;
   float scale;
   dda_dtype dtype;
+  dda_attention_backend backend; /* DDA_ATTN_AUTO unless the caller forces a family */
+  float scale_log2;              /* scale * log2(e), for the base-2 softmax: set by
+                                    dda_attention_fwd_cuda from scale; callers leave it */
 } dda_attention_params;
 
 /* ----------------------------------------------------------------- geglu --
@@ -166,6 +196,12 @@ typedef struct {
 /* Checks shared by every backend: pointers, sizes, head dim, strides. */
 dda_status dda_linear_check(const dda_linear_params *p);
 dda_status dda_attention_check(const dda_attention_params *p);
+/* Why dda_attention_check refuses p (a static sentence), or NULL if it accepts it.
+ * The one place of the rules every backend shares (head dim a multiple of 8 in [8, 512]). */
+const char *dda_attention_check_reason(const dda_attention_params *p);
+/* Why dda_attention_fwd_cpu would not run p (dda_attention_check_reason, fp32 only,
+ * backend AUTO or REFERENCE), or NULL. Static string. */
+const char *dda_attention_supported_cpu(const dda_attention_params *p);
 dda_status dda_geglu_check(const dda_geglu_params *p);
 dda_status dda_group_norm_check(const dda_group_norm_params *p);
 
@@ -198,16 +234,25 @@ size_t dda_group_norm_workspace_bytes(const dda_group_norm_params *p);
 dda_status dda_group_norm_cuda(const dda_group_norm_params *p, void *workspace, size_t workspace_bytes,
                                cudaStream_t stream);
 
-/* The name of the attention kernel dda_attention_fwd_cuda runs for a device of
- * compute capability cc_major.cc_minor, a dtype, a head dim and a key length.
+/* Why dda_attention_fwd_cuda would not run p on the current device with p->backend
+ * (arguments, device, build, the family's limits), or NULL if it runs it. Static
+ * string. Reads device attributes, launches nothing. */
+const char *dda_attention_supported_cuda(const dda_attention_params *p);
+
+/* The attention kernels the automatic dispatch runs on a device of compute capability
+ * cc_major.cc_minor for a dtype, head dim and key length, with 16-byte aligned,
+ * unmasked inputs: the distinct kernels over small to large grids (B * H * Sq), largest
+ * grid first, joined by '|'. It calls the same selection as dda_attention_fwd_cuda
+ * (with the current device's facts when its compute capability is the one asked;
+ * otherwise that generation's shared memory, and for 9.x a build with sm_90a).
  * Static string; never NULL; "unsupported: <why>" where nothing runs. */
 const char *dda_attention_kernel_name(int cc_major, int cc_minor, dda_dtype dtype,
                                       int head_dim, int seq_k);
 
-/* The name of the kernel dda_attention_fwd_cuda would run for p on the current
- * device (the same decision: device, dtype, head dim, alignment, grid size, the
- * DDA_SM90 and DDA_MMA_FORCE settings). Static string; never NULL; "unsupported:
- * <why>" where nothing runs. Reads device attributes, launches nothing. */
+/* The exact kernel dda_attention_fwd_cuda runs for p on the current device (the same
+ * selection: device, build, dtype, head dim, alignment, grid size, p->backend). Static
+ * string; never NULL; "unsupported: <why>" where nothing runs. Reads device attributes,
+ * launches nothing. */
 const char *dda_attention_kernel_for(const dda_attention_params *p);
 
 #ifdef __cplusplus

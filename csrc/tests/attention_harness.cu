@@ -10,12 +10,15 @@
 // dtype); every element of o must be written and finite and the padding must stay poison.
 // lse starts poisoned too. --big adds S = 4097 cases (a subset of query rows checked
 // against the reference) and times the Stable Diffusion shapes in fp16.
+// --backend NAME runs every case on one kernel family (generic, mma, short, d512, sm90,
+// sm90_tma; default auto); cases the family does not take are skipped, with the reason.
 //
-// Build:
+// Build (add -gencode=arch=compute_80,code=sm_80 for Ampere):
 //   nvcc -std=c++17 -O2 -I csrc/include -gencode=arch=compute_90a,code=sm_90a
-//     csrc/tests/attention_harness.cu csrc/cuda/attention_fwd.cu csrc/cuda/attention_fwd_mma.cu
+//     csrc/tests/attention_harness.cu csrc/cuda/attention_dispatch.cu csrc/cuda/attention_fwd*.cu
 //     csrc/cpu/attention_fwd.c csrc/cpu/check.c csrc/cpu/status.c -o /tmp/attn_harness
-// Run: /tmp/attn_harness [--big] [--iters N]   (exit status 0 = all checks passed)
+// Run: /tmp/attn_harness [--big] [--unmasked] [--iters N] [--backend NAME]
+//   (exit status 0 = all checks passed)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -109,6 +112,8 @@ struct Case {
 };
 
 static int g_failures = 0;
+static int g_skipped = 0;
+static dda_attention_backend g_backend = DDA_ATTN_AUTO;  // --backend
 
 // Host-side copy of one case: fp32 inputs (exact in every dtype) and the mask.
 struct Inputs {
@@ -294,8 +299,17 @@ static void run_case(const Case &c, Rng &rng) {
     CUDA_CHECK(cudaMemset(dout, 0xFF, in.o_elems * es));
     CUDA_CHECK(cudaMemset(dlse, 0xFF, lse_n * sizeof(float)));
 
-    const dda_attention_params p =
-        params_for(c, in, dq, dkv, dout, c.lse ? dlse : nullptr, dmask, t);
+    dda_attention_params p = params_for(c, in, dq, dkv, dout, c.lse ? dlse : nullptr, dmask, t);
+    p.backend = g_backend;
+    if (const char *why = g_backend != DDA_ATTN_AUTO ? dda_attention_supported_cuda(&p) : nullptr) {
+      printf("skip %s B=%d H=%d Sq=%d Sk=%d D=%d mask=%s%s: %s\n", dname(t), c.B, c.H, c.Sq, c.Sk, c.D,
+             mask_name(c.mask), c.misalign ? " misaligned" : "", why);
+      ++g_skipped;
+      if (c.cross) CUDA_CHECK(cudaFree(dkv));
+      CUDA_CHECK(cudaFree(dq));
+      CUDA_CHECK(cudaFree(dout));
+      continue;
+    }
     const dda_status st = dda_attention_fwd_cuda(&p, 0);
     CUDA_CHECK(cudaGetLastError());
     CUDA_CHECK(cudaDeviceSynchronize());
@@ -433,6 +447,15 @@ static void run_errors() {
   p.Sk = 1;
   p.mask_kind = DDA_MASK_BOOL;
   if (dda_attention_fwd_cuda(&p, 0) != DDA_ERR_INVALID_ARGUMENT) { printf("FAIL: null mask accepted\n"); ++g_failures; }
+  p.D = 8;
+  p.mask_kind = DDA_MASK_NONE;
+  p.dtype = DDA_F32;
+  p.backend = DDA_ATTN_MMA;  // fp32 on a tensor-core family: refused, not run elsewhere
+  if (dda_attention_fwd_cuda(&p, 0) != DDA_ERR_UNSUPPORTED || dda_attention_supported_cuda(&p) == nullptr) {
+    printf("FAIL: fp32 on the mma backend accepted\n");
+    ++g_failures;
+  }
+  p.backend = DDA_ATTN_AUTO;
   const char *bad = dda_attention_kernel_name(9, 0, DDA_F16, 36, 77);
   if (strncmp(bad, "unsupported: ", 13) != 0) { printf("FAIL: kernel name for D=36: %s\n", bad); ++g_failures; }
   printf("ok   argument errors; D=36 -> \"%s\"\n", bad);
@@ -456,7 +479,15 @@ static void bench(int B, int H, int Sq, int Sk, int D, int iters, int cc_major, 
   void *dkv = c.cross ? to_device(kvraw.data(), kvraw.size()) : dq;
   void *dout = nullptr;
   CUDA_CHECK(cudaMalloc(&dout, in.o_elems * esize(t)));
-  const dda_attention_params p = params_for(c, in, dq, dkv, dout, nullptr, nullptr, t);
+  dda_attention_params p = params_for(c, in, dq, dkv, dout, nullptr, nullptr, t);
+  p.backend = g_backend;
+  if (const char *why = dda_attention_supported_cuda(&p)) {
+    printf("skip fp16 %dx%dx%dx%d d%d: %s\n", B, H, Sq, Sk, D, why);
+    if (c.cross) CUDA_CHECK(cudaFree(dkv));
+    CUDA_CHECK(cudaFree(dq));
+    CUDA_CHECK(cudaFree(dout));
+    return;
+  }
 
   cudaStream_t s;
   CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
@@ -498,10 +529,16 @@ int main(int argc, char **argv) {
     if (!strcmp(argv[a], "--big")) big = true;
     else if (!strcmp(argv[a], "--unmasked")) unmasked_only = true;  // only run_unmasked (sanitizer runs)
     else if (!strcmp(argv[a], "--iters") && a + 1 < argc) iters = std::max(1, atoi(argv[++a]));
+    else if (!strcmp(argv[a], "--backend") && a + 1 < argc) {
+      if (dda_attention_backend_from_name(argv[++a], &g_backend) != DDA_OK || g_backend == DDA_ATTN_REFERENCE) {
+        fprintf(stderr, "unknown backend %s: auto, generic, mma, short, d512, sm90 or sm90_tma\n", argv[a]);
+        return 2;
+      }
+    }
     else if (!strcmp(argv[a], "--bench") && a + 1 < argc &&
              sscanf(argv[++a], "%d,%d,%d,%d,%d", &one[0], &one[1], &one[2], &one[3], &one[4]) == 5) {
     } else {
-      fprintf(stderr, "usage: %s [--big] [--unmasked] [--iters N] [--bench B,H,Sq,Sk,D]\n", argv[0]);
+      fprintf(stderr, "usage: %s [--big] [--unmasked] [--iters N] [--bench B,H,Sq,Sk,D] [--backend NAME]\n", argv[0]);
       return 2;
     }
   }
@@ -510,8 +547,8 @@ int main(int argc, char **argv) {
   CUDA_CHECK(cudaGetDevice(&dev));
   CUDA_CHECK(cudaGetDeviceProperties(&prop, dev));
   CUDA_CHECK(cudaRuntimeGetVersion(&rt));
-  printf("device: %s (sm_%d%d, %d SMs), CUDA runtime %d\n", prop.name, prop.major, prop.minor,
-         prop.multiProcessorCount, rt);
+  printf("device: %s (sm_%d%d, %d SMs), CUDA runtime %d, backend %s\n", prop.name, prop.major, prop.minor,
+         prop.multiProcessorCount, rt, dda_attention_backend_name(g_backend));
 
   if (one[0] > 0) {
     bench(one[0], one[1], one[2], one[3], one[4], iters, prop.major, prop.minor);
@@ -520,7 +557,7 @@ int main(int argc, char **argv) {
   Rng rng{0x5eedULL};
   if (unmasked_only) {
     run_unmasked(rng);
-    printf("%s: %d failure(s)\n", g_failures ? "FAILED" : "PASSED", g_failures);
+    printf("%s: %d failure(s), %d skipped\n", g_failures ? "FAILED" : "PASSED", g_failures, g_skipped);
     return g_failures ? 1 : 0;
   }
   run_errors();
@@ -541,6 +578,6 @@ int main(int argc, char **argv) {
     bench(1, 1, 4096, 4096, 512, iters, prop.major, prop.minor);
     bench(2, 16, 8192, 8192, 128, iters, prop.major, prop.minor);
   }
-  printf("%s: %d failure(s)\n", g_failures ? "FAILED" : "PASSED", g_failures);
+  printf("%s: %d failure(s), %d skipped\n", g_failures ? "FAILED" : "PASSED", g_failures, g_skipped);
   return g_failures ? 1 : 0;
 }

@@ -29,9 +29,9 @@ void linear_out_cpu(const at::Tensor &x, const at::Tensor &weight,
 
 void attention_out_cpu(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
                        const std::optional<at::Tensor> &mask, double scale, at::Tensor &out,
-                       const std::optional<at::Tensor> &lse) {
-  const dda_attention_params p = dda_glue::attention_params(q, k, v, mask, scale, out, lse, true);
-  dda_glue::throw_on_error(dda_attention_check(&p), "dda.attention (cpu)");
+                       const std::optional<at::Tensor> &lse, c10::string_view backend) {
+  const dda_attention_params p = dda_glue::attention_params(q, k, v, mask, scale, out, lse, true, backend);
+  if (const char *why = dda_attention_supported_cpu(&p)) dda_glue::throw_unsupported("dda.attention (cpu)", p, why, q);
   std::atomic<int> status{DDA_OK};  // any failing task's status
   // One (b, h) pair per task: offset every pointer, keep the strides.
   at::parallel_for(0, static_cast<int64_t>(p.B) * p.H, 1, [&](int64_t begin, int64_t end) {
@@ -57,13 +57,19 @@ void attention_out_cpu(const at::Tensor &q, const at::Tensor &k, const at::Tenso
   dda_glue::throw_on_error(static_cast<dda_status>(status.load()), "dda.attention (cpu)");
 }
 
-// The CPU reference runs every case attention_params accepts (fp32 only); bad
-// inputs raise the same errors as the op itself.
+// The CPU reference runs every case attention_params and dda_attention_supported_cpu
+// accept; bad inputs raise the same errors as the op itself.
 std::string attention_kernel_for_cpu(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
-                                     const std::optional<at::Tensor> &mask) {
+                                     const std::optional<at::Tensor> &mask, c10::string_view backend) {
   const at::Tensor out = dda_glue::attention_output(q);
-  dda_glue::attention_params(q, k, v, mask, 1.0, out, std::nullopt, true);
-  return "cpu_reference";
+  const dda_attention_params p = dda_glue::attention_params(q, k, v, mask, 1.0, out, std::nullopt, true, backend);
+  const char *why = dda_attention_supported_cpu(&p);
+  return why ? std::string("unsupported: ") + why : std::string("cpu_reference");
+}
+
+std::string attention_supported_cpu(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
+                                    const std::optional<at::Tensor> &mask, c10::string_view backend) {
+  return dda_glue::attention_refusal(q, k, v, mask, backend, true, &dda_attention_supported_cpu);
 }
 
 at::Tensor geglu_cpu(const at::Tensor &x, bool approximate) {
@@ -92,4 +98,5 @@ TORCH_LIBRARY_IMPL(dda, CPU, m) {
   m.impl("attention", &dda_glue::attention<&attention_out_cpu>);
   m.impl("attention_out", &attention_out_cpu);
   m.impl("attention_kernel_for", &attention_kernel_for_cpu);
+  m.impl("attention_supported", &attention_supported_cpu);
 }

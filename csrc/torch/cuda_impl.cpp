@@ -29,19 +29,27 @@ void linear_out_cuda(const at::Tensor &x, const at::Tensor &weight,
 
 void attention_out_cuda(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
                         const std::optional<at::Tensor> &mask, double scale, at::Tensor &out,
-                        const std::optional<at::Tensor> &lse) {
-  const dda_attention_params p = dda_glue::attention_params(q, k, v, mask, scale, out, lse, false);
+                        const std::optional<at::Tensor> &lse, c10::string_view backend) {
+  const dda_attention_params p = dda_glue::attention_params(q, k, v, mask, scale, out, lse, false, backend);
   const c10::cuda::CUDAGuard guard(q.device());
-  dda_glue::throw_on_error(dda_attention_fwd_cuda(&p, c10::cuda::getCurrentCUDAStream().stream()),
-                           "dda.attention (cuda)");
+  const dda_status st = dda_attention_fwd_cuda(&p, c10::cuda::getCurrentCUDAStream().stream());
+  // The selection refused: ask it why (only on this failure path, so no second selection per call).
+  if (st == DDA_ERR_UNSUPPORTED) dda_glue::throw_unsupported("dda.attention (cuda)", p, dda_attention_supported_cuda(&p), q);
+  dda_glue::throw_on_error(st, "dda.attention (cuda)");
 }
 
 std::string attention_kernel_for_cuda(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
-                                      const std::optional<at::Tensor> &mask) {
+                                      const std::optional<at::Tensor> &mask, c10::string_view backend) {
   const at::Tensor out = dda_glue::attention_output(q);  // fresh, so aligned like the op's own output
-  const dda_attention_params p = dda_glue::attention_params(q, k, v, mask, 1.0, out, std::nullopt, false);
+  const dda_attention_params p = dda_glue::attention_params(q, k, v, mask, 1.0, out, std::nullopt, false, backend);
   const c10::cuda::CUDAGuard guard(q.device());
   return dda_attention_kernel_for(&p);
+}
+
+std::string attention_supported_cuda(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
+                                     const std::optional<at::Tensor> &mask, c10::string_view backend) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  return dda_glue::attention_refusal(q, k, v, mask, backend, false, &dda_attention_supported_cuda);
 }
 
 at::Tensor geglu_cuda(const at::Tensor &x, bool approximate) {
@@ -76,4 +84,5 @@ TORCH_LIBRARY_IMPL(dda, CUDA, m) {
   m.impl("attention", &dda_glue::attention<&attention_out_cuda>);
   m.impl("attention_out", &attention_out_cuda);
   m.impl("attention_kernel_for", &attention_kernel_for_cuda);
+  m.impl("attention_supported", &attention_supported_cuda);
 }

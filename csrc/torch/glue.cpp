@@ -174,8 +174,17 @@ dda_linear_params linear_params(const at::Tensor &x, const at::Tensor &weight,
 dda_attention_params attention_params(const at::Tensor &q, const at::Tensor &k,
                                       const at::Tensor &v, const std::optional<at::Tensor> &mask,
                                       double scale, const at::Tensor &out,
-                                      const std::optional<at::Tensor> &lse, bool cpu) {
+                                      const std::optional<at::Tensor> &lse, bool cpu,
+                                      c10::string_view backend) {
   const char *op = "dda.attention";
+  const std::string backend_name(backend.data(), backend.size());
+  dda_attention_backend backend_value = DDA_ATTN_AUTO;
+  if (dda_attention_backend_from_name(backend_name.c_str(), &backend_value) != DDA_OK) {
+    std::string names;
+    for (int b = 0; b < DDA_ATTN_NUM_BACKENDS; ++b)
+      names += cat(b ? ", \"" : "\"", dda_attention_backend_name(static_cast<dda_attention_backend>(b)), "\"");
+    DDA_CHECK(false, op, ": unknown backend \"", backend_name, "\"; the backends are ", names);
+  }
   check_dtype(q, op, "q", cpu);
   check_same(q, "q", k, "k", op);
   check_same(q, "q", v, "v", op);
@@ -189,8 +198,6 @@ dda_attention_params attention_params(const at::Tensor &q, const at::Tensor &k,
               "), got ", describe(k));
   DDA_CHECK(q.numel() > 0 && k.numel() > 0, op, ": empty input (q ", describe(q), ", k ",
               describe(k), ")");
-  DDA_CHECK(D % 8 == 0 && D >= 8 && D <= 512, op,
-              ": head dim must be a multiple of 8 in [8, 512], got ", D);
   for (const at::Tensor *t : {&q, &k, &v, &out}) {
     DDA_CHECK(t->stride(3) == 1, op, ": q, k, v and out must be contiguous in the head dim, got ",
                 describe(*t));
@@ -259,7 +266,32 @@ dda_attention_params attention_params(const at::Tensor &q, const at::Tensor &k,
   p.D = static_cast<int>(D);
   p.scale = static_cast<float>(scale);
   p.dtype = to_dda_dtype(q.scalar_type());
+  p.backend = backend_value;
+  const char *why = dda_attention_check_reason(&p);
+  DDA_CHECK(why == nullptr, op, ": ", why ? why : "", "; got q ", describe(q), " and k ", describe(k));
   return p;
+}
+
+void throw_unsupported(const char *op, const dda_attention_params &p, const char *why, const at::Tensor &q) {
+  if (p.backend == DDA_ATTN_AUTO)
+    DDA_CHECK(false, op, ": no attention kernel runs these inputs on this device: ", why ? why : "", "; got q ",
+              describe(q));
+  DDA_CHECK(false, op, ": backend \"", dda_attention_backend_name(p.backend), "\" cannot run these inputs: ",
+            why ? why : "", "; got q ", describe(q));
+  TORCH_CHECK(false, op, ": unreachable");
+}
+
+std::string attention_refusal(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
+                              const std::optional<at::Tensor> &mask, c10::string_view backend, bool cpu,
+                              const char *(*supported)(const dda_attention_params *)) {
+  try {
+    const at::Tensor out = attention_output(q);
+    const dda_attention_params p = attention_params(q, k, v, mask, 1.0, out, std::nullopt, cpu, backend);
+    const char *why = supported(&p);
+    return why ? why : "";
+  } catch (const c10::Error &e) {
+    return e.what_without_backtrace();
+  }
 }
 
 dda_geglu_params geglu_params(const at::Tensor &x, bool approximate, const at::Tensor &out, bool cpu) {

@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include <string>
+#include <vector>
 
 #include "dda.h"
 
@@ -27,6 +28,13 @@ std::string attention_kernel_name(int64_t cc_major, int64_t cc_minor, at::Scalar
                                    static_cast<int>(head_dim), static_cast<int>(seq_k));
 }
 
+std::vector<std::string> attention_backends() {
+  std::vector<std::string> names;
+  for (int b = 0; b < DDA_ATTN_NUM_BACKENDS; ++b)
+    names.emplace_back(dda_attention_backend_name(static_cast<dda_attention_backend>(b)));
+  return names;
+}
+
 bool cuda_built() {
 #ifdef DDA_WITH_CUDA
   return true;
@@ -41,13 +49,18 @@ TORCH_LIBRARY(dda, m) {
   // y[..., N] = alpha * x[..., K] @ weight[N, K]^T + beta * residual[..., N] + bias[N]
   m.def("linear(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, float alpha, float beta) -> Tensor");
   m.def("linear_out(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, float alpha, float beta, Tensor(a!) out) -> ()");
-  // out[B, Sq, H, D] = softmax(scale * q k^T + mask) v; lse [B, H, Sq] fp32 (empty unless asked)
-  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool return_lse) -> (Tensor, Tensor)");
-  m.def("attention_out(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, Tensor(a!) out, Tensor(b!)? lse) -> ()");
+  // out[B, Sq, H, D] = softmax(scale * q k^T + mask) v; lse [B, H, Sq] fp32 (empty unless asked);
+  // backend: "auto" or one kernel family (attention_backends()), refused if it cannot run the inputs
+  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool return_lse, str backend=\"auto\") -> (Tensor, Tensor)");
+  m.def("attention_out(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, Tensor(a!) out, Tensor(b!)? lse, str backend=\"auto\") -> ()");
   m.def("attention_kernel_name(int cc_major, int cc_minor, ScalarType dtype, int head_dim, int seq_k) -> str",
         &attention_kernel_name);
   // the kernel attention would run for these inputs (backend impls: cpu_impl.cpp, cuda_impl.cpp)
-  m.def("attention_kernel_for(Tensor q, Tensor k, Tensor v, Tensor? mask) -> str");
+  m.def("attention_kernel_for(Tensor q, Tensor k, Tensor v, Tensor? mask, str backend=\"auto\") -> str");
+  // why attention would refuse these inputs with this backend ("" if it runs them)
+  m.def("attention_supported(Tensor q, Tensor k, Tensor v, Tensor? mask, str backend=\"auto\") -> str");
+  // "auto", "reference" (the CPU's C reference), then the CUDA kernel families
+  m.def("attention_backends() -> str[]", &attention_backends);
   // y[..., N] = x[..., :N] * gelu(x[..., N:]) (diffusers GEGLU); approximate: tanh form
   m.def("geglu(Tensor x, bool approximate) -> Tensor");
   // GroupNorm (+ SiLU) of a channels-last [N, C, H, W] x; the result is channels-last
