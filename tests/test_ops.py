@@ -529,3 +529,60 @@ def test_outputs_overlapping_inputs_are_refused():
         ops.attention_out(q, k, v, None, None, k)
     with pytest.raises(RuntimeError, match="lse must not overlap"):
         ops.attention_out(q, k, v, None, None, torch.empty_like(q), q.contiguous().view(-1)[: 2 * 6].view(1, 2, 6))
+
+
+def _nan_cases(device, dtype, D=64, Sq=37, Sk=150):
+    """(name, q, k, v, mask, scale): NaN in a q row, in a key, in an additive mask row, and as
+    the scale; each against torch's float64 softmax, where NaN reaches whole rows."""
+    gen = torch.Generator().manual_seed(11)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen).to(device, dtype)
+
+    q, k, v = rnd(2, Sq, 3, D), rnd(2, Sk, 3, D), rnd(2, Sk, 3, D)
+    q_nan = q.clone()
+    q_nan[1, 5, 2, 7] = float("nan")
+    k_nan = k.clone()
+    k_nan[0, 40, 1, 3] = float("nan")
+    mask = torch.zeros(2, 3, Sq, Sk, device=device, dtype=torch.float32)
+    mask[0, 1, 9, :] = float("nan")
+    mask[1, 2, 3, 17] = float("nan")
+    return [("q", q_nan, k, v, None, None), ("k", q, k_nan, v, None, None), ("mask", q, k, v, mask, None),
+            ("scale", q, k, v, None, float("nan"))]
+
+
+def _nan_reference(q, k, v, mask, scale):
+    s = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if mask is not None:
+        s = s + mask.double()
+    return torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s, -1), v.double())
+
+
+def _check_nans(out, lse, ref, name):
+    assert torch.equal(torch.isnan(out), torch.isnan(ref)), f"NaN in {name}: NaN rows differ from torch's"
+    rows = torch.isnan(ref).any(-1)  # [B, Sq, H]
+    assert torch.isnan(lse.permute(0, 2, 1)[rows]).all(), f"NaN in {name}: lse of NaN rows is not NaN"
+    assert torch.isfinite(lse.permute(0, 2, 1)[~rows]).all()
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_nan_propagates_like_torch_cpu(case):
+    name, q, k, v, mask, scale = _nan_cases("cpu", torch.float32)[case]
+    out, lse = ops.attention(q, k, v, mask, scale, return_lse=True)
+    _check_nans(out, lse, _nan_reference(q, k, v, mask, scale), name)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("D,Sk", [(64, 150), (64, 77), (80, 300), (512, 64)])
+def test_nan_propagates_like_torch_every_cuda_backend(D, Sk, dtype):
+    checked = 0
+    for name, q, k, v, mask, scale in _nan_cases("cuda", dtype, D=D, Sk=Sk):
+        ref = _nan_reference(q, k, v, mask, scale)
+        for backend in ops.attention_backends():
+            if backend in ("auto", "reference") or ops.attention_supported(q, k, v, mask, backend):
+                continue
+            out, lse = ops.attention(q, k, v, mask, scale, return_lse=True, backend=backend)
+            _check_nans(out, lse, ref, f"{name} ({backend}, D={D}, Sk={Sk}, {dtype})")
+            checked += 1
+    assert checked > 0

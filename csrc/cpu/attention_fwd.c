@@ -8,6 +8,8 @@
  * the two agree up to summation order. Each block's P.V is summed on its own before it is
  * added to the running accumulator, which keeps the sum's rounding error near that of a
  * pairwise sum at long key lengths. A row with every key masked gives o = 0, lse = -inf.
+ * NaN propagates as in torch: a NaN score (from q, k, the mask or the scale) makes its whole
+ * row NaN, o and lse; a row whose scores are all NaN is not taken for a masked one.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -96,12 +98,14 @@ dda_status dda_attention_fwd_cpu(const dda_attention_params *p) {
             if (sc > bmax) bmax = sc;
           }
           const float m_new = bmax > m ? bmax : m;
-          if (m_new == -INFINITY) continue; /* every key so far is masked out */
-          const float corr = expf(m - m_new); /* 0 when m was -inf */
+          /* Every key so far masked out: exponentials against 0 keep masked keys at 0 and
+           * NaN scores NaN (fmax-style maxima never hold NaN, so a NaN row's max is -inf). */
+          const float m_use = m_new == -INFINITY ? 0.0f : m_new;
+          const float corr = m == -INFINITY ? 0.0f : expf(m - m_use);
           float bl = 0.0f;
           for (int d = 0; d < D; ++d) bacc[d] = 0.0f;
           for (int jj = 0; jj < nj; ++jj) {
-            const float pj = expf(s[jj] - m_new);
+            const float pj = expf(s[jj] - m_use);
             const float *v = vb + b * p->v_stride_b + (j0 + jj) * p->v_stride_s + h * p->v_stride_h;
             bl += pj;
             for (int d = 0; d < D; ++d) bacc[d] += pj * v[d];
@@ -111,9 +115,9 @@ dda_status dda_attention_fwd_cpu(const dda_attention_params *p) {
           m = m_new;
         }
         float *o = ob + b * p->o_stride_b + i * p->o_stride_s + h * p->o_stride_h;
-        const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+        const float inv = l > 0.0f ? 1.0f / l : l == 0.0f ? 0.0f : l; /* NaN l: o NaN */
         for (int d = 0; d < D; ++d) o[d] = acc[d] * inv;
-        if (p->lse) p->lse[((int64_t)b * p->H + h) * p->Sq + i] = l > 0.0f ? m + logf(l) : -INFINITY;
+        if (p->lse) p->lse[((int64_t)b * p->H + h) * p->Sq + i] = l > 0.0f ? m + logf(l) : l == 0.0f ? -INFINITY : l;
       }
     }
   }

@@ -389,7 +389,7 @@ attention_fwd_simt(const dda_attention_params p, const bool vec) {
     }
     if (p.lse && lane == 0)
       p.lse[(static_cast<int64_t>(b) * p.H + h) * Sq + i] =
-          lsum > 0.0f ? (m[r] + log2f(lsum)) * kLn2 : -INFINITY;
+          lsum > 0.0f ? (m[r] + log2f(lsum)) * kLn2 : lsum == 0.0f ? -INFINITY : lsum;  /* NaN stays NaN */
   }
 }
 

@@ -264,9 +264,10 @@ __device__ __forceinline__ void quad_row_sums(float (&l)[2], float (&inv)[2]) {
   }
 }
 
-/* The natural-log LSE of a row from its max m (log2 units) and full sum l; -inf if all masked. */
+/* The natural-log LSE of a row from its max m (log2 units) and full sum l; -inf if all
+ * masked, NaN if a score was NaN (l is then NaN). */
 __device__ __forceinline__ float lse_value(float m, float l) {
-  return l > 0.0f ? (m + log2f(l)) * kLn2 : -INFINITY;
+  return l > 0.0f ? (m + log2f(l)) * kLn2 : l == 0.0f ? -INFINITY : l;
 }
 
 /* One warp's 16 rows of O / l to global memory with 16-byte stores, staged through buf
