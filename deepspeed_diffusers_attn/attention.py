@@ -38,21 +38,28 @@ DTYPES = _DTYPES
 """The parameter dtypes the module takes (the CPU reference kernels take float32 only)."""
 
 
+def _c_rule(device: torch.device, dtype: torch.dtype, dim_head: int) -> str:
+    """The attention op's capability rule (the C ``dda_attention_supported_*``) for a case of
+    this device, dtype and head dim, as a short reason ("" if taken)."""
+    q = torch.empty((1, 1, 1, max(int(dim_head), 0)), dtype=dtype, device=device)
+    why = ops.attention_supported(q, q, q)
+    return why.split("; got ")[0].removeprefix("dda.attention: ")
+
+
 def unsupported_head_dim(dim_head: int) -> str:
-    """Why the attention kernels cannot take this head dim ("" if they can): the one place of this rule."""
-    if dim_head % 8 or not 8 <= dim_head <= 512:
-        return f"head_dim {dim_head} is not a multiple of 8 in [8, 512]"
-    return ""
+    """Why the attention kernels cannot take this head dim ("" if they can), from the op's rule."""
+    why = _c_rule(torch.device("cpu"), torch.float32, dim_head)
+    return f"head_dim {dim_head}: {why}" if why else ""
 
 
 def unsupported_device_dtype(device: torch.device, dtype: torch.dtype) -> str:
     """Why the ops cannot run in this dtype on this device ("" if they can)."""
     if dtype not in _DTYPES:
         return f"dtype {dtype}: need float32, float16 or bfloat16"
-    if device.type == "cpu" and dtype != torch.float32:
-        return f"the CPU reference kernels take float32 only, not {dtype} (move the model to CUDA, or use float32)"
     if device.type not in ("cpu", "cuda"):
         return f"device {device}: need a CPU or CUDA device"
+    if device.type == "cpu":
+        return _c_rule(device, dtype, 64)  # the CPU reference's dtype rule
     return ""
 
 

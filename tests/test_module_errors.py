@@ -142,8 +142,8 @@ def test_op_rejects(block, name):
 @pytest.mark.parametrize(
     "kwargs, fragment",
     [
-        (dict(hidden_size=64, heads=4, dim_head=12), "head_dim 12 is not a multiple of 8"),
-        (dict(hidden_size=64, heads=1, dim_head=520), "head_dim 520 is not a multiple of 8 in [8, 512]"),
+        (dict(hidden_size=64, heads=4, dim_head=12), "head_dim 12: head dim must be a multiple of 8"),
+        (dict(hidden_size=64, heads=1, dim_head=520), "head_dim 520: head dim must be a multiple of 8 in [8, 512]"),
         (dict(hidden_size=64, heads=0, dim_head=64), "must be >= 1"),
         (dict(hidden_size=64, heads=2, dim_head=32, norm_num_groups=7), "must divide hidden_size"),
         (dict(hidden_size=64, heads=2, dim_head=32, rescale_output_factor=0.0), "must not be 0"),
