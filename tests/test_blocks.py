@@ -111,9 +111,11 @@ def test_group_norm_errors():
         ops.group_norm(xc, 2, shift=torch.ones(2, 7))
     with pytest.raises(RuntimeError, match="shift must be"):
         ops.group_norm(xc, 2, shift=torch.ones(8, 2).t())  # channels not contiguous
-    assert ops.group_norm_supported(x, 2) == "x is not channels-last contiguous"
+    assert "must be channels-last contiguous" in ops.group_norm_supported(x, 2)
     assert ops.group_norm_supported(xc, 2) == ""
-    assert "shift has shape" in ops.group_norm_supported(xc, 2, shift=torch.ones(2, 7))
+    assert "must divide" in ops.group_norm_supported(xc, 3)
+    assert "float32 only" in ops.group_norm_supported(xc.half(), 2)
+    assert "shift must be" in ops.group_norm_supported(xc, 2, shift=torch.ones(2, 7))
     assert ops.group_norm_supported(xc, 2, shift=torch.ones(2, 8, 1, 1)) == ""
 
 

@@ -98,3 +98,9 @@ dda_status dda_group_norm_check(const dda_group_norm_params *p) {
   if (p->dtype != DDA_F32 && p->dtype != DDA_F16 && p->dtype != DDA_BF16) return DDA_ERR_UNSUPPORTED_DTYPE;
   return DDA_OK;
 }
+
+const char *dda_group_norm_supported_cpu(const dda_group_norm_params *p) {
+  if (dda_group_norm_check(p) != DDA_OK) return "invalid arguments (null pointer, sizes, groups not dividing C, strides)";
+  if (p->dtype != DDA_F32) return "the CPU reference supports float32 only";
+  return NULL;
+}

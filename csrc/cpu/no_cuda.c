@@ -34,6 +34,11 @@ dda_status dda_geglu_cuda(const dda_geglu_params *p, cudaStream_t stream) {
   return DDA_ERR_NOT_BUILT;
 }
 
+const char *dda_group_norm_supported_cuda(const dda_group_norm_params *p) {
+  (void)p;
+  return "deepspeed_diffusers_attn was built without CUDA";
+}
+
 size_t dda_group_norm_workspace_bytes(const dda_group_norm_params *p) {
   (void)p;
   return 0;

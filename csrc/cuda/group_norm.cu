@@ -212,20 +212,26 @@ dda_status launch(const dda_group_norm_params *p, float2 *part, float2 *stats, c
   return e == cudaSuccess ? DDA_OK : cuda_fail(e);
 }
 
-/* Whether the CUDA kernels take p (layout and alignment; dda_group_norm_check done). */
-bool supported(const dda_group_norm_params *p) {
-  const int es = esize_of(p->dtype), vec = 16 / es;
-  if (p->C % vec != 0 || p->C / vec > 1024) return false;
-  if (p->N > 65535 || p->G > 65535) return false;
-  if (static_cast<int64_t>(p->G) * 8 > 48 * 1024) return false;  /* apply's shared statistics */
-  const Plan pl = make_plan(p, es);
-  if (static_cast<int64_t>(pl.rows) * p->C * 8 > 48 * 1024) return false;  /* stats' row sums */
-  if (!aligned16(p->x) || !aligned16(p->y)) return false;
-  if ((p->gamma && !aligned16(p->gamma)) || (p->beta && !aligned16(p->beta))) return false;
-  return (p->x_stride_n * es) % 16 == 0 && (p->y_stride_n * es) % 16 == 0;
-}
-
 }  // namespace
+
+/* What the CUDA kernels take (16-byte channel vectors, at most 1024 of them per pixel;
+ * grid and shared-memory limits; 16-byte aligned data and sample strides). */
+extern "C" const char *dda_group_norm_supported_cuda(const dda_group_norm_params *p) {
+  if (dda_group_norm_check(p) != DDA_OK) return "invalid arguments (null pointer, sizes, groups not dividing C, strides)";
+  const int es = esize_of(p->dtype), vec = 16 / es;
+  if (p->C % vec != 0 || p->C / vec > 1024)
+    return es == 2 ? "the channel count must be a multiple of 8 (at most 8192) for float16/bfloat16"
+                   : "the channel count must be a multiple of 4 (at most 4096) for float32";
+  if (p->N > 65535 || p->G > 65535) return "more than 65535 samples or groups";
+  if (static_cast<int64_t>(p->G) * 8 > 48 * 1024) return "too many groups for the statistics in shared memory";
+  const Plan pl = make_plan(p, es);
+  if (static_cast<int64_t>(pl.rows) * p->C * 8 > 48 * 1024) return "too many channels for the row sums in shared memory";
+  if (!aligned16(p->x) || !aligned16(p->y) || (p->gamma && !aligned16(p->gamma)) || (p->beta && !aligned16(p->beta)))
+    return "x, out, weight and bias must be 16-byte aligned (a fresh or .contiguous() tensor is)";
+  if ((p->x_stride_n * es) % 16 != 0 || (p->y_stride_n * es) % 16 != 0)
+    return "the sample strides must be multiples of 16 bytes";
+  return nullptr;
+}
 
 extern "C" size_t dda_group_norm_workspace_bytes(const dda_group_norm_params *p) {
   if (dda_group_norm_check(p) != DDA_OK) return 0;
@@ -238,7 +244,7 @@ extern "C" dda_status dda_group_norm_cuda(const dda_group_norm_params *p, void *
                                           cudaStream_t stream) {
   const dda_status st = dda_group_norm_check(p);
   if (st != DDA_OK) return st;
-  if (!supported(p)) return DDA_ERR_INVALID_ARGUMENT;
+  if (dda_group_norm_supported_cuda(p)) return DDA_ERR_INVALID_ARGUMENT;
   const size_t need = dda_group_norm_workspace_bytes(p);
   if (workspace == nullptr || workspace_bytes < need || !aligned16(workspace)) return DDA_ERR_INVALID_ARGUMENT;
   const Plan pl = make_plan(p, esize_of(p->dtype));

@@ -204,6 +204,11 @@ const char *dda_attention_check_reason(const dda_attention_params *p);
 const char *dda_attention_supported_cpu(const dda_attention_params *p);
 dda_status dda_geglu_check(const dda_geglu_params *p);
 dda_status dda_group_norm_check(const dda_group_norm_params *p);
+/* Why dda_group_norm_cpu / dda_group_norm_cuda would not run p (dda_group_norm_check's
+ * rules; fp32 only on the CPU; on CUDA the kernels' vector, alignment and shared-memory
+ * limits), or NULL if it runs it. Static string. The one place of these rules. */
+const char *dda_group_norm_supported_cpu(const dda_group_norm_params *p);
+const char *dda_group_norm_supported_cuda(const dda_group_norm_params *p);
 
 /* CPU references (fp32 only; DDA_ERR_UNSUPPORTED_DTYPE otherwise). */
 dda_status dda_linear_cpu(const dda_linear_params *p);
@@ -227,9 +232,9 @@ dda_status dda_linear_cuda(const dda_linear_params *p, void *workspace,
 dda_status dda_attention_fwd_cuda(const dda_attention_params *p, cudaStream_t stream);
 dda_status dda_geglu_cuda(const dda_geglu_params *p, cudaStream_t stream);
 /* dda_group_norm_cuda needs dda_group_norm_workspace_bytes(p) bytes of device
- * scratch (per-block partial sums and the statistics); it needs C % 8 == 0 and
- * 16-byte aligned x / y / gamma / beta and sample strides (DDA_ERR_INVALID_ARGUMENT
- * otherwise: the caller runs another implementation). Three kernels, no sync. */
+ * scratch (per-block partial sums and the statistics); what it refuses
+ * (DDA_ERR_INVALID_ARGUMENT: the caller runs another implementation) is what
+ * dda_group_norm_supported_cuda names. Three kernels, no sync. */
 size_t dda_group_norm_workspace_bytes(const dda_group_norm_params *p);
 dda_status dda_group_norm_cuda(const dda_group_norm_params *p, void *workspace, size_t workspace_bytes,
                                cudaStream_t stream);

@@ -79,11 +79,16 @@ at::Tensor geglu_cpu(const at::Tensor &x, bool approximate) {
   return out;
 }
 
+std::string group_norm_supported_cpu(const at::Tensor &x, int64_t num_groups, const std::optional<at::Tensor> &weight,
+                                     const std::optional<at::Tensor> &bias, const std::optional<at::Tensor> &shift) {
+  return dda_glue::group_norm_refusal(x, num_groups, weight, bias, shift, true, &dda_group_norm_supported_cpu);
+}
+
 at::Tensor group_norm_cpu(const at::Tensor &x, int64_t num_groups, const std::optional<at::Tensor> &weight,
                           const std::optional<at::Tensor> &bias, double eps, bool silu,
                           const std::optional<at::Tensor> &shift) {
   at::Tensor out = dda_glue::group_norm_output(x);
-  const dda_group_norm_params p = dda_glue::group_norm_params(x, num_groups, weight, bias, eps, silu, shift, out, true);
+  const dda_group_norm_params p = dda_glue::group_norm_params(x, num_groups, weight, bias, eps, silu, shift, &out, true);
   dda_glue::throw_on_error(dda_group_norm_cpu(&p), "dda.group_norm (cpu)");
   return out;
 }
@@ -93,6 +98,7 @@ at::Tensor group_norm_cpu(const at::Tensor &x, int64_t num_groups, const std::op
 TORCH_LIBRARY_IMPL(dda, CPU, m) {
   m.impl("geglu", &geglu_cpu);
   m.impl("group_norm", &group_norm_cpu);
+  m.impl("group_norm_supported", &group_norm_supported_cpu);
   m.impl("linear", &dda_glue::linear<&linear_out_cpu>);
   m.impl("linear_out", &linear_out_cpu);
   m.impl("attention", &dda_glue::attention<&attention_out_cpu>);

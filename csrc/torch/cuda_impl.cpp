@@ -60,12 +60,18 @@ at::Tensor geglu_cuda(const at::Tensor &x, bool approximate) {
   return out;
 }
 
+std::string group_norm_supported_cuda(const at::Tensor &x, int64_t num_groups, const std::optional<at::Tensor> &weight,
+                                      const std::optional<at::Tensor> &bias, const std::optional<at::Tensor> &shift) {
+  return dda_glue::group_norm_refusal(x, num_groups, weight, bias, shift, false, &dda_group_norm_supported_cuda);
+}
+
 // The statistics scratch comes from torch's caching allocator (capture-safe, like linear's).
 at::Tensor group_norm_cuda(const at::Tensor &x, int64_t num_groups, const std::optional<at::Tensor> &weight,
                            const std::optional<at::Tensor> &bias, double eps, bool silu,
                            const std::optional<at::Tensor> &shift) {
   at::Tensor out = dda_glue::group_norm_output(x);
-  const dda_group_norm_params p = dda_glue::group_norm_params(x, num_groups, weight, bias, eps, silu, shift, out, false);
+  const dda_group_norm_params p = dda_glue::group_norm_params(x, num_groups, weight, bias, eps, silu, shift, &out, false);
+  if (const char *why = dda_group_norm_supported_cuda(&p)) TORCH_CHECK(false, "dda.group_norm (cuda): ", why);
   const c10::cuda::CUDAGuard guard(x.device());
   const size_t bytes = dda_group_norm_workspace_bytes(&p);
   at::Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, x.options().dtype(at::kByte));
@@ -79,6 +85,7 @@ at::Tensor group_norm_cuda(const at::Tensor &x, int64_t num_groups, const std::o
 TORCH_LIBRARY_IMPL(dda, CUDA, m) {
   m.impl("geglu", &geglu_cuda);
   m.impl("group_norm", &group_norm_cuda);
+  m.impl("group_norm_supported", &group_norm_supported_cuda);
   m.impl("linear", &dda_glue::linear<&linear_out_cuda>);
   m.impl("linear_out", &linear_out_cuda);
   m.impl("attention", &dda_glue::attention<&attention_out_cuda>);

@@ -320,8 +320,10 @@ dda_geglu_params geglu_params(const at::Tensor &x, bool approximate, const at::T
 
 dda_group_norm_params group_norm_params(const at::Tensor &x, int64_t num_groups, const std::optional<at::Tensor> &weight,
                                         const std::optional<at::Tensor> &bias, double eps, bool silu,
-                                        const std::optional<at::Tensor> &shift, const at::Tensor &out, bool cpu) {
+                                        const std::optional<at::Tensor> &shift, const at::Tensor *out_or_null,
+                                        bool cpu) {
   const char *op = cpu ? "dda.group_norm (cpu)" : "dda.group_norm (cuda)";
+  const at::Tensor &out = out_or_null ? *out_or_null : x;  // a query without an output: x stands in
   check_dtype(x, op, "x", cpu);
   check_same(x, "x", out, "out", op);
   DDA_CHECK(x.dim() == 4 && x.numel() > 0, op, ": x must be a non-empty [N, C, H, W] tensor, got ", describe(x));
@@ -359,16 +361,7 @@ dda_group_norm_params group_norm_params(const at::Tensor &x, int64_t num_groups,
     shift_ptr = t.data_ptr();
     shift_stride_n = t.size(0) == 1 ? 0 : t.stride(0);  // 0: one row for every sample (expand)
   }
-  check_no_overlap(out, "out", x, "x", op);
-  if (!cpu) {  // the CUDA kernels' 16-byte vectors
-    const int64_t vec = 16 / static_cast<int64_t>(x.element_size());
-    DDA_CHECK(C % vec == 0 && C / vec <= 1024, op, ": the channel count must be a multiple of ", vec, " (at most ",
-              1024 * vec, ") for ", x.scalar_type(), ", got ", C);
-    const auto a16 = [](const void *ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
-    DDA_CHECK(a16(x.data_ptr()) && a16(out.data_ptr()) && a16(ptrs[0]) && a16(ptrs[1]) &&
-                  (x.stride(0) * x.element_size()) % 16 == 0,
-              op, ": x, weight and bias must be 16-byte aligned (a fresh or .contiguous() tensor is)");
-  }
+  if (out_or_null) check_no_overlap(out, "out", x, "x", op);
   p.x = x.data_ptr();
   p.y = out.data_ptr();
   p.gamma = ptrs[0];
@@ -385,6 +378,18 @@ dda_group_norm_params group_norm_params(const at::Tensor &x, int64_t num_groups,
   p.silu = silu ? 1 : 0;
   p.dtype = to_dda_dtype(x.scalar_type());
   return p;
+}
+
+std::string group_norm_refusal(const at::Tensor &x, int64_t num_groups, const std::optional<at::Tensor> &weight,
+                               const std::optional<at::Tensor> &bias, const std::optional<at::Tensor> &shift, bool cpu,
+                               const char *(*supported)(const dda_group_norm_params *)) {
+  try {
+    const dda_group_norm_params p = group_norm_params(x, num_groups, weight, bias, 1e-5, false, shift, nullptr, cpu);
+    const char *why = supported(&p);
+    return why ? why : "";
+  } catch (const c10::Error &e) {
+    return e.what_without_backtrace();
+  }
 }
 
 at::Tensor geglu_output(const at::Tensor &x) {

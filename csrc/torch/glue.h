@@ -45,10 +45,18 @@ std::string attention_refusal(const at::Tensor &q, const at::Tensor &k, const at
 // Checks x [..., 2N] (rows collapsible), out [..., N] and fills the params.
 dda_geglu_params geglu_params(const at::Tensor &x, bool approximate, const at::Tensor &out, bool cpu);
 
-// Checks x [N, C, H, W] channels-last contiguous, weight / bias [C]?, out like x.
+// Checks x [N, C, H, W] channels-last contiguous, weight / bias [C]?, shift, out like x
+// (out_or_null: nullptr for a query, which checks x alone), and fills the params.
 dda_group_norm_params group_norm_params(const at::Tensor &x, int64_t num_groups, const std::optional<at::Tensor> &weight,
                                         const std::optional<at::Tensor> &bias, double eps, bool silu,
-                                        const std::optional<at::Tensor> &shift, const at::Tensor &out, bool cpu);
+                                        const std::optional<at::Tensor> &shift, const at::Tensor *out_or_null,
+                                        bool cpu);
+
+// Why group_norm would refuse these inputs ("" if it runs them): the glue's own checks,
+// then `supported` (dda_group_norm_supported_cpu / _cuda) on the params. Allocates nothing.
+std::string group_norm_refusal(const at::Tensor &x, int64_t num_groups, const std::optional<at::Tensor> &weight,
+                               const std::optional<at::Tensor> &bias, const std::optional<at::Tensor> &shift, bool cpu,
+                               const char *(*supported)(const dda_group_norm_params *));
 
 // The fresh outputs of the functional ops.
 at::Tensor linear_output(const at::Tensor &x, const at::Tensor &weight);

@@ -65,5 +65,7 @@ TORCH_LIBRARY(dda, m) {
   m.def("geglu(Tensor x, bool approximate) -> Tensor");
   // GroupNorm (+ SiLU) of a channels-last [N, C, H, W] x; the result is channels-last
   m.def("group_norm(Tensor x, int num_groups, Tensor? weight, Tensor? bias, float eps, bool silu, Tensor? shift=None) -> Tensor");
+  // why group_norm would refuse these inputs ("" if it runs them)
+  m.def("group_norm_supported(Tensor x, int num_groups, Tensor? weight, Tensor? bias, Tensor? shift=None) -> str");
   m.def("cuda_built() -> bool", &cuda_built);
 }
