@@ -63,7 +63,7 @@ constexpr int kKB = 128;
 constexpr int kDims[] = {48, 64, 80, 128};
 /* Consumer warpgroups: 3 (160 registers each) up to DP 64, else 2 (240 registers).
  * (2 at DP 48 / 64 measured 3-18% slower on the H200, also where it fills the last wave
- * of SMs better: benchmarks/NOTES.md, v7.) */
+ * of SMs better: benchmarks/NOTES.md, TMA kernel.) */
 __host__ __device__ constexpr int tma_nc(int dp) { return dp <= 64 ? 3 : 2; }
 /* Swizzle span in bytes: 128 where DP is a multiple of 64 (64-column boxes), else 32
  * (16-column boxes, so DP 48 and 80 load and multiply at their own width). */
@@ -236,8 +236,9 @@ attention_fwd_sm90_tma(const __grid_constant__ CUtensorMap tm_q, const __grid_co
   };
 
   /* kPeel: the loop stops before the last tile, which only adds its P V. Otherwise every
-   * tile runs the loop body and the last one recomputes its own S (one loop body; measured
-   * 3% faster at DP 64 on long key sequences, 1-7% slower elsewhere: NOTES v8). */
+   * tile runs the loop body and the last one recomputes its own S (one loop body: measured
+   * 3% faster at DP 64 on long key sequences, 1-7% slower at the other widths; see
+   * benchmarks/NOTES.md, TMA kernel). */
   constexpr bool kPeel = DP != 64;
   for (int t = 0; t < (kPeel ? ntiles - 1 : ntiles); ++t) {
     const bool has_next = kPeel || t + 1 < ntiles;

@@ -16,10 +16,9 @@ void linear_out_cuda(const at::Tensor &x, const at::Tensor &weight,
   const dda_linear_params p = dda_glue::linear_params(x, weight, bias, residual, alpha, beta, out, false);
   const c10::cuda::CUDAGuard guard(x.device());
   // cuBLASLt scratch from torch's caching allocator per call (a cached block: no
-  // cudaMalloc after warm-up; inside a capture it comes from the graph's pool). A
-  // scratch kept per (device, stream) was tried and reverted: torch.compile's
-  // cudagraph trees warm up on their own stream inside their pool, so a kept
-  // block became an untracked live allocation there.
+  // cudaMalloc after warm-up; inside a capture it comes from the graph's pool). It is
+  // not kept per (device, stream): torch.compile's cudagraph trees warm up on their own
+  // stream inside their pool, where a kept block would be an untracked live allocation.
   at::Tensor workspace =
       at::empty({static_cast<int64_t>(DDA_LINEAR_WORKSPACE_BYTES)}, x.options().dtype(at::kByte));
   dda_glue::throw_on_error(dda_linear_cuda(&p, workspace.data_ptr(), DDA_LINEAR_WORKSPACE_BYTES,
