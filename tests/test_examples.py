@@ -79,8 +79,21 @@ def test_graphs_and_compile_cpu(capsys, one_thread):
     [sys.executable, "-m", "deepspeed_diffusers_attn", "--help"],
     [sys.executable, os.path.join("examples", "txt2img.py"), "--help"],
     [sys.executable, os.path.join("examples", "graphs_and_compile.py"), "--help"],
-], ids=["python -m", "examples/txt2img.py", "examples/graphs_and_compile.py"])
+    [sys.executable, os.path.join("examples", "lora.py"), "--help"],
+], ids=["python -m", "examples/txt2img.py", "examples/graphs_and_compile.py", "examples/lora.py"])
 def test_entry_points_help(command):
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("usage: python ") and "--steps" in done.stdout and "--cpu" in done.stdout
+
+
+def test_lora_example_switches_adapters_on_a_patched_pipeline(capsys, one_thread):
+    pytest.importorskip("peft")
+    rc = _load_example("lora").main(["--cpu", "--size", "64", "--steps", "2", "--rank", "4"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "0 declined" in text and "PASS" in text
+    diffs = [float(x) for x in re.findall(r"max pixel difference vs stock ([0-9.]+) / 255", text)]
+    assert len(diffs) == 4 and max(diffs) <= 1.0
+    moved = float(re.search(r"adapters move the stock image by ([0-9.]+) / 255", text).group(1))
+    assert moved > 1.0, "the adapters should change the image, or the comparison shows nothing"
