@@ -398,6 +398,14 @@ class DeepSpeedDiffusersAttention(nn.Module):
         self.kv_cache = enabled
         return self
 
+    def weights_changed(self) -> None:
+        """Drop everything derived from the weights (the cached K/V, the scaled output bias, the
+        fused K/V weight view): for writes the version counters cannot show, such as writes
+        through another tensor viewing the same storage."""
+        self.clear_kv_cache()
+        self._ob_cache = None
+        self._kv_weight_cache = None
+
     def clear_kv_cache(self) -> None:
         """Drop the cached K/V (the next call recomputes it); the counters are kept."""
         self._kv_entry = None

@@ -111,6 +111,13 @@ class ChannelsLastGroupNorm(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"
 
+    def restore(self) -> nn.GroupNorm:
+        """The original GroupNorm, holding this module's current weight and bias (the same
+        Parameter objects unless they were replaced, e.g. by ``load_state_dict(assign=True)``)."""
+        self.original.weight, self.original.bias = self.weight, self.bias
+        self.original.train(self.training)
+        return self.original
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _compiling():
             if _traced_fusable(x):

@@ -112,7 +112,8 @@ def _plain_attrs(obj) -> tuple:
 def _processor_key(m: nn.Module) -> tuple:
     p = m.processor
     wrapped = vars(p).get("stock") if hasattr(p, "__dict__") else None  # a processor standing for another
-    return (id(p), type(p).__qualname__, _plain_attrs(p), None if wrapped is None else _plain_attrs(wrapped))
+    inner = None if wrapped is None else (type(wrapped).__qualname__, _plain_attrs(wrapped))
+    return (id(p), type(p).__qualname__, _plain_attrs(p), inner)
 
 
 class ModelState:

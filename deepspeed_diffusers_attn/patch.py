@@ -299,9 +299,13 @@ def _unfuse_blocks(obj) -> dict:
         counts["ResnetBlock2D norm+SiLU"] = resnets
     for places in _block_sites(obj, lambda m: type(m) in _BLOCK_KINDS).values():
         module = places[0][3]
-        module.original.train(module.training)
+        if isinstance(module, ChannelsLastGroupNorm):
+            original = module.restore()
+        else:  # FusedGEGLU shares its one child (proj) with the original
+            original = module.original
+            original.train(module.training)
         for _, parent, attr, _ in places:
-            setattr(parent, attr, module.original)
+            setattr(parent, attr, original)
         counts[_BLOCK_KINDS[type(module)]] = counts.get(_BLOCK_KINDS[type(module)], 0) + 1
     layout = sum(restore_output_layout(m) for _, root in _roots(obj) for m in root.modules())
     if layout:

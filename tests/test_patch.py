@@ -512,8 +512,8 @@ def _ip_pair(n_adapters=1, tokens=4):
 def test_ip_adapter_runs_on_our_kernels(n_adapters):
     model, ref = _ip_pair(n_adapters)
     patched = model["attn"]
-    assert not patched.stock_reason and type(patched.processor).__name__ == "FusedAttnProcessor"
-    assert "attn.processor.to_k_ip.0.weight" in model.state_dict()
+    assert not patched.stock_reason and patched.processor is patched.original.processor  # reported as itself
+    assert list(model.state_dict()) == ["attn." + k for k in ref.state_dict()]
     x, text = torch.randn(2, 10, 64), torch.randn(2, 7, 32)
     images = [torch.randn(2, 4, 32) for _ in range(n_adapters)]
     with torch.no_grad():
@@ -569,3 +569,34 @@ def test_ip_adapter_scale_change_is_in_the_graph_key():
         assert_close(patched(x, (text, [image])), ref(x, (text, [image])))
         assert not torch.equal(patched(x, (text, [image])), first)
     assert wrapper.stats["captures"] == 2
+
+
+def test_ip_adapter_set_back_to_plain_and_unpatch_leave_stock_layout():
+    model, ref = _ip_pair(1)
+    patched = model["attn"]
+    patched.set_processor(AttnProcessor2_0())
+    assert not patched.stock_reason and "attn.processor.to_k_ip.0.weight" not in model.state_dict()
+    dda.unpatch(model)
+    restored = model["attn"]
+    assert isinstance(restored, Attention)
+    assert sorted(n for n, _ in restored.named_children()) == ["to_k", "to_out", "to_q", "to_v"]
+
+
+def test_unpatch_right_after_an_assign_load_keeps_the_new_weights():
+    unet, inputs = make_unet("sd15")
+    dda.patch(unet)
+    new = {k: v * 0.5 for k, v in unet.state_dict().items()}
+    unet.load_state_dict({k: v.clone() for k, v in new.items()}, assign=True)
+    dda.unpatch(unet)  # no forward in between
+    assert_state_equal(clone_state(unet), new)
+
+
+def test_kv_cache_follows_writes_through_stock_parameters():
+    unet, inputs = make_unet("sd15")
+    dda.patch(unet, kv_cache=True)
+    run_unet(unet, inputs)
+    new = {k: v * 0.9 for k, v in unet.state_dict().items()}
+    unet.load_state_dict(new)  # in place, through the stock parameters (views of the fused tensors)
+    stock = UNet2DConditionModel.from_config(unet.config).eval()
+    stock.load_state_dict(new)
+    assert_close(run_unet(unet, inputs), run_unet(stock, inputs))  # the same context tensor: no stale K/V

@@ -8,6 +8,7 @@ signature. Only diffusers' public attributes are read (with defaults, for older 
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 from ..attention import (DeepSpeedDiffusersAttention, DeepSpeedDiffusersAttentionConfig, ImageKV, LowRankUpdates,
                          unsupported_device_dtype, unsupported_head_dim)
 from . import peft_lora
+from ..module_state import registrations
 from .stand_in import StandIn, share_weights
 
 __all__ = ["NAME", "claims", "supports", "from_diffusers", "convert", "PatchedAttention", "FusedAttnProcessor"]
@@ -90,7 +92,7 @@ def supports(attn) -> list[str]:
         reasons.append("joint attention (context_pre_only / to_add_out) is not supported")
     if get("is_causal", False):
         reasons.append("is_causal is not supported")
-    processor = get("processor")
+    processor = _unwrap(get("processor"))
     if type(processor) not in _processor_classes():
         reasons.append(f"processor {type(processor).__name__} is custom; only AttnProcessor2_0, "
                        "AttnProcessor and IPAdapterAttnProcessor2_0 are reproduced")
@@ -200,7 +202,7 @@ def from_diffusers(attn, *, kv_cache: bool = False) -> DeepSpeedDiffusersAttenti
         cross_attention_dim=to_k.in_features if cross else None,
         qkv_bias=any(m.bias is not None for m in (to_q, to_k, to_v)),
         out_bias=out0.bias is not None,
-        scale=float(attn.scale) if type(attn.processor) is AttnProcessor else None,
+        scale=float(attn.scale) if type(_unwrap(attn.processor)) is AttnProcessor else None,
         norm_num_groups=gn.num_groups if gn is not None else None,
         norm_eps=gn.eps if gn is not None else 1e-5,
         norm_affine=gn.affine if gn is not None else True,
@@ -288,6 +290,7 @@ class FusedAttnProcessor:
 
             stock = AttnProcessor2_0()
         object.__setattr__(self, "stock", stock)
+        object.__setattr__(self, "serial", next(_serials))  # distinct per object, for graph keys
 
     def __getattr__(self, name):
         # the stock processor's values (an IP-Adapter's scale, to_k_ip...) read through
@@ -305,6 +308,16 @@ class FusedAttnProcessor:
 
     def __repr__(self) -> str:
         return f"FusedAttnProcessor(stock={type(self.stock).__name__})"
+
+
+_serials = itertools.count()
+
+
+def _reported(processor):
+    """What ``attn_processors`` shows while our kernels run: a :class:`FusedAttnProcessor`
+    for a plain processor; a processor that is a module (IP-Adapter's, with weights) itself,
+    so diffusers' calls on it (``set_ip_adapter_scale``) reach it directly."""
+    return processor if isinstance(processor, nn.Module) else FusedAttnProcessor(processor)
 
 
 def _unwrap(processor):
@@ -338,8 +351,10 @@ class PatchedAttention(StandIn):
 
     def __init__(self, original, fused: DeepSpeedDiffusersAttention):
         super().__init__(original, fused)
-        self._processor = FusedAttnProcessor(original.processor)
-        self._processor_reason = ""
+        # plain attributes, never registered (a reported IP-Adapter processor is the original's child)
+        object.__setattr__(self, "_processor", _reported(original.processor))
+        object.__setattr__(self, "_processor_reason", "")
+        object.__setattr__(self, "_reason_cache", (None, ""))
 
     def _shared_pairs(self) -> list:
         return _shared_pairs(self, self.dda)
@@ -349,11 +364,23 @@ class PatchedAttention(StandIn):
         """Why this module runs stock diffusers now ("" while our kernels run)."""
         if self._processor_reason:
             return self._processor_reason
-        for name, m in zip(("to_q", "to_k", "to_v", "to_out[0]"), _projections(self)):
-            problem = peft_lora.unsupported(m)
-            if problem:
-                return f"{name}: {problem}"
-        return ""
+        # The adapters' rules change only with registrations (adapters loaded) or the training
+        # flag (dropout): cached on both, since graph keys read this on every call.
+        key = (registrations(), self.training)
+        cached_key, reason = self._reason_cache
+        if cached_key != key:
+            reason = ""
+            for name, m in zip(("to_q", "to_k", "to_v", "to_out[0]"), _projections(self)):
+                problem = peft_lora.unsupported(m)
+                if problem:
+                    reason = f"{name}: {problem}"
+                    break
+            object.__setattr__(self, "_reason_cache", (key, reason))
+        return reason
+
+    def _weights_token(self) -> tuple:
+        # fuse_lora / unfuse_lora merge adapters into the stock weights through .data
+        return tuple(tuple(getattr(m, "merged_adapters", ())) for m in _projections(self))
 
     @property
     def heads(self) -> int:
@@ -383,25 +410,16 @@ class PatchedAttention(StandIn):
             self._modules.pop("processor", None)
         reasons = [r for r in supports(self._sync_original()) if not r.startswith(("to_q:", "to_k:", "to_v:",
                                                                                     "to_out[0]:"))]
-        self._processor_reason = "; ".join(reasons)
+        object.__setattr__(self, "_processor_reason", "; ".join(reasons))
         if not reasons:
             self.dda.config.scale = float(self._original.scale) if type(stock) is AttnProcessor else None
-            self._processor = FusedAttnProcessor(stock)  # a new object: graph keys see the change
+            object.__setattr__(self, "_processor", _reported(stock))  # a new object: graph keys see the change
 
     def _low_rank(self) -> LowRankUpdates | None:
         dtype = self.dda.attn_ow.dtype
         q, k, v, out = (peft_lora.updates(m, dtype) for m in _projections(self))
         updates = LowRankUpdates(q, k, v, out)
         return updates if updates else None
-
-    def _check_views(self) -> None:
-        # Something replaced a stock parameter's storage (assign=True loading, a safe merge):
-        # copy its values into the fused tensors and make it a view again.
-        for param, fused in self._shared_pairs():
-            if param.data_ptr() != fused.data_ptr() or param.shape != fused.shape:
-                with torch.no_grad():
-                    fused.copy_(param)
-                param.data = fused
 
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states=None,
                 attention_mask: torch.Tensor | None = None, **cross_attention_kwargs) -> torch.Tensor:

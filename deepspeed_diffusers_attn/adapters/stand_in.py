@@ -56,10 +56,43 @@ class StandIn(nn.Module):
         self._dda.train(mode)
         return self
 
+    def _check_views(self) -> None:
+        """Keep the fused tensors what the stock parameters hold; called before each eager forward.
+
+        A stock parameter whose storage was replaced (``load_state_dict(..., assign=True)``,
+        a safe LoRA merge, ``.data =``) has its values copied into the fused tensor and
+        becomes a view again. A write through a stock parameter (``load_state_dict``) bumps
+        only that parameter's version counter, not the fused tensor's, and a write through
+        its ``.data`` (``fuse_lora``'s in-place merge) bumps none, which
+        :meth:`_weights_token` covers; on either the fused module is told
+        (``weights_changed``) to drop what it derived from its weights (a cached K/V, a
+        scaled bias). Other ``.data`` writes need ``dda.weights_changed()``.
+        """
+        changed = False
+        versions = []
+        for param, fused in self._shared_pairs():
+            if param.data_ptr() != fused.data_ptr() or param.shape != fused.shape:
+                with torch.no_grad():
+                    fused.copy_(param)
+                param.data = fused
+                changed = True
+            versions.append(None if param.is_inference() else param._version)
+        versions = (tuple(versions), self._weights_token())
+        if changed or versions != self.__dict__.get("_versions"):
+            object.__setattr__(self, "_versions", versions)
+            self._dda.weights_changed()
+
+    def _weights_token(self) -> tuple:
+        """What else changes the stock weights without bumping their version counters (a
+        subclass's; e.g. which LoRA adapters are merged into them through ``.data``)."""
+        return ()
+
     def restore(self) -> nn.Module:
         """Give the original the stand-in's current children (with any adapter layers added
         meanwhile), its own weight storage again (the fused tensors' current values, device
-        and dtype) and the training flag; returns it. The stand-in is spent."""
+        and dtype, after any replaced storage was taken in) and the training flag; returns
+        it. The stand-in is spent."""
+        self._check_views()
         unshare_weights(self._shared_pairs())
         for name, child in self.named_children():
             setattr(self._original, name, child)
