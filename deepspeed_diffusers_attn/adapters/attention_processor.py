@@ -341,11 +341,13 @@ class PatchedAttention(StandIn):
     the module run stock for as long as it is there, and :attr:`stock_reason` says so.
 
     diffusers' processor API keeps its meaning. :meth:`get_processor` (and so the model's
-    ``attn_processors``) reports what runs: a :class:`FusedAttnProcessor` while our kernels
-    run, the original's processor otherwise. :meth:`set_processor` gives the processor to
-    the original and asks :func:`supports` again: a processor we reproduce
-    (``AttnProcessor2_0``, ``AttnProcessor``, ``FusedAttnProcessor2_0``, our own report)
-    keeps our kernels, with its scale rule; any other (IP-Adapter, custom) makes this
+    ``attn_processors``) reports what runs: while our kernels run, a
+    :class:`FusedAttnProcessor` for a plain processor and an IP-Adapter processor itself
+    (its math and weights are what run, on our kernels); the original's processor while it
+    runs stock. :meth:`set_processor` gives the processor to the original and asks
+    :func:`supports` again: a processor we reproduce (``AttnProcessor2_0``,
+    ``AttnProcessor``, ``IPAdapterAttnProcessor2_0``, ``FusedAttnProcessor2_0``, our own
+    report) keeps our kernels, with its scale rule; any other (a custom one) makes this
     module run stock diffusers with that processor, until a supported one is set again.
     """
 
@@ -389,7 +391,8 @@ class PatchedAttention(StandIn):
 
     @property
     def processor(self):
-        """What runs: a :class:`FusedAttnProcessor`, or the original's processor while it runs stock."""
+        """What runs (see the class doc): our report of the processor, or the original's processor
+        while this module runs stock."""
         return self._original.processor if self.stock_reason else self._processor
 
     def get_processor(self, return_deprecated_lora: bool = False):
