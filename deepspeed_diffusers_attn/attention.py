@@ -38,17 +38,19 @@ DTYPES = _DTYPES
 """The parameter dtypes the module takes (the CPU reference kernels take float32 only)."""
 
 
-def _c_rule(device: torch.device, dtype: torch.dtype, dim_head: int) -> str:
-    """The attention op's capability rule (the C ``dda_attention_supported_*``) for a case of
-    this device, dtype and head dim, as a short reason ("" if taken)."""
-    q = torch.empty((1, 1, 1, max(int(dim_head), 0)), dtype=dtype, device=device)
-    why = ops.attention_supported(q, q, q)
-    return why.split("; got ")[0].removeprefix("dda.attention: ")
+def _cpu_rule(dtype: torch.dtype, dim_head: int) -> str:
+    """The attention op's capability rule on the CPU (the C ``dda_attention_supported_cpu``,
+    through :func:`.ops.attention_kernel_name`) for this dtype and head dim, as a short
+    reason ("" if taken)."""
+    name = ops.attention_kernel_name("cpu", dtype, dim_head, 1)
+    if not name.startswith("unsupported: "):
+        return ""
+    return name.removeprefix("unsupported: ").split("; got ")[0].removeprefix("dda.attention: ")
 
 
 def unsupported_head_dim(dim_head: int) -> str:
     """Why the attention kernels cannot take this head dim ("" if they can), from the op's rule."""
-    why = _c_rule(torch.device("cpu"), torch.float32, dim_head)
+    why = _cpu_rule(torch.float32, dim_head)
     return f"head_dim {dim_head}: {why}" if why else ""
 
 
@@ -59,7 +61,7 @@ def unsupported_device_dtype(device: torch.device, dtype: torch.dtype) -> str:
     if device.type not in ("cpu", "cuda"):
         return f"device {device}: need a CPU or CUDA device"
     if device.type == "cpu":
-        return _c_rule(device, dtype, 64)  # the CPU reference's dtype rule
+        return _cpu_rule(dtype, 64)  # the CPU reference's dtype rule
     return ""
 
 
