@@ -226,8 +226,10 @@ def from_diffusers(attn, *, kv_cache: bool = False) -> DeepSpeedDiffusersAttenti
 
 
 def _projections(attn) -> tuple:
-    """``attn``'s four projections as they are now (plain, or wrapped in LoRA layers)."""
-    return attn.to_q, attn.to_k, attn.to_v, attn.to_out[0]
+    """``attn``'s four projections as they are now (plain, or wrapped in LoRA layers); read
+    from the registered children directly, since the stand-in asks on every call."""
+    m = attn._modules
+    return m["to_q"], m["to_k"], m["to_v"], m["to_out"]._modules["0"]
 
 
 def _shared_pairs(attn, fused: DeepSpeedDiffusersAttention) -> list:
@@ -361,6 +363,15 @@ class PatchedAttention(StandIn):
     def _shared_pairs(self) -> list:
         return _shared_pairs(self, self.dda)
 
+    def _pairs_key(self) -> tuple:
+        # the identities of the stock parameters the pairs hold (dict reads: asked every call)
+        key = []
+        for m in (*_projections(self), self._modules.get("group_norm")):
+            if m is not None:
+                params = m._modules.get("base_layer", m)._parameters
+                key += (id(params.get("weight")), id(params.get("bias")))
+        return tuple(key)
+
     @property
     def stock_reason(self) -> str:
         """Why this module runs stock diffusers now ("" while our kernels run)."""
@@ -382,7 +393,7 @@ class PatchedAttention(StandIn):
 
     def _weights_token(self) -> tuple:
         # fuse_lora / unfuse_lora merge adapters into the stock weights through .data
-        return tuple(tuple(getattr(m, "merged_adapters", ())) for m in _projections(self))
+        return tuple(tuple(m.__dict__.get("merged_adapters", ())) for m in _projections(self))
 
     @property
     def heads(self) -> int:

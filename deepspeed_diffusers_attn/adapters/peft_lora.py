@@ -22,6 +22,8 @@ __all__ = ["is_lora_layer", "base_linear", "adapter_tensors", "unsupported", "up
 
 def is_lora_layer(m: nn.Module) -> bool:
     """Whether ``m`` is a PEFT LoRA layer wrapping a base layer."""
+    if type(m) is nn.Linear:  # the common case, asked on every call: no attribute probing
+        return False
     return hasattr(m, "base_layer") and hasattr(m, "lora_A") and hasattr(m, "lora_B") and hasattr(m, "scaling")
 
 

@@ -50,6 +50,21 @@ class StandIn(nn.Module):
     def _shared_pairs(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
         raise NotImplementedError
 
+    def _pairs_key(self) -> tuple:
+        """A cheap identity of the stock parameters :meth:`_shared_pairs` would pair (a subclass's)."""
+        raise NotImplementedError
+
+    def _pairs(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """:meth:`_shared_pairs`, kept while the stock parameters are the same objects and the
+        fused tensors have not moved (``_apply`` drops it): building the views costs more than
+        the per-call check that uses them."""
+        key = self._pairs_key()
+        cached = self.__dict__.get("_pairs_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, self._shared_pairs())
+            object.__setattr__(self, "_pairs_cache", cached)
+        return cached[1]
+
     def train(self, mode: bool = True):
         """Set the training flag here, on the children and on the fused module."""
         super().train(mode)
@@ -70,7 +85,7 @@ class StandIn(nn.Module):
         """
         changed = False
         versions = []
-        for param, fused in self._shared_pairs():
+        for param, fused in self._pairs():
             if param.data_ptr() != fused.data_ptr() or param.shape != fused.shape:
                 with torch.no_grad():
                     fused.copy_(param)
@@ -108,6 +123,7 @@ class StandIn(nn.Module):
     def _apply(self, fn, recurse=True):
         # Move the fused tensors, re-point the stock parameters at them, then move the rest
         # (adapter weights, a processor module): fn leaves already-converted views alone.
+        object.__setattr__(self, "_pairs_cache", None)
         self._dda._apply(fn, recurse)
         for param, fused in self._shared_pairs():
             param.data = fused
