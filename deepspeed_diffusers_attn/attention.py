@@ -34,9 +34,6 @@ __all__ = [
 ]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-DTYPES = _DTYPES
-"""The parameter dtypes the module takes (the CPU reference kernels take float32 only)."""
-
 
 def _cpu_rule(dtype: torch.dtype, dim_head: int) -> str:
     """The attention op's capability rule on the CPU (the C ``dda_attention_supported_cpu``,
@@ -100,8 +97,9 @@ class DeepSpeedDiffusersAttentionConfig:
         problems = []
         if self.hidden_size < 1 or self.heads < 1:
             problems.append(f"hidden_size ({self.hidden_size}) and heads ({self.heads}) must be >= 1")
-        if unsupported_head_dim(self.dim_head):
-            problems.append(unsupported_head_dim(self.dim_head))
+        head_dim_problem = unsupported_head_dim(self.dim_head)
+        if head_dim_problem:
+            problems.append(head_dim_problem)
         if self.cross_attention_dim is not None and self.cross_attention_dim < 1:
             problems.append(f"cross_attention_dim must be >= 1 or None, got {self.cross_attention_dim}")
         if self.norm_num_groups is not None and (
@@ -139,8 +137,8 @@ class DeepSpeedDiffusersAttentionFunction(torch.autograd.Function):
     ``apply(module, input, context, input_mask, *weights)``: ``weights`` are the module's
     parameters, passed only so that autograd sees them; the forward reads them from
     ``module``. With low-rank updates, ``weights`` starts with the :class:`LowRankUpdates`,
-    followed by the parameters and its A/B tensors. The module calls this only when autograd is recording; otherwise it runs
-    the same forward directly.
+    followed by the parameters and its A/B tensors. The module calls this only when autograd
+    is recording; otherwise it runs the same forward directly.
     """
 
     @staticmethod
@@ -575,7 +573,7 @@ class DeepSpeedDiffusersAttention(nn.Module):
         f = cfg.rescale_output_factor
         ob = self._out_bias(compiling)
 
-        low_rank = low_rank if low_rank is not None and low_rank else None
+        low_rank = low_rank or None  # empty updates: the plain path
         if compiling:
             o = self._attend_functional(h, None if ctx is None else _gemm_input(ctx, dtype), mask, B, Sq, Sk,
                                         low_rank)

@@ -115,8 +115,8 @@ def supports(attn) -> list[str]:
             reasons.append(f"{name} is a {type(m).__name__}, not a plain nn.Linear or a PEFT LoRA layer "
                            "around one")
             bad = True
-        elif peft_lora.unsupported(m):
-            reasons.append(f"{name}: {peft_lora.unsupported(m)}")
+        elif problem := peft_lora.unsupported(m):
+            reasons.append(f"{name}: {problem}")
         elif _has_hooks(m) or _has_hooks(peft_lora.base_linear(m)):
             reasons.append(f"forward hooks on {name} would be bypassed")
     if bad:
