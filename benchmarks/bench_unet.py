@@ -28,6 +28,16 @@ Variants:
                            GroupNorm / GEGLU / SiLU                            (--compile)
 --variants picks a subset (comma-separated names; "stock" always runs: it is the reference).
 
+Adapters (``--lora N``, ``--ip-adapter``): after the plain pass, each config runs again
+with N PEFT LoRA adapters of rank ``--lora-rank`` (default 32) on every attention
+projection, all active (weights 1.0, 0.5, ...), and/or a plain IP-Adapter (4 image
+tokens on every cross-attention, scale 0.6), random weights loaded as diffusers loads
+real ones (deepspeed_diffusers_attn.random_adapters); its rows are named e.g.
+``sdxl+lora2+ip``. With LoRA, the graph variants also time an adapter switch: three
+``set_adapters`` calls, each followed by one step; ``switch_ms`` is the median of
+(set_adapters + step) minus a plain step, and ``captures`` how many graphs the variant
+captured in all (1: switching never re-captured). ``--adapters-only`` skips the plain pass.
+
 VAE decode (batch 1) at 512 and 1024 px: stock and ours, eager, graphed and graphed channels-last. Writes
 results.json after every variant (a run cut short by a timeout keeps what it measured) and
 results.png at the end, to --out. Time on an H100: without --compile about 1-2 minutes for
@@ -172,8 +182,28 @@ def tear_down(row: dict, teardown) -> None:
     release_workspaces()
 
 
-def run_variant(name: str, setup, teardown, call, ref, iters: int) -> dict:
-    """Set up, time the first call (compile / capture) and the steady state, check the output."""
+def measure_switch(unet, fn, call, row: dict) -> None:
+    """Time adapter switches on a LoRA UNet (see the module doc): ``switch_ms`` and ``captures``."""
+    names = list(unet.peft_config)
+    settings = [(names[:1], [1.0]), (names, [1.0] + [0.5] * (len(names) - 1)), (names[-1:], [0.8])]
+    times = []
+    for adapters, weights in settings:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        unet.set_adapters(adapters, weights=weights)
+        with torch.no_grad():
+            call(fn)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    row["switch_ms"] = round(sorted(times)[1] * 1e3 - row["ms"], 2)
+    stats = getattr(unet.forward, "stats", None)
+    if stats is not None:
+        row["captures"] = stats["captures"]
+
+
+def run_variant(name: str, setup, teardown, call, ref, iters: int, after=None) -> dict:
+    """Set up, time the first call (compile / capture) and the steady state, check the output;
+    ``after(fn, row)`` runs last (the adapter-switch timing)."""
     row = {"variant": name}
     start = time.perf_counter()
     try:
@@ -193,6 +223,8 @@ def run_variant(name: str, setup, teardown, call, ref, iters: int) -> dict:
         row["finite"] = bool(torch.isfinite(out).all())
         row["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         row["_out"] = out
+        if after is not None:
+            after(fn, row)
     except Exception as e:  # noqa: BLE001  (report and go on with the other variants)
         row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
     finally:
@@ -202,25 +234,43 @@ def run_variant(name: str, setup, teardown, call, ref, iters: int) -> dict:
     return row
 
 
-def bench_unet(name: str, iters: int, compile_: bool, emit, only: set[str] | None = None) -> None:
-    """Every UNET_BENCH variant of config ``name`` (those in ``only``, and stock, if given);
-    ``emit(row)`` gets each result as it comes."""
+IMAGE_EMBED_DIM = {"sd15": 1024, "sd21": 1024, "sdxl": 1280}  # the IP-Adapters' CLIP image encoders
+
+
+def bench_unet(name: str, iters: int, compile_: bool, emit, only: set[str] | None = None,
+               lora: int = 0, lora_rank: int = 32, ip_adapter: bool = False) -> None:
+    """Every UNET_BENCH variant of config ``name`` (those in ``only``, and stock, if given),
+    with ``lora`` adapters and an IP-Adapter if asked; ``emit(row)`` gets each result as it comes."""
     from diffusers import UNet2DConditionModel
+
+    from deepspeed_diffusers_attn.random_adapters import add_random_ip_adapter, add_random_lora
 
     config, latent, px = CONFIGS[name]
     unet = build(UNet2DConditionModel, config)
     inputs = unet_inputs(config, latent)
+    label = name
+    if lora:
+        add_random_lora(unet, names=[chr(ord("a") + i) for i in range(lora)], rank=lora_rank)
+        unet.set_adapters(list(unet.peft_config), weights=[1.0] + [0.5] * (lora - 1))
+        label += f"+lora{lora}"
+    if ip_adapter:
+        dim = add_random_ip_adapter(unet, image_embed_dim=IMAGE_EMBED_DIM[name])
+        gen = torch.Generator(device="cuda").manual_seed(3)
+        embeds = [torch.randn(BATCH, 1, dim, generator=gen, device="cuda", dtype=DTYPE)]
+        inputs["added_cond_kwargs"] = {**inputs.get("added_cond_kwargs", {}), "image_embeds": embeds}
+        label += "+ip"
     call = lambda fn: fn(**inputs)[0]  # noqa: E731
     table = unet_variants(unet)
     ref = None
     for vname in UNET_BENCH:
         if ("compile" in vname and not compile_) or (only and vname != "stock" and vname not in only):
             continue
-        row = run_variant(vname, *table[vname], call, ref, iters)
+        after = (lambda fn, row: measure_switch(unet, fn, call, row)) if lora and "graph" in vname else None
+        row = run_variant(vname, *table[vname], call, ref, iters, after)
         if vname == "stock" and "_out" in row:
             ref, row["rel_err"] = row["_out"], 0.0
         row.pop("_out", None)
-        row.update(config=name, px=px, latent=latent)
+        row.update(config=label, px=px, latent=latent)
         emit(row)
 
 
@@ -270,9 +320,10 @@ def _fmt(row: dict) -> str:
         return f"{row['config']:>16} {row['variant']:<17} ERROR {row['error']}"
     err = "-" if row.get("rel_err") is None else f"{row['rel_err']:.2e}"
     first = "compile   " if "compile_s" in row else "first call"
+    switch = f"  switch {row['switch_ms']:.2f} ms, {row.get('captures', '?')} captures" if "switch_ms" in row else ""
     return (f"{row['config']:>16} {row['variant']:<17} {row['ms']:9.2f} ms  {first} {row['first_call_s']:7.2f} s  "
             f"peak {row['peak_mem_gb']:6.2f} GB  rel err vs stock {err}{'' if row['finite'] else '  NON-FINITE'}"
-            f"  ({row['variant_s']:.0f} s)")
+            f"{switch}  ({row['variant_s']:.0f} s)")
 
 
 def chart(path: str, rows: list[dict], title: str) -> None:
@@ -323,6 +374,10 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--variants", default=None, help="comma-separated UNet variant names (default: all)")
     parser.add_argument("--skip-vae", action="store_true")
+    parser.add_argument("--lora", type=int, default=0, help="add a pass with N LoRA adapters on every attention projection")
+    parser.add_argument("--lora-rank", type=int, default=32)
+    parser.add_argument("--ip-adapter", action="store_true", help="add a pass with an IP-Adapter (with --lora: both)")
+    parser.add_argument("--adapters-only", action="store_true", help="skip the pass without adapters")
     parser.add_argument("--out", default="bench_out")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -350,9 +405,12 @@ def main() -> None:
         with open(os.path.join(args.out, "results.json"), "w") as f:
             json.dump({"conditions": info, "rows": rows}, f, indent=1)
 
+    adapters = dict(lora=args.lora, lora_rank=args.lora_rank, ip_adapter=args.ip_adapter)
+    passes = ([] if args.adapters_only else [{}]) + ([adapters] if args.lora or args.ip_adapter else [])
     for name in names:
-        bench_unet(name, args.iters, args.compile, emit, only)
-        free_memory()
+        for extra in passes:
+            bench_unet(name, args.iters, args.compile, emit, only, **extra)
+            free_memory()
     if not args.skip_vae:
         bench_vae(args.iters, emit)
     print(f"\n{timing.card_line(info)}\nspeedup vs {BASELINE}; > 1 is faster")

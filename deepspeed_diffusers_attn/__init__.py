@@ -9,7 +9,9 @@ Public names: :func:`patch`, :func:`unpatch`, :class:`PatchReport`,
 :class:`DeepSpeedDiffusersAttention`, :class:`DeepSpeedDiffusersAttentionConfig`,
 :class:`DeepSpeedDiffusersAttentionFunction`, :func:`from_diffusers` and :func:`supports`
 (one diffusers attention module to a fused module, through its family's adapter in
-:mod:`.adapters`), and the raw ops in :mod:`.ops` (also ``torch.ops.dda.*``).
+:mod:`.adapters`), :func:`bridge_stats` (the attention calls of "bridged" modules that our
+kernel served or that fell back to diffusers, per reason), and the raw ops in :mod:`.ops`
+(also ``torch.ops.dda.*``).
 """
 import torch  # noqa: F401  (must load before the extension)
 
@@ -29,6 +31,7 @@ from .attention import (
     DeepSpeedDiffusersAttentionFunction,
 )
 from .adapters import from_diffusers, supports
+from .adapters.dispatch_bridge import bridge_stats
 from .patch import PatchReport, patch, unpatch
 
 __version__ = "0.1.0"
@@ -40,6 +43,7 @@ __all__ = [
     "PatchReport",
     "from_diffusers",
     "supports",
+    "bridge_stats",
     "DeepSpeedDiffusersAttention",
     "DeepSpeedDiffusersAttentionConfig",
     "DeepSpeedDiffusersAttentionFunction",

@@ -24,6 +24,7 @@ from . import ops
 from .workspace import Workspace, get_workspace
 
 __all__ = [
+    "LowRankGroup",
     "LowRankUpdates",
     "ImageKV",
     "unsupported_head_dim",
@@ -308,6 +309,7 @@ class DeepSpeedDiffusersAttention(nn.Module):
         state = self.__dict__.copy()
         state["_kv_entry"] = None
         state["_kv_weight_cache"] = None
+        state.pop("_checked_groups", None)
         return state
 
     def __setstate__(self, state):
@@ -492,8 +494,9 @@ class DeepSpeedDiffusersAttention(nn.Module):
             dtype) or bool (True = attend), shaped [B, Sk], [B, 1|Sq, Sk],
             [B*H, 1|Sq, Sk] (diffusers' convention: the same mask for every head unless
             given per head), or 4-D broadcastable to [B, H, Sq, Sk]. Never copied.
-        low_rank: low-rank updates added to the projections (LoRA), see :class:`LowRankUpdates`;
-            each runs as two small GEMMs accumulated into the fused projection's output.
+        low_rank: low-rank updates added to the projections (LoRA), see :class:`LowRankUpdates`:
+            per input, one GEMM for every A matrix, then one per B accumulated into the fused
+            projection's output.
         image_kv: IP-Adapter branches (:class:`ImageKV`), with a context only: each adds
             ``scale * attention(q, K_i, V_i)`` (no mask) to the attention output before the
             output projection.
@@ -566,7 +569,7 @@ class DeepSpeedDiffusersAttention(nn.Module):
                 )
             ctx = h  # diffusers: encoder_hidden_states defaults to the normalised input
         Sk = Sq if ctx is None else ctx.shape[1]
-        H, D, inner = cfg.heads, cfg.dim_head, cfg.inner_dim
+        H, inner = cfg.heads, cfg.inner_dim
         mask = _attention_mask(input_mask, B, H, Sq, Sk, dtype, device)
 
         residual = _rows(x3) if cfg.residual_connection else None
@@ -574,17 +577,20 @@ class DeepSpeedDiffusersAttention(nn.Module):
         ob = self._out_bias(compiling)
 
         low_rank = low_rank or None  # empty updates: the plain path
+        if low_rank is not None and not compiling and self.__dict__.get("_checked_groups") is not low_rank.groups:
+            low_rank.check(self, ctx is not None)  # once per groups object: the stand-ins reuse theirs
+            self.__dict__["_checked_groups"] = low_rank.groups
         if compiling:
             o = self._attend_functional(h, None if ctx is None else _gemm_input(ctx, dtype), mask, B, Sq, Sk,
                                         low_rank)
         else:
-            cacheable = context is not None and (low_rank is None or not (low_rank.k or low_rank.v))
+            cacheable = context is not None and (low_rank is None or not low_rank.reads("context"))
             o = self._attend_workspace(h, ctx, mask, B, Sq, Sk, cacheable, low_rank)
         # y = (o Wo^T + bo + r) / f = (1/f) o Wo^T + (1/f) r + bo/f: one GEMM epilogue.
         o2 = o.view(B, Sq, inner)
         y = ops.linear(o2, self.attn_ow, ob, residual, 1.0 / f, 1.0 / f)
         if low_rank is not None:
-            y = _add_low_rank(o2, low_rank.out, y, 1.0 / f, compiling)
+            y = low_rank.apply("output", o2, {"out": y}, 1.0 / f, compiling)["out"]
 
         if x.dim() == 4:
             y = y.view(B, Hi, Wi, C).permute(0, 3, 1, 2)  # channels-last strides
@@ -624,8 +630,8 @@ class DeepSpeedDiffusersAttention(nn.Module):
             qkv3 = qkv.view(B, Sq, 3 * inner)
             ops.linear_out(h, self.attn_qkvw, self.attn_qkvb, None, 1.0, 1.0, qkv3)
             if low_rank is not None:
-                for i, updates in enumerate((low_rank.q, low_rank.k, low_rank.v)):
-                    _add_low_rank(h, updates, qkv3[..., i * inner : (i + 1) * inner])
+                targets = {name: qkv3[..., i * inner : (i + 1) * inner] for i, name in enumerate("qkv")}
+                low_rank.apply("hidden", h, targets)
             q, k, v = qkv.unbind(2)  # [B, Sq, H, D] views with row stride 3*inner
             ops.attention_out(q, k, v, mask, scale, o)
             return o
@@ -644,12 +650,11 @@ class DeepSpeedDiffusersAttention(nn.Module):
             self._project_kv(source, kv)
             if low_rank is not None:
                 kv2 = kv.view(B, Sk, 2 * inner)
-                _add_low_rank(source, low_rank.k, kv2[..., :inner])
-                _add_low_rank(source, low_rank.v, kv2[..., inner:])
+                low_rank.apply("context", source, {"k": kv2[..., :inner], "v": kv2[..., inner:]})
         wq, bq = self._qkv_weights(fused=False)[:2]
         ops.linear_out(h, wq, bq, None, 1.0, 1.0, q.view(B, Sq, inner))
         if low_rank is not None:
-            _add_low_rank(h, low_rank.q, q.view(B, Sq, inner))
+            low_rank.apply("hidden", h, {"q": q.view(B, Sq, inner)})
         k, v = kv.unbind(2)
         ops.attention_out(q, k, v, mask, scale, o)
         if low_rank is not None:
@@ -692,9 +697,11 @@ class DeepSpeedDiffusersAttention(nn.Module):
             src = h if ctx is None else ctx
             q, k, v = ops.linear(h, wq, bq), ops.linear(src, wk, bk), ops.linear(src, wv, bv)
             if low_rank is not None:
-                q = _add_low_rank(h, low_rank.q, q, functional=True)
-                k = _add_low_rank(src, low_rank.k, k, functional=True)
-                v = _add_low_rank(src, low_rank.v, v, functional=True)
+                if ctx is None:
+                    q, k, v = low_rank.apply("hidden", h, {"q": q, "k": k, "v": v}, functional=True).values()
+                else:
+                    q = low_rank.apply("hidden", h, {"q": q}, functional=True)["q"]
+                    k, v = low_rank.apply("context", src, {"k": k, "v": v}, functional=True).values()
             q, k, v = q.view(B, Sq, H, D), k.view(B, Sk, H, D), v.view(B, Sk, H, D)
         o, _ = ops.attention(q, k, v, mask, scale)
         if low_rank is not None:
@@ -724,28 +731,94 @@ class DeepSpeedDiffusersAttention(nn.Module):
 
 
 # ---------------------------------------------------------------------- helpers
-class LowRankUpdates(NamedTuple):
-    """Low-rank updates (LoRA) of the four projections, for ``forward(..., low_rank=...)``.
+class LowRankGroup(NamedTuple):
+    """The low-rank updates (LoRA) of the projections that read one input, for :class:`LowRankUpdates`.
 
-    Each field is a tuple of ``(A [r, in], B [out, r], scale)``: the projection's output
-    gains ``scale * (x A^T) B^T`` for each, computed as two GEMMs, the second accumulated
-    into the fused projection's output (beta = 1), so the fused Q/K/V and output GEMMs stay
-    as they are. A and B are contiguous, in the module's dtype and on its device.
+    ``t = (x a^T) * scale`` is one GEMM for every adapter of those projections (their A
+    matrices stacked along the rank), then each segment adds ``factor * t[..., r0:r1] b^T``
+    to its projection's output, one GEMM accumulated into the fused result (beta = 1).
+
+    input: which input the projections read: ``"hidden"`` (the normalised input: Q, and K/V
+        in self-attention), ``"context"`` (K/V in cross-attention) or ``"output"`` (the
+        attention output: the output projection).
+    a: ``[R, in]``, contiguous, in the module's dtype and on its device.
+    scale: ``[R]`` float32 on the same device, multiplied into ``x a^T`` (a fixed-address
+        buffer, so a CUDA graph reads the current scales at replay), or None for 1.
+    segments: ``((target, r0, r1, b), ...)``: target is ``"q"``, ``"k"``, ``"v"`` or ``"out"``;
+        b ``[out_features, r1 - r0]`` contiguous.
     """
 
-    q: tuple = ()
-    k: tuple = ()
-    v: tuple = ()
-    out: tuple = ()
+    input: str
+    a: torch.Tensor
+    scale: Optional[torch.Tensor]
+    segments: tuple
+
+
+class LowRankUpdates(NamedTuple):
+    """Low-rank updates (LoRA) of the four projections, for ``forward(..., low_rank=...)``:
+    :class:`LowRankGroup` s, at most one per input, plus the IP-Adapter branches."""
+
+    groups: tuple = ()
     image: tuple = ()  # ImageKV branches, set by forward(..., image_kv=...)
 
     def __bool__(self) -> bool:
-        return bool(self.q or self.k or self.v or self.out or self.image)
+        return bool(self.groups or self.image)
+
+    def reads(self, input: str) -> bool:
+        """Whether a group reads ``input``."""
+        return any(g.input == input for g in self.groups)
 
     def tensors(self) -> tuple:
-        """Every A and B (and each image branch's context and weights), in field order."""
-        low = tuple(t for updates in self[:4] for a, b, _ in updates for t in (a, b))
+        """Every tensor the updates read, in order (for autograd to see them)."""
+        low = tuple(t for g in self.groups for t in (g.a, g.scale, *(seg[3] for seg in g.segments))
+                    if t is not None)
         return low + tuple(t for branch in self.image for t in (branch.context, branch.wk, branch.wv))
+
+    def check(self, module: "DeepSpeedDiffusersAttention", cross: bool) -> None:
+        """ValueError unless every group fits ``module`` (inputs, widths, dtype, device)."""
+        cfg = module.config
+        dtype, device = module.attn_ow.dtype, module.attn_ow.device
+        widths = {"hidden": cfg.hidden_size, "output": cfg.inner_dim,
+                  "context": (cfg.cross_attention_dim or cfg.hidden_size) if cross else None}
+        allowed = {"hidden": "q" if cross else "qkv", "context": "kv", "output": ("out",)}
+        seen = set()
+        for g in self.groups:
+            if g.input not in widths or widths[g.input] is None or g.input in seen:
+                raise ValueError(f"low_rank: group input {g.input!r} is unknown, repeated or has no source here")
+            seen.add(g.input)
+            if g.a.dim() != 2 or g.a.shape[1] != widths[g.input]:
+                raise ValueError(f"low_rank: {g.input} group's a must be [R, {widths[g.input]}], got "
+                                 f"{tuple(g.a.shape)}")
+            for t in (g.a, *(seg[3] for seg in g.segments)):
+                _check_tensor(t, "low_rank weight", dtype, device)
+            if g.scale is not None and (g.scale.shape != (g.a.shape[0],) or g.scale.dtype != torch.float32
+                                        or g.scale.device != device):
+                raise ValueError(f"low_rank: {g.input} group's scale must be a float32 [{g.a.shape[0]}] "
+                                 f"tensor on {device}")
+            for target, r0, r1, b in g.segments:
+                out = cfg.hidden_size if target == "out" else cfg.inner_dim
+                if target not in allowed[g.input] or not 0 <= r0 < r1 <= g.a.shape[0] or b.shape != (out, r1 - r0):
+                    raise ValueError(f"low_rank: segment {target!r} [{r0}:{r1}] with b {tuple(b.shape)} does "
+                                     f"not fit the {g.input} group (a {tuple(g.a.shape)}, out {out})")
+
+    def apply(self, input: str, x: torch.Tensor, outputs: dict, factor: float = 1.0,
+              functional: bool = False) -> dict:
+        """Add the updates of the group reading ``input`` (x ``[..., in]``) to ``outputs``
+        (target -> tensor); in place into each output (a view of a fused result), or as new
+        tensors when ``functional`` (torch.compile). Returns ``outputs``."""
+        for g in self.groups:
+            if g.input != input:
+                continue
+            t = ops.linear(x, g.a)
+            if g.scale is not None:
+                t = (t * g.scale).to(t.dtype) if functional else t.mul_(g.scale)
+            for target, r0, r1, b in g.segments:
+                out = outputs[target]
+                if functional:
+                    outputs[target] = ops.linear(t[..., r0:r1], b, None, out, factor, 1.0)
+                else:
+                    ops.linear_out(t[..., r0:r1], b, None, out, factor, 1.0, out)
+        return outputs
 
 
 class ImageKV(NamedTuple):
@@ -760,19 +833,6 @@ class ImageKV(NamedTuple):
     wk: torch.Tensor
     wv: torch.Tensor
     scale: float
-
-
-def _add_low_rank(x: torch.Tensor, updates, out: torch.Tensor, factor: float = 1.0,
-                  functional: bool = False) -> torch.Tensor:
-    """out += factor * scale * (x A^T) B^T for each (A, B, scale); in place into ``out``
-    (a view of a fused result), or as a new tensor when ``functional`` (torch.compile)."""
-    for a, b, scale in updates:
-        t = ops.linear(x, a)
-        if functional:
-            out = ops.linear(t, b, None, out, factor * scale, 1.0)
-        else:
-            ops.linear_out(t, b, None, out, factor * scale, 1.0, out)
-    return out
 
 
 class _KVEntry(NamedTuple):

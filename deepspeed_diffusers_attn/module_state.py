@@ -30,6 +30,11 @@ need be imported):
   them, e.g. ``IPAdapterAttnProcessor2_0.scale``), and those of the processor it stands
   for when it has a ``stock`` attribute (our ``FusedAttnProcessor``).
 
+* Modules with ``graph_state()`` and ``graph_state_covers()`` (our attention stand-ins):
+  ``graph_state()`` returns a token and may write fixed-address buffers that a captured
+  graph reads at replay (the LoRA factors of :mod:`.adapters.lora_bank`); the tuner layers
+  ``graph_state_covers()`` lists are then read by it alone, not as PEFT layers above.
+
 Anything else a forward reads from Python objects (a custom module's flag) is not seen:
 call :meth:`.graphs.GraphedCallable.reset` after changing it.
 """
@@ -41,7 +46,7 @@ import weakref
 import torch
 from torch import nn
 
-__all__ = ["ModelState", "registrations"]
+__all__ = ["ModelState", "registrations", "tuner_key"]
 
 _count = 0
 _watched: set[int] = set()  # ids of the modules of every live ModelState, at their last walk
@@ -86,7 +91,9 @@ def _is_tuner_layer(m: nn.Module) -> bool:
     return "_active_adapter" in d and "_disable_adapters" in d and "merged_adapters" in d
 
 
-def _tuner_key(layer: nn.Module) -> tuple:
+def tuner_key(layer: nn.Module) -> tuple:
+    """What of a PEFT tuner layer's state changes its output: the active adapters, the
+    disabled flag, the merged adapters and the active adapters' ``scaling``."""
     # Read from __dict__: this runs for every adapter layer on every call (about 1 us each).
     d = layer.__dict__
     active = d["_active_adapter"]
@@ -114,6 +121,10 @@ def _processor_key(m: nn.Module) -> tuple:
     wrapped = vars(p).get("stock") if hasattr(p, "__dict__") else None  # a processor standing for another
     inner = None if wrapped is None else (type(wrapped).__qualname__, _plain_attrs(wrapped))
     return (id(p), type(p).__qualname__, _plain_attrs(p), inner)
+
+
+def _graph_state(m: nn.Module):
+    return m.graph_state()
 
 
 class ModelState:
@@ -147,10 +158,17 @@ class ModelState:
         _watched.clear()
         for state in _states:
             _watched.update(state._ids)
+        covered = set()  # tuner layers whose state a module's graph_state() accounts for
+        for m in modules:
+            if callable(getattr(type(m), "graph_state", None)):
+                covered.update(map(id, m.graph_state_covers()))
         readers = []
         for m in modules:
+            if callable(getattr(type(m), "graph_state", None)):
+                readers.append((_graph_state, m))
             if _is_tuner_layer(m):
-                readers.append((_tuner_key, m))
+                if id(m) not in covered:
+                    readers.append((tuner_key, m))
             elif _has_processor(m):
                 readers.append((_processor_key, m))
         self._readers = readers

@@ -1,7 +1,7 @@
 """Swap a pipeline's diffusers attention modules for our fused stand-ins, and back.
 
     report = patch(pipe)      # or patch(unet), or any nn.Module tree
-    print(report)             # one row per attention module: patched / declined / already patched
+    print(report)             # one row per attention module: patched / bridged / declined / already patched
     unpatch(pipe)             # puts the very same modules back, bit-exactly
 
 ``patch`` walks the pipeline's models and, for every attention module, asks the
@@ -26,9 +26,12 @@ What a patched model looks like:
   fused tensors and re-point the views; storage replaced otherwise (``load_state_dict(...,
   assign=True)``) is copied into the fused tensors at the next call.
 * LoRA (PEFT, as diffusers loads it) runs on our kernels, loaded before or after
-  ``patch``: the active adapters are read on every call and added as low-rank updates to
-  the fused projections' results; every adapter call (``set_adapters``, ``disable_lora``,
-  ``fuse_lora``, ``delete_adapters``, ``unload_lora``...) keeps its meaning.
+  ``patch``: the adapters' A weights live in one fixed buffer per input (one GEMM for all
+  of Q/K/V's), their factors in a fixed vector brought up to date on every call, and the
+  updates are added to the fused projections' results (:mod:`.adapters.lora_bank`); every
+  adapter call (``set_adapters``, ``disable_lora``, ``fuse_lora``, ``delete_adapters``,
+  ``unload_lora``...) keeps its meaning, and under ``cuda_graph=True`` switching adapters
+  replays the same graph.
 * diffusers' processor API keeps its meaning on a patched ``Attention``
   (:class:`.adapters.attention_processor.PatchedAttention`): ``attn_processors`` reports
   what runs; ``set_attn_processor`` / ``set_default_attn_processor`` /
@@ -71,6 +74,7 @@ from .graphs import DEFAULT_MAX_GRAPHS, check_options, graph_module_forward, gra
 __all__ = ["patch", "unpatch", "PatchReport", "PatchRow"]
 
 PATCHED = "patched"
+BRIDGED = "bridged"  # kept in place, diffusers' code, its dispatch_attention_fn calls on our kernel
 DECLINED = "declined"
 ALREADY_PATCHED = "already patched"
 RESTORED = "restored"
@@ -109,7 +113,8 @@ class PatchReport:
         self.blocks_declined = tuple(blocks_declined)  # rows for GEGLU / GroupNorm modules left as they are
 
     def summary(self) -> PatchSummary:
-        """Counts per status, e.g. ``{'patched': 140, 'declined': 0, 'already patched': 0}``."""
+        """Counts per status, e.g. ``{'patched': 140, 'declined': 0, 'already patched': 0}``
+        (``'bridged'`` follows ``'patched'`` when a module was bridged)."""
         counts = PatchSummary((s, 0) for s in self.statuses)
         for row in self.rows:
             counts[row.status] += 1
@@ -206,11 +211,13 @@ def _family(module: nn.Module) -> str:
 
 def _graph_targets(obj) -> list[tuple[str, nn.Module, str]]:
     """(report name, module, method) to wrap: a UNet's ``forward``, a VAE's ``decode`` and
-    ``encode``, a ControlNet's ``forward`` (each net of a ``MultiControlNetModel``).
+    ``encode``, a ControlNet's ``forward`` (each net of a ``MultiControlNetModel``), a DiT or
+    video transformer's ``forward``.
 
-    In a pipeline, the components named ``unet``, ``vae`` and ``controlnet``; a module passed
-    directly is wrapped if it is a ``UNet2DConditionModel``, an ``AutoencoderKL`` or a
-    ControlNet.
+    In a pipeline, the components named ``unet``, ``vae``, ``controlnet``, ``transformer`` and
+    ``transformer_2`` (Wan 2.2's second expert); a module passed directly is wrapped if it is a
+    ``UNet2DConditionModel``, an ``AutoencoderKL``, a ControlNet or a transformer of
+    :data:`_GRAPHED_TRANSFORMERS`.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -227,7 +234,21 @@ def _graph_targets(obj) -> list[tuple[str, nn.Module, str]]:
                 targets += [(f"{name}.nets.{i}.forward", net, "forward") for i, net in enumerate(nets)]
             else:
                 targets.append((f"{name}.forward", module, "forward"))
+        elif prefix in ("transformer", "transformer_2") or (not prefix and _is_graphed_transformer(module)):
+            targets.append((f"{name}.forward", module, "forward"))
     return sorted(targets, key=lambda target: target[0])
+
+
+# Transformers that patch(cuda_graph=True) graphs when passed directly (in a pipeline, the
+# component's name decides): their forward takes tensors and plain values only.
+_GRAPHED_TRANSFORMERS = ("SD3Transformer2DModel", "FluxTransformer2DModel", "WanTransformer3DModel")
+
+
+def _is_graphed_transformer(module: nn.Module) -> bool:
+    import diffusers
+
+    classes = tuple(getattr(diffusers, n) for n in _GRAPHED_TRANSFORMERS if hasattr(diffusers, n))
+    return isinstance(module, classes)
 
 
 def _is_controlnet(module: nn.Module) -> bool:
@@ -326,8 +347,9 @@ def patch(obj, *, cuda_graph: bool = False, channels_last: bool = False, kv_cach
     Patching a patched model is a no-op ("already patched" rows).
 
     ``cuda_graph=True`` also runs the pipeline's ``unet.forward``, ``vae.decode`` /
-    ``vae.encode`` and ``controlnet.forward`` (or those of a UNet2DConditionModel /
-    AutoencoderKL / ControlNet passed directly) through CUDA graphs keyed by input signature, at most ``max_graphs`` per method
+    ``vae.encode``, ``controlnet.forward`` and ``transformer.forward`` (or those of a
+    UNet2DConditionModel / AutoencoderKL / ControlNet / SD3, Flux or Wan transformer passed
+    directly) through CUDA graphs keyed by input signature, at most ``max_graphs`` per method
     (LRU), outputs cloned unless ``clone_outputs=False``: see :mod:`.graphs`.
     ``channels_last=True`` converts those modules' 4-D weights to channels-last and
     their 4-D inputs likewise (with or without graphs). :func:`unpatch` undoes both.
@@ -357,6 +379,9 @@ def patch(obj, *, cuda_graph: bool = False, channels_last: bool = False, kv_cach
     rows = []
     for places in _sites(obj, want=_is_attention).values():
         name, _, _, module = places[0]
+        if adapters.is_bridged(module):
+            rows.append(PatchRow(name, ALREADY_PATCHED, ("bridged",), _family(module)))
+            continue
         if adapters.is_stand_in(module):
             stock = getattr(module, "stock_reason", "")
             rows.append(PatchRow(name, ALREADY_PATCHED, (f"runs stock: {stock}",) if stock else (),
@@ -368,6 +393,9 @@ def patch(obj, *, cuda_graph: bool = False, channels_last: bool = False, kv_cach
                                  adapter.NAME))
             continue
         stand_in, reasons = adapter.convert(module, kv_cache=kv_cache)
+        if stand_in is module:  # converted in place: bridged
+            rows.append(PatchRow(name, BRIDGED, tuple(reasons), adapter.NAME))
+            continue
         if stand_in is None:
             rows.append(PatchRow(name, DECLINED, tuple(reasons), adapter.NAME))
             continue
@@ -376,8 +404,9 @@ def patch(obj, *, cuda_graph: bool = False, channels_last: bool = False, kv_cach
         rows.append(PatchRow(name, PATCHED, family=adapter.NAME))
     blocks, blocks_declined = _fuse_blocks(obj) if fuse_blocks else ({}, ())
     wrapped = _wrap(obj, cuda_graph, channels_last, max_graphs, clone_outputs) if cuda_graph or channels_last else ()
-    return PatchReport("patch", (PATCHED, DECLINED, ALREADY_PATCHED), rows, options, wrapped, blocks,
-                       blocks_declined)
+    statuses = (PATCHED, BRIDGED, DECLINED, ALREADY_PATCHED) if any(r.status == BRIDGED for r in rows) \
+        else (PATCHED, DECLINED, ALREADY_PATCHED)
+    return PatchReport("patch", statuses, rows, options, wrapped, blocks, blocks_declined)
 
 
 @torch.no_grad()
@@ -405,5 +434,8 @@ def unpatch(obj) -> PatchReport:
                 setattr(parent, attr, original)
         reasons = ("it is the object passed to unpatch(); use its .original",) if places[0][1] is None else ()
         rows.append(PatchRow(name, RESTORED, reasons, _family(original)))
+    for places in _sites(obj, want=adapters.is_bridged).values():
+        name, _, _, module = places[0]
+        rows.append(PatchRow(name, RESTORED, ("bridged",), _family(adapters.unbridge(module))))
     blocks = _unfuse_blocks(obj)
     return PatchReport("unpatch", (RESTORED,), rows, {}, tuple(wrapped), blocks)

@@ -80,7 +80,8 @@ def test_graphs_and_compile_cpu(capsys, one_thread):
     [sys.executable, os.path.join("examples", "txt2img.py"), "--help"],
     [sys.executable, os.path.join("examples", "graphs_and_compile.py"), "--help"],
     [sys.executable, os.path.join("examples", "lora.py"), "--help"],
-], ids=["python -m", "examples/txt2img.py", "examples/graphs_and_compile.py", "examples/lora.py"])
+    [sys.executable, os.path.join("examples", "dit.py"), "--help"],
+], ids=["python -m", "examples/txt2img.py", "examples/graphs_and_compile.py", "examples/lora.py", "examples/dit.py"])
 def test_entry_points_help(command):
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -97,3 +98,25 @@ def test_lora_example_switches_adapters_on_a_patched_pipeline(capsys, one_thread
     assert len(diffs) == 4 and max(diffs) <= 1.0
     moved = float(re.search(r"adapters move the stock image by ([0-9.]+) / 255", text).group(1))
     assert moved > 1.0, "the adapters should change the image, or the comparison shows nothing"
+
+
+def test_dit_example_cpu_checks_sd3_flux_and_wan(tmp_path, capsys, one_thread):
+    from deepspeed_diffusers_attn import dit_example
+
+    assert _load_example("dit").main is dit_example.main  # the example runs the package's code
+    rc = dit_example.main(["--cpu", "--out", str(tmp_path)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "not a speed comparison" in text and "speedup" not in text.lower()
+    for title in ("SD3-medium (StableDiffusion3Pipeline)", "Flux.1-dev (FluxPipeline)",
+                  "Wan2.1-T2V-1.3B (WanPipeline), 64x64, 5 frames"):
+        assert title in text
+    diffs = _differences(text)
+    assert len(diffs) == 3 and max(diffs) <= dit_example.CPU_TOLERANCE
+    assert text.count("PASS") == 4  # one per model and the summary
+    assert text.count("patch(pipe): ") == 3  # each model's report: counts per component and family
+    from PIL import Image
+
+    for key in ("sd3", "flux", "wan"):
+        for run in ("stock", "patched"):
+            assert Image.open(tmp_path / f"{key}_{run}.png").size == (64, 64)

@@ -164,16 +164,21 @@ def test_unsupported_adapter_runs_stock_and_says_why():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("when", ["before patch", "after patch"])
+@pytest.mark.parametrize("when", ["before patch", "after patch", "with IP-Adapter"])
 def test_cuda_sdxl_two_loras_against_float64(when):
-    """fp16 on our kernels with two adapters: error against a float64 stock run at most 2x
-    stock fp16's own error."""
+    """fp16 on our kernels with two adapters (and an IP-Adapter): error against a float64
+    stock run at most 2x stock fp16's own error."""
+    from deepspeed_diffusers_attn.random_adapters import add_random_ip_adapter
+
     unet, inputs = make_unet("sdxl")
     add_adapters(unet, rank=8)
     unet.set_adapters(["a", "b"], weights=[1.0, 0.7])
+    if when == "with IP-Adapter":
+        dim = add_random_ip_adapter(unet, image_embed_dim=64)
+        inputs["added_cond_kwargs"]["image_embeds"] = [torch.randn(2, 1, dim, generator=torch.Generator().manual_seed(5))]
     ref64 = copy.deepcopy(unet).to("cuda", torch.float64)
     stock16 = copy.deepcopy(unet).to("cuda", torch.float16)
-    ours = copy.deepcopy(unet) if when == "before patch" else make_unet("sdxl")[0]
+    ours = make_unet("sdxl")[0] if when == "after patch" else copy.deepcopy(unet)
     ours = ours.to("cuda", torch.float16)
     dda.patch(ours)
     if when == "after patch":
@@ -182,13 +187,172 @@ def test_cuda_sdxl_two_loras_against_float64(when):
         lora = {k: v for k, v in unet.state_dict().items() if "lora_" in k}
         assert not ours.load_state_dict(lora, strict=False).unexpected_keys
     assert all(not m.stock_reason for m in patched_modules(ours))
+    if when == "with IP-Adapter":
+        assert sum(type(m.processor).__name__ == "IPAdapterAttnProcessor2_0" for m in patched_modules(ours)) > 0
+
+    def to(v, dtype):
+        if isinstance(v, dict):
+            return {k: to(x, dtype) for k, x in v.items()}
+        if isinstance(v, list):
+            return [to(x, dtype) for x in v]
+        return v.to("cuda", dtype) if v.is_floating_point() else v.to("cuda")
 
     def on(dtype):
-        return {k: (v.to("cuda", dtype) if v.is_floating_point() else v.to("cuda")) if torch.is_tensor(v)
-                else {kk: vv.to("cuda", dtype) for kk, vv in v.items()} for k, v in inputs.items()}
+        return to(inputs, dtype)
 
     ref = run(ref64, on(torch.float64))
     stock_err = rel(run(stock16, on(torch.float16)), ref)
     ours_err = rel(run(ours, on(torch.float16)), ref)
     print(f"SDXL + 2 LoRAs ({when}): ours {ours_err:.3g}, stock fp16 {stock_err:.3g} (rel. L2 vs float64)")
     assert ours_err <= 2 * stock_err + 1e-4
+
+
+# --------------------------------------------------------------------------- the fixed-address bank
+def test_adapter_weights_live_in_one_bank_per_input():
+    """PEFT's A weights become views of the bank: one [R, in] tensor per input (Q/K/V's
+    adapters together in self-attention), so one GEMM computes all of them."""
+    unet, inputs = make_unet()
+    add_adapters(unet)
+    dda.patch(unet)
+    run(unet, inputs)
+    for m in patched_modules(unet):
+        groups = m.lora_bank._groups
+        cross = m.dda.config.is_cross_attention
+        assert [g.input for g in groups] == (["hidden", "context", "output"] if cross else ["hidden", "output"])
+        hidden = groups[0]
+        assert hidden.a.shape[0] == (1 if cross else 3) * 2 * 4  # projections x adapters x rank
+        for target in ("q",) if cross else ("q", "k", "v"):
+            layer = getattr(m, f"to_{target}")
+            for name in ("a", "b"):
+                a = layer.lora_A[name].weight
+                assert a.untyped_storage().data_ptr() == hidden.a.untyped_storage().data_ptr()
+
+
+def test_switching_adapters_rewrites_factors_not_the_bank():
+    unet, inputs = make_unet()
+    stock = copy.deepcopy(unet)
+    add_adapters(stock)
+    add_adapters(unet)
+    dda.patch(unet)
+    run(unet, inputs)
+    generations = [m.lora_bank.generation for m in patched_modules(unet)]
+    for call in ("set_adapters one", "set_adapters both", "disable_lora", "enable_lora", "fuse_then_unfuse",
+                 "fuse_lora"):
+        CALLS[call](stock)
+        CALLS[call](unet)
+        assert rel(run(unet, inputs), run(stock, inputs)) <= TOL, call
+    assert [m.lora_bank.generation for m in patched_modules(unet)] == generations
+
+
+def test_hotswap_writes_through_data_are_seen():
+    """PEFT's hotswap copies new weights into the loaded ones through ``.data`` (no version
+    counter moves): the kernels read the bank those weights view, so the next call sees them."""
+    unet, inputs = make_unet()
+    stock = copy.deepcopy(unet)
+    add_adapters(stock, names=("a",))
+    add_adapters(unet, names=("a",))
+    dda.patch(unet)
+    run(unet, inputs)
+    torch.manual_seed(11)
+    new = {k: torch.randn_like(v) * 0.1 for k, v in stock.state_dict().items() if "lora_" in k}
+    for model in (stock, unet):
+        params = dict(model.named_parameters())
+        for k, v in new.items():
+            params[k].data.copy_(v)
+    assert rel(run(unet, inputs), run(stock, inputs)) <= TOL
+
+
+def test_deleting_an_adapter_rebuilds_the_bank_and_unpatch_unshares():
+    unet, inputs = make_unet()
+    stock = copy.deepcopy(unet)
+    add_adapters(stock)
+    add_adapters(unet)
+    dda.patch(unet)
+    run(unet, inputs)
+    before = [m.lora_bank.generation for m in patched_modules(unet)]
+    stock.delete_adapters("b")
+    unet.delete_adapters("b")
+    assert rel(run(unet, inputs), run(stock, inputs)) <= TOL
+    assert all(m.lora_bank.generation == g + 1 for m, g in zip(patched_modules(unet), before))
+    banks = [m.lora_bank._groups[0].a for m in patched_modules(unet)]
+    dda.unpatch(unet)
+    a_weights = [p for n, p in unet.named_parameters() if "lora_A" in n]
+    assert a_weights and all(p.untyped_storage().data_ptr() not in {b.untyped_storage().data_ptr() for b in banks}
+                             for p in a_weights)
+    assert rel(run(unet, inputs), run(stock, inputs)) <= TOL
+
+
+def test_adapters_in_another_dtype_are_stacked_per_call():
+    unet, inputs = make_unet()
+    stock = copy.deepcopy(unet)
+    add_adapters(stock)
+    add_adapters(unet)
+    dda.patch(unet)
+    for model in (stock, unet):  # adapters in float64 under a float32 model
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.data = p.data.double()
+    with torch.no_grad():
+        ours = unet(**inputs).sample
+    assert all("float64" in m.lora_bank.per_call for m in patched_modules(unet))
+    ref = run(stock, {k: v for k, v in inputs.items()})
+    assert rel(ours, ref) <= TOL
+
+
+def test_lora_under_torch_compile_equals_eager():
+    """torch.compile traces the adapters stacked per call (their state becomes guards)."""
+    unet, inputs = make_unet()
+    add_adapters(unet)
+    unet.set_adapters(["a", "b"], weights=[1.0, 0.5])
+    dda.patch(unet)
+    attn = patched_modules(unet)[1]  # a cross-attention module
+    x = torch.randn(2, 16, attn.dda.config.hidden_size)
+    ctx = torch.randn(2, 7, attn.dda.config.cross_attention_dim)
+    compiled = torch.compile(attn, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, ctx), attn(x, ctx), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_lora_and_ip_adapter_loaded_from_the_checkpoint_format(kind):
+    """Two LoRAs plus an IP-Adapter loaded by diffusers' own loader from a state dict in the
+    checkpoint's format: every attention module stays on our kernels, output as stock's,
+    also after set_ip_adapter_scale."""
+    from deepspeed_diffusers_attn.random_adapters import add_random_ip_adapter, add_random_lora
+
+    unet, inputs = make_unet(kind)
+    add_random_lora(unet, rank=4)
+    dim = add_random_ip_adapter(unet, image_embed_dim=32)
+    inputs["added_cond_kwargs"] = {**inputs.get("added_cond_kwargs", {}),
+                                   "image_embeds": [torch.randn(2, 1, dim, generator=torch.Generator().manual_seed(3))]}
+    stock = copy.deepcopy(unet)
+    report = dda.patch(unet)
+    assert report.summary().get("declined", 0) == 0 and report.summary()["patched"] > 0
+    ip = [m for m in patched_modules(unet) if type(m.processor).__name__ == "IPAdapterAttnProcessor2_0"]
+    assert ip and all(not m.stock_reason for m in patched_modules(unet))
+    assert rel(run(unet, inputs), run(stock, inputs)) <= TOL
+    for model in (stock, unet):
+        for p in model.attn_processors.values():
+            if hasattr(p, "scale") and isinstance(p.scale, list):
+                p.scale = [0.25]
+    assert rel(run(unet, inputs), run(stock, inputs)) <= TOL
+
+
+def test_self_attention_given_a_context_moves_k_v_updates_to_it():
+    """A self-attention module called with encoder_hidden_states reads K/V from it: the
+    bank regroups its adapters (K/V's A matrices then read the context), and back."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from conftest import make_attention
+
+    stock = make_attention(32, heads=2, dim_head=16)
+    torch.manual_seed(4)
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=TARGETS, init_lora_weights=False), stock)
+    wrapper = torch.nn.Sequential(copy.deepcopy(stock))
+    dda.patch(wrapper)
+    ours = wrapper[0]
+    assert isinstance(ours, PatchedAttention)
+    x, ctx = torch.randn(2, 9, 32), torch.randn(2, 5, 32)
+    with torch.no_grad():
+        for context in (None, ctx, None):
+            assert rel(ours(x, context), stock(x, context)) <= TOL

@@ -9,7 +9,10 @@ Each adapter module defines:
 * ``convert(module, **options) -> (stand_in, [])`` or ``(None, reasons)``: the
   stand-in module that replaces it (a :class:`~.stand_in.StandIn`: ``.original``,
   ``.dda``, ``restore()``, stock ``state_dict``), with the original's weights turned
-  into views of the fused ones; the original is untouched when it declines.
+  into views of the fused ones; the original is untouched when it declines. An adapter
+  that converts in place (:mod:`.dispatch_bridge`: the module keeps running diffusers'
+  code with its attention on our kernel) returns ``(module, notes)`` instead, and the
+  report lists the module as "bridged" (:func:`is_bridged`, undone by :func:`unbridge`).
 
 :func:`deepspeed_diffusers_attn.patch` walks a pipeline and asks :func:`adapter_for`;
 it never looks inside a family. Adding a family is adding a module here and one entry
@@ -22,12 +25,13 @@ from typing import Optional
 
 from torch import nn
 
-from . import attention_processor, unserved
+from . import attention_processor, dispatch_bridge, flux, joint_attention, unserved, wan
 from .stand_in import StandIn
 
-__all__ = ["ADAPTERS", "adapter_for", "is_stand_in", "supports", "from_diffusers", "StandIn"]
+__all__ = ["ADAPTERS", "adapter_for", "is_stand_in", "is_bridged", "unbridge", "supports", "from_diffusers",
+           "StandIn"]
 
-ADAPTERS: tuple[ModuleType, ...] = (attention_processor, unserved)
+ADAPTERS: tuple[ModuleType, ...] = (joint_attention, flux, wan, dispatch_bridge, attention_processor, unserved)
 """Every adapter, in the order they are asked; :mod:`.unserved` comes last."""
 
 
@@ -44,6 +48,16 @@ def adapter_for(module: nn.Module) -> Optional[ModuleType]:
 def is_stand_in(module: nn.Module) -> bool:
     """Whether ``module`` is a stand-in put in place by ``patch``."""
     return isinstance(module, StandIn)
+
+
+def is_bridged(module: nn.Module) -> bool:
+    """Whether ``module`` was converted in place by :mod:`.dispatch_bridge` (its processor is bridged)."""
+    return dispatch_bridge.is_bridged(module)
+
+
+def unbridge(module: nn.Module) -> nn.Module:
+    """Undo :func:`is_bridged`'s conversion: the stock processor comes back (``module`` is returned)."""
+    return dispatch_bridge.restore(module)
 
 
 def supports(module: nn.Module) -> list[str]:

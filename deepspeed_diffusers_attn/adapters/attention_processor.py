@@ -17,7 +17,8 @@ from torch import nn
 from ..attention import (DeepSpeedDiffusersAttention, DeepSpeedDiffusersAttentionConfig, ImageKV, LowRankUpdates,
                          unsupported_device_dtype, unsupported_head_dim)
 from . import peft_lora
-from ..module_state import registrations
+from .lora_bank import LoraBank
+from ..module_state import registrations, tuner_key
 from .stand_in import StandIn, share_weights
 
 __all__ = ["NAME", "claims", "supports", "from_diffusers", "convert", "PatchedAttention", "FusedAttnProcessor"]
@@ -67,8 +68,11 @@ def _is_ip_adapter(processor) -> bool:
     return type(processor) is IPAdapterAttnProcessor2_0
 
 
-def supports(attn) -> list[str]:
-    """Every reason the diffusers ``Attention`` ``attn`` cannot be converted; empty if it can."""
+def supports(attn, *, adapters: bool = True) -> list[str]:
+    """Every reason the diffusers ``Attention`` ``attn`` cannot be converted; empty if it can.
+
+    ``adapters=False`` leaves out the LoRA adapters' reasons (a patched module runs stock
+    while it has such an adapter: :attr:`PatchedAttention.stock_reason`)."""
     from diffusers.models.attention_processor import AttnProcessor
 
     if not claims(attn):
@@ -115,7 +119,7 @@ def supports(attn) -> list[str]:
             reasons.append(f"{name} is a {type(m).__name__}, not a plain nn.Linear or a PEFT LoRA layer "
                            "around one")
             bad = True
-        elif problem := peft_lora.unsupported(m):
+        elif adapters and (problem := peft_lora.unsupported(m)):
             reasons.append(f"{name}: {problem}")
         elif _has_hooks(m) or _has_hooks(peft_lora.base_linear(m)):
             reasons.append(f"forward hooks on {name} would be bypassed")
@@ -336,11 +340,14 @@ class PatchedAttention(StandIn):
 
     LoRA. PEFT finds the projections here as in stock diffusers, so adapters load before or
     after patching, and every adapter call (``set_adapters``, ``disable_lora``,
-    ``fuse_lora``, ``delete_adapters``...) acts on them. Each call reads the active adapters
-    (:mod:`.peft_lora`) and passes them to the fused module as low-rank updates: the fused
-    Q/K/V and output GEMMs stay, and each adapter adds two small GEMMs accumulated into
-    their results. An adapter we cannot reproduce (DoRA, LoRA bias, active dropout) makes
-    the module run stock for as long as it is there, and :attr:`stock_reason` says so.
+    ``fuse_lora``, ``delete_adapters``...) acts on them. The adapters' A weights live in a
+    :class:`~.lora_bank.LoraBank` (PEFT's tensors become views of it) and their factors in
+    a fixed vector that each call (and each graph replay, through :meth:`graph_state`)
+    brings up to date; the fused module adds them as low-rank updates: the fused Q/K/V and
+    output GEMMs stay, one GEMM computes every A of the projections reading one input, and
+    each B adds one GEMM accumulated into the fused result. An adapter we cannot reproduce
+    (DoRA, LoRA bias, active dropout) makes the module run stock for as long as it is there,
+    and :attr:`stock_reason` says so.
 
     diffusers' processor API keeps its meaning. :meth:`get_processor` (and so the model's
     ``attn_processors``) reports what runs: while our kernels run, a
@@ -359,6 +366,8 @@ class PatchedAttention(StandIn):
         object.__setattr__(self, "_processor", _reported(original.processor))
         object.__setattr__(self, "_processor_reason", "")
         object.__setattr__(self, "_reason_cache", (None, ""))
+        object.__setattr__(self, "_lora", LoraBank())
+        object.__setattr__(self, "_cross_call", fused.config.is_cross_attention)
 
     def _shared_pairs(self) -> list:
         return _shared_pairs(self, self.dda)
@@ -422,18 +431,50 @@ class PatchedAttention(StandIn):
             self._modules["processor"] = stock
         else:
             self._modules.pop("processor", None)
-        reasons = [r for r in supports(self._sync_original()) if not r.startswith(("to_q:", "to_k:", "to_v:",
-                                                                                    "to_out[0]:"))]
+        reasons = supports(self._sync_original(), adapters=False)
         object.__setattr__(self, "_processor_reason", "; ".join(reasons))
         if not reasons:
             self.dda.config.scale = float(self._original.scale) if type(stock) is AttnProcessor else None
             object.__setattr__(self, "_processor", _reported(stock))  # a new object: graph keys see the change
 
-    def _low_rank(self) -> LowRankUpdates | None:
-        dtype = self.dda.attn_ow.dtype
-        q, k, v, out = (peft_lora.updates(m, dtype) for m in _projections(self))
-        updates = LowRankUpdates(q, k, v, out)
-        return updates if updates else None
+    @property
+    def lora_bank(self) -> LoraBank:
+        """The fixed-address LoRA weights and factors of this module's projections."""
+        return self._lora
+
+    def _lora_spec(self, cross: bool) -> tuple:
+        q, k, v, out = _projections(self)
+        if cross:  # K and V read the context
+            return ("hidden", (("q", q),)), ("context", (("k", k), ("v", v))), ("output", (("out", out),))
+        return ("hidden", (("q", q), ("k", k), ("v", v))), ("output", (("out", out),))
+
+    def _low_rank(self, cross: bool) -> LowRankUpdates | None:
+        if cross != self._cross_call:  # a self-attention module given a context: K/V read it
+            object.__setattr__(self, "_cross_call", cross)
+        w = self.dda.attn_ow
+        if torch.compiler.is_compiling():  # traced: the adapters' state becomes guards, as stock PEFT's does
+            groups = LoraBank.stacked(self._lora_spec(cross), w.dtype)
+        else:
+            groups, _ = self._lora.sync(lambda: self._lora_spec(cross), cross, w.dtype, w.device)
+        return LowRankUpdates(groups) if groups else None
+
+    def graph_state(self) -> tuple:
+        """The LoRA state a captured graph depends on (:mod:`.module_state`): brings the bank's
+        factors up to date and returns its identity, or the adapters' state where they are
+        not banked (running stock, or stacked per call)."""
+        if self.stock_reason:
+            return ("stock", tuple(tuner_key(m) for m in _projections(self) if peft_lora.is_lora_layer(m)))
+        w, cross = self.dda.attn_ow, self._cross_call
+        return self._lora.sync(lambda: self._lora_spec(cross), cross, w.dtype, w.device)[1]
+
+    def graph_state_covers(self) -> tuple:
+        """The projections whose adapter state :meth:`graph_state` accounts for."""
+        return _projections(self)
+
+    def restore(self) -> nn.Module:
+        """As :meth:`StandIn.restore`, with the adapter weights given their own storage again."""
+        self._lora.release()
+        return super().restore()
 
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states=None,
                 attention_mask: torch.Tensor | None = None, **cross_attention_kwargs) -> torch.Tensor:
@@ -458,7 +499,8 @@ class PatchedAttention(StandIn):
                 "our kernels with a plain processor: load the IP-Adapter (pipe.load_ip_adapter) first")
         if not torch.compiler.is_compiling():
             self._check_views()
-        return self.dda(hidden_states, context=context, input_mask=attention_mask, low_rank=self._low_rank(),
+        cross = self.dda.config.is_cross_attention or context is not None
+        return self.dda(hidden_states, context=context, input_mask=attention_mask, low_rank=self._low_rank(cross),
                         image_kv=image_kv)
 
     def extra_repr(self) -> str:

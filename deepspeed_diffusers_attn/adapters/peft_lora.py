@@ -5,8 +5,8 @@ diffusers loads LoRA through PEFT (``load_lora_weights``, ``load_lora_adapter``,
 ``base_layer`` is the original Linear and whose ``lora_A[name]`` / ``lora_B[name]`` /
 ``scaling[name]`` hold each adapter. PEFT's own forward computes
 ``base(x) + sum over active adapters of scaling * lora_B(lora_A(dropout(x)))``; the fused
-module computes the same as the fused base GEMM plus two small GEMMs per adapter
-(:class:`~deepspeed_diffusers_attn.attention.LowRankUpdates`).
+module computes the same as the fused base GEMM plus low-rank GEMMs
+(:class:`~deepspeed_diffusers_attn.attention.LowRankUpdates`, built by :mod:`.lora_bank`).
 
 Layers are recognised by duck typing (peft need not be importable). The state read is
 PEFT's public one: ``active_adapters``, ``disable_adapters``, ``merged``, and the
@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["is_lora_layer", "base_linear", "adapter_tensors", "unsupported", "updates"]
+__all__ = ["is_lora_layer", "base_linear", "adapter_tensors", "unsupported", "adapter_factors"]
 
 
 def is_lora_layer(m: nn.Module) -> bool:
@@ -60,27 +60,19 @@ def unsupported(m: nn.Module) -> str:
     return ""
 
 
-def updates(m: nn.Module, dtype: torch.dtype) -> tuple:
-    """The active adapters of ``m`` as ``((A, B, scale), ...)``; () for a plain layer, or when
-    adapters are disabled or merged into the base weights (PEFT's forward adds nothing then).
+def adapter_factors(m: nn.Module) -> dict:
+    """Each adapter of ``m`` with its factor in ``m``'s output now: its ``scaling`` while it is
+    active and the layer is neither disabled nor merged, else 0 ({} for a plain layer).
 
-    Like PEFT's forward, a disabled layer with merged adapters is unmerged first. A and B
-    come in ``dtype`` (cast when the adapter weights are stored in another dtype).
+    As PEFT's forward does, a disabled layer with merged adapters is unmerged first (PEFT's
+    forward adds nothing while disabled or merged: a merged adapter is in the base weights).
     """
     if not is_lora_layer(m):
-        return ()
-    if m.disable_adapters:
-        if m.merged:
-            m.unmerge()
-        return ()
-    if m.merged:
-        return ()
-    out = []
-    for name in m.active_adapters:
-        if name not in m.lora_A.keys():
-            continue
-        a, b = m.lora_A[name].weight, m.lora_B[name].weight
-        if a.dtype != dtype:
-            a, b = a.to(dtype), b.to(dtype)
-        out.append((a, b, float(m.scaling[name])))
-    return tuple(out)
+        return {}
+    if m.disable_adapters and m.merged:
+        m.unmerge()
+    names = m.lora_A.keys()
+    if m.disable_adapters or m.merged:
+        return dict.fromkeys(names, 0.0)
+    active = m.active_adapters
+    return {name: float(m.scaling[name]) if name in active else 0.0 for name in names}

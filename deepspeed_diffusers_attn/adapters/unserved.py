@@ -1,8 +1,9 @@
 """Adapter of last resort: attention modules of a family no other adapter serves.
 
-diffusers' newer attention classes (``FluxAttention``, ``WanAttention``, ...) and any
-module that carries an attention ``processor`` are claimed here and always declined,
-with the family named, so the report lists them instead of skipping them silently.
+Any module that carries an attention ``processor`` and that no adapter before this one
+claims (a custom attention class, or one whose processor neither a dedicated adapter nor
+the dispatcher bridge can run) is claimed here and always declined, with the family
+named, so the report lists it instead of skipping it silently.
 """
 from __future__ import annotations
 
