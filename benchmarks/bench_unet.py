@@ -35,8 +35,10 @@ tokens on every cross-attention, scale 0.6), random weights loaded as diffusers 
 real ones (deepspeed_diffusers_attn.random_adapters); its rows are named e.g.
 ``sdxl+lora2+ip``. With LoRA, the graph variants also time an adapter switch: three
 ``set_adapters`` calls, each followed by one step; ``switch_ms`` is the median of
-(set_adapters + step) minus a plain step, and ``captures`` how many graphs the variant
-captured in all (1: switching never re-captured). ``--adapters-only`` skips the plain pass.
+(the first step after ``set_adapters``) minus a plain step, ``set_adapters_ms`` the
+median time of diffusers' ``set_adapters`` call itself (the same for stock and ours), and
+``captures`` how many graphs the variant captured in all (ours: 2, the first and one for
+states with an inactive adapter; stock: one per adapter state). ``--adapters-only`` skips the plain pass.
 
 VAE decode (batch 1) at 512 and 1024 px: stock and ours, eager, graphed and graphed channels-last. Writes
 results.json after every variant (a run cut short by a timeout keeps what it measured) and
@@ -183,19 +185,26 @@ def tear_down(row: dict, teardown) -> None:
 
 
 def measure_switch(unet, fn, call, row: dict) -> None:
-    """Time adapter switches on a LoRA UNet (see the module doc): ``switch_ms`` and ``captures``."""
+    """Time adapter switches on a LoRA UNet (see the module doc), then put the adapters back
+    as they were: ``set_adapters_ms`` (diffusers' own call), ``switch_ms`` (the first step
+    after it minus a plain step) and ``captures``."""
     names = list(unet.peft_config)
+    before = (list(unet.active_adapters()), [1.0] + [0.5] * (len(names) - 1))
     settings = [(names[:1], [1.0]), (names, [1.0] + [0.5] * (len(names) - 1)), (names[-1:], [0.8])]
-    times = []
+    set_times, step_times = [], []
     for adapters, weights in settings:
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         unet.set_adapters(adapters, weights=weights)
+        t1 = time.perf_counter()
         with torch.no_grad():
             call(fn)
         torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    row["switch_ms"] = round(sorted(times)[1] * 1e3 - row["ms"], 2)
+        set_times.append(t1 - t0)
+        step_times.append(time.perf_counter() - t1)
+    unet.set_adapters(*before)
+    row["set_adapters_ms"] = round(sorted(set_times)[1] * 1e3, 2)
+    row["switch_ms"] = round(sorted(step_times)[1] * 1e3 - row["ms"], 2)
     stats = getattr(unet.forward, "stats", None)
     if stats is not None:
         row["captures"] = stats["captures"]
@@ -320,7 +329,8 @@ def _fmt(row: dict) -> str:
         return f"{row['config']:>16} {row['variant']:<17} ERROR {row['error']}"
     err = "-" if row.get("rel_err") is None else f"{row['rel_err']:.2e}"
     first = "compile   " if "compile_s" in row else "first call"
-    switch = f"  switch {row['switch_ms']:.2f} ms, {row.get('captures', '?')} captures" if "switch_ms" in row else ""
+    switch = (f"  switch +{row['switch_ms']:.2f} ms (set_adapters {row['set_adapters_ms']:.1f} ms), "
+              f"{row.get('captures', '?')} captures") if "switch_ms" in row else ""
     return (f"{row['config']:>16} {row['variant']:<17} {row['ms']:9.2f} ms  {first} {row['first_call_s']:7.2f} s  "
             f"peak {row['peak_mem_gb']:6.2f} GB  rel err vs stock {err}{'' if row['finite'] else '  NON-FINITE'}"
             f"{switch}  ({row['variant_s']:.0f} s)")

@@ -746,12 +746,15 @@ class LowRankGroup(NamedTuple):
         buffer, so a CUDA graph reads the current scales at replay), or None for 1.
     segments: ``((target, r0, r1, b), ...)``: target is ``"q"``, ``"k"``, ``"v"`` or ``"out"``;
         b ``[out_features, r1 - r0]`` contiguous.
+    inactive: ``[R]`` bool on the same device, or None: ranks whose columns of ``t`` are zeroed
+        after the scale (an inactive adapter adds nothing, not ``0 * inf``).
     """
 
     input: str
     a: torch.Tensor
     scale: Optional[torch.Tensor]
     segments: tuple
+    inactive: Optional[torch.Tensor] = None
 
 
 class LowRankUpdates(NamedTuple):
@@ -770,7 +773,7 @@ class LowRankUpdates(NamedTuple):
 
     def tensors(self) -> tuple:
         """Every tensor the updates read, in order (for autograd to see them)."""
-        low = tuple(t for g in self.groups for t in (g.a, g.scale, *(seg[3] for seg in g.segments))
+        low = tuple(t for g in self.groups for t in (g.a, g.scale, g.inactive, *(seg[3] for seg in g.segments))
                     if t is not None)
         return low + tuple(t for branch in self.image for t in (branch.context, branch.wk, branch.wv))
 
@@ -791,10 +794,10 @@ class LowRankUpdates(NamedTuple):
                                  f"{tuple(g.a.shape)}")
             for t in (g.a, *(seg[3] for seg in g.segments)):
                 _check_tensor(t, "low_rank weight", dtype, device)
-            if g.scale is not None and (g.scale.shape != (g.a.shape[0],) or g.scale.dtype != torch.float32
-                                        or g.scale.device != device):
-                raise ValueError(f"low_rank: {g.input} group's scale must be a float32 [{g.a.shape[0]}] "
-                                 f"tensor on {device}")
+            for name, t, kind in (("scale", g.scale, torch.float32), ("inactive", g.inactive, torch.bool)):
+                if t is not None and (t.shape != (g.a.shape[0],) or t.dtype != kind or t.device != device):
+                    raise ValueError(f"low_rank: {g.input} group's {name} must be a {kind} [{g.a.shape[0]}] "
+                                     f"tensor on {device}")
             for target, r0, r1, b in g.segments:
                 out = cfg.hidden_size if target == "out" else cfg.inner_dim
                 if target not in allowed[g.input] or not 0 <= r0 < r1 <= g.a.shape[0] or b.shape != (out, r1 - r0):
@@ -812,6 +815,8 @@ class LowRankUpdates(NamedTuple):
             t = ops.linear(x, g.a)
             if g.scale is not None:
                 t = (t * g.scale).to(t.dtype) if functional else t.mul_(g.scale)
+            if g.inactive is not None:
+                t = t.masked_fill(g.inactive, 0) if functional else t.masked_fill_(g.inactive, 0)
             for target, r0, r1, b in g.segments:
                 out = outputs[target]
                 if functional:

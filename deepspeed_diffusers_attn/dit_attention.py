@@ -274,7 +274,8 @@ def _normalize_rotate_(qk: torch.Tensor, weight: Optional[torch.Tensor], norm: O
             z = z * (w if norm.across_heads else w.unsqueeze(-2))  # [m, H*D] or [m, 1, D]
         y = z.view(y.shape)
     if rope is not None:
-        ce, se, co, so = (t[:, None, None, :] for t in rope)  # [S, 1, 1, D/2]
+        # [S, 1, 1, D/2]; on q/k's device, as diffusers' apply_rotary_emb moves them there
+        ce, se, co, so = (t.to(y.device)[:, None, None, :] for t in rope)
         ye, yo = y[..., 0::2], y[..., 1::2]
         y = torch.stack((ye * ce - yo * se, yo * co + ye * so), dim=-1).flatten(-2)
     qk.copy_(y)

@@ -91,6 +91,11 @@ def _is_tuner_layer(m: nn.Module) -> bool:
     return "_active_adapter" in d and "_disable_adapters" in d and "merged_adapters" in d
 
 
+def _scale_key(scale):
+    # PEFT keeps scalings as 0-d tensors for hotswapping and updates them in place (fill_)
+    return (id(scale), scale._version) if isinstance(scale, torch.Tensor) else scale
+
+
 def tuner_key(layer: nn.Module) -> tuple:
     """What of a PEFT tuner layer's state changes its output: the active adapters, the
     disabled flag, the merged adapters and the active adapters' ``scaling``."""
@@ -99,10 +104,10 @@ def tuner_key(layer: nn.Module) -> tuple:
     active = d["_active_adapter"]
     scaling = d.get("scaling")
     if isinstance(active, str):
-        scales = None if scaling is None else scaling.get(active)
+        scales = None if scaling is None else _scale_key(scaling.get(active))
     else:
         active = tuple(active)
-        scales = None if scaling is None else tuple([scaling.get(a) for a in active])
+        scales = None if scaling is None else tuple([_scale_key(scaling.get(a)) for a in active])
     merged = d["merged_adapters"]
     return (active, d["_disable_adapters"], tuple(merged) if merged else (), scales)
 

@@ -387,21 +387,29 @@ def patch(obj, *, cuda_graph: bool = False, channels_last: bool = False, kv_cach
             rows.append(PatchRow(name, ALREADY_PATCHED, (f"runs stock: {stock}",) if stock else (),
                                  _family(module.original)))
             continue
-        adapter = adapters.adapter_for(module)
+        claimers = adapters.candidates(module)
         if places[0][1] is None:
             rows.append(PatchRow(name, DECLINED, ("it is the object passed to patch(); pass its parent",),
-                                 adapter.NAME))
+                                 claimers[0].NAME))
             continue
-        stand_in, reasons = adapter.convert(module, kv_cache=kv_cache)
-        if stand_in is module:  # converted in place: bridged
-            rows.append(PatchRow(name, BRIDGED, tuple(reasons), adapter.NAME))
-            continue
+        declined = []  # (adapter, reasons) of the claimers that declined, in order
+        for adapter in claimers:
+            stand_in, reasons = adapter.convert(module, kv_cache=kv_cache)
+            if stand_in is not None:
+                break
+            declined.append((adapter, reasons))
+        # a later adapter's row also says why the earlier ones declined
+        earlier = tuple(f"{a.NAME} adapter: {r}" for a, rs in declined for r in rs)
         if stand_in is None:
-            rows.append(PatchRow(name, DECLINED, tuple(reasons), adapter.NAME))
+            only = len(declined) == 1
+            rows.append(PatchRow(name, DECLINED, tuple(declined[0][1]) if only else earlier, claimers[0].NAME))
+            continue
+        if stand_in is module:  # converted in place: bridged
+            rows.append(PatchRow(name, BRIDGED, tuple(reasons) + earlier, adapter.NAME))
             continue
         for _, parent, attr, _ in places:
             setattr(parent, attr, stand_in)
-        rows.append(PatchRow(name, PATCHED, family=adapter.NAME))
+        rows.append(PatchRow(name, PATCHED, earlier, adapter.NAME))
     blocks, blocks_declined = _fuse_blocks(obj) if fuse_blocks else ({}, ())
     wrapped = _wrap(obj, cuda_graph, channels_last, max_graphs, clone_outputs) if cuda_graph or channels_last else ()
     statuses = (PATCHED, BRIDGED, DECLINED, ALREADY_PATCHED) if any(r.status == BRIDGED for r in rows) \

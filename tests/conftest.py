@@ -3,6 +3,8 @@ and the upcast-reference error check."""
 from __future__ import annotations
 
 import copy
+import json
+import os
 
 import pytest
 import torch
@@ -88,3 +90,41 @@ def assert_upcast_close(ours, attn, x, context=None, mask=None, same_dtype=None,
     bound = factor * their_err + floor * max(1.0, ref.abs().max().item())
     assert ours_err <= bound, f"error {ours_err:.3g} > {factor} x diffusers' {their_err:.3g} + floor"
     return ours_err, their_err
+
+
+def record_result(file: str, name: str, values: dict) -> None:
+    """Print ``values`` (shown with ``pytest -s``) and merge them under ``name`` into
+    ``$DDA_RESULTS_DIR/<file>.json`` when that variable is set (the GPU runs keep their numbers)."""
+    print(f"\n[{name}] " + ", ".join(f"{k}={v:.3e}" if isinstance(v, float) else f"{k}={v}"
+                                     for k, v in values.items()))
+    folder = os.environ.get("DDA_RESULTS_DIR")
+    if not folder:
+        return
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{file}.json")
+    results = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            results = json.load(f)
+    results[name] = {**values, "device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1, sort_keys=True)
+
+
+def fake_capture(log: list):
+    """A capture function for the CPU: runs eagerly, and 'replays' by recomputing into the static output."""
+    from deepspeed_diffusers_attn.graphs import map_tensors
+
+    def capture(run, device):
+        out = run()
+        log.append(out)
+
+        def replay():
+            fresh = []
+            map_tensors(run(), fresh.append)
+            it = iter(fresh)
+            map_tensors(out, lambda t: t.copy_(next(it)))
+
+        return replay, out
+
+    return capture

@@ -1,9 +1,8 @@
 """The diffusers dispatcher bridge (adapters/dispatch_bridge.py): models whose processors call
 ``dispatch_attention_fn`` keep diffusers' code, with that call on our attention kernel.
 
-CPU fp32, tiny configs, seeded random weights: Flux, Wan (pinned to the bridge: dedicated
-adapters for them may come first in ADAPTERS), LTX-Video and QwenImage (no dedicated
-adapter). Patched output within 1e-5 relative of stock, the report rows, bit-exact stock
+CPU fp32, tiny configs, seeded random weights: Flux, Wan (the dedicated adapters come first
+in ADAPTERS, so these tests pin the bridge), LTX-Video and QwenImage (no dedicated adapter). Patched output within 1e-5 relative of stock, the report rows, bit-exact stock
 after unpatch, an unpatched model untouched while another is patched, runtime fallbacks
 counted and warned, private-API drift declined cleanly, torch.compile(fullgraph=True).
 Also runs under the oldest supported diffusers (0.35.2). The CUDA tests (fp16/bf16, CUDA

@@ -16,10 +16,11 @@ import pytest
 import torch
 
 import deepspeed_diffusers_attn as dda
+from conftest import fake_capture
 from deepspeed_diffusers_attn import configs
 from deepspeed_diffusers_attn.configs import scaled_down, with_layers
 from deepspeed_diffusers_attn.dit_example import MODELS, build_model, build_pipeline, transformer_inputs
-from deepspeed_diffusers_attn.graphs import GraphedCallable, graph_module_forward, graphed_methods, map_tensors
+from deepspeed_diffusers_attn.graphs import GraphedCallable, graph_module_forward, graphed_methods
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIDE, FRAMES, TEXT = 64, 5, 16
@@ -89,19 +90,6 @@ def test_build_model_keeps_the_fp32_modules_of_wan():
     assert model.rope.freqs_cos.dtype == torch.float32
 
 
-def _fake_capture(run, device):
-    """A CPU stand-in for CUDA capture: 'replay' recomputes into the captured output's tensors."""
-    out = run()
-
-    def replay():
-        fresh = []
-        map_tensors(run(), fresh.append)
-        it = iter(fresh)
-        map_tensors(out, lambda t: t.copy_(next(it)))
-
-    return replay, out
-
-
 @pytest.mark.parametrize("key", list(MODELS))
 def test_patch_cuda_graph_wraps_a_transformer_passed_directly(key):
     model, inputs = _tiny(key)
@@ -137,7 +125,7 @@ def test_graphed_transformer_replays_new_values(key):
     model, inputs = _tiny(key)
     dda.patch(model)
     with torch.no_grad():
-        wrapper = graph_module_forward(model, capture=_fake_capture)
+        wrapper = graph_module_forward(model, capture=fake_capture([]))
         first = model(**inputs)[0]
         other = dict(inputs, hidden_states=inputs["hidden_states"] + 0.5, timestep=inputs["timestep"] + 100)
         graphed = model(**other)[0]

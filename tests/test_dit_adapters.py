@@ -327,15 +327,20 @@ def test_backward_raises_and_no_grad_is_not_needed_for_inference():
 
 
 # ---------------------------------------------------------------------- declined / stock
-def test_lora_before_patch_is_declined_with_a_reason():
+def test_lora_before_patch_is_bridged_with_the_reason():
+    """The Flux adapter declines LoRA projections; the dispatcher bridge then serves those
+    modules (PEFT's layers stay, only the attention call runs on our kernel), and each row
+    says why the dedicated adapter did not."""
     from peft import LoraConfig
 
     model, inputs = flux_model()
-    model.add_adapter(LoraConfig(r=2, target_modules=["to_q"]))
+    model.add_adapter(LoraConfig(r=2, target_modules=["to_q"], init_lora_weights=False))
     ref = run(model, inputs)
     report = dda.patch(model)
-    assert report.summary()["patched"] == 0 and len(report) == 4
-    assert all(any("LoRA" in r for r in row.reasons) for row in report)
+    assert report.summary()["bridged"] == len(report) == 4, str(report)
+    assert all(any("LoRA" in r and r.startswith(flux.NAME) for r in row.reasons) for row in report)
+    assert rel_err(run(model, inputs), ref) <= 1e-5
+    dda.unpatch(model)
     assert torch.equal(run(model, inputs), ref)
 
 
@@ -414,7 +419,13 @@ def test_adapters_come_first_and_claim_their_families():
 def bf16_errors(stock: nn.Module, inputs: dict, call) -> tuple[float, float]:
     """(our bf16 error, stock bf16 error), each the relative error against stock fp32 on CUDA."""
     stock = stock.cuda()
-    inputs = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+
+    def cuda(v):
+        if isinstance(v, (tuple, list)):
+            return type(v)(cuda(x) for x in v)
+        return v.cuda() if isinstance(v, torch.Tensor) else v
+
+    inputs = {k: cuda(v) for k, v in inputs.items()}
     with torch.no_grad():
         ref = call(stock, inputs)
         half = copy.deepcopy(stock).to(torch.bfloat16)
@@ -459,13 +470,14 @@ def real_size_attention(kind: str):
         rope = FluxPosEmbed(theta=10000, axes_dim=[16, 56, 56])(ids)
         return attn, dict(hidden_states=torch.randn(1, 4096, 3072), encoder_hidden_states=torch.randn(1, 512, 3072),
                           image_rotary_emb=rope)
-    from diffusers.models.transformers.transformer_wan import WanAttention, WanRotaryPosEmbed
+    from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor, WanRotaryPosEmbed
 
     if kind == "wan attn1":
-        attn = WanAttention(1536, heads=12, dim_head=128, eps=1e-6)
+        attn = WanAttention(1536, heads=12, dim_head=128, eps=1e-6, processor=WanAttnProcessor())
         rope = WanRotaryPosEmbed(128, (1, 2, 2), 1024)(torch.empty(1, 16, 21, 60, 104))  # 21 x 30 x 52 = 32760
         return attn, dict(hidden_states=torch.randn(1, 32760, 1536), rotary_emb=tuple(t.float() for t in rope))
-    attn = WanAttention(1536, heads=12, dim_head=128, eps=1e-6, cross_attention_dim_head=128)
+    attn = WanAttention(1536, heads=12, dim_head=128, eps=1e-6, cross_attention_dim_head=128,
+                        processor=WanAttnProcessor())
     return attn, dict(hidden_states=torch.randn(1, 32760, 1536), encoder_hidden_states=torch.randn(1, 512, 1536))
 
 

@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import json
-import os
 import warnings
 
 import pytest
@@ -46,7 +44,7 @@ from deepspeed_diffusers_attn.configs import with_layers
 from deepspeed_diffusers_attn.dit_example import MODELS, build_model, cast_model, transformer_inputs
 from deepspeed_diffusers_attn.graphs import GraphFallbackWarning
 
-from conftest import requires_cuda
+from conftest import requires_cuda, record_result
 
 pytestmark = [pytest.mark.cuda, requires_cuda]
 
@@ -77,21 +75,8 @@ def _strict_math():
 
 
 def record(name: str, values: dict) -> None:
-    """Print ``values`` (shown with ``pytest -s``) and merge them into the results JSON, if asked."""
-    print(f"\n[{name}] " + ", ".join(f"{k}={v:.3e}" if isinstance(v, float) else f"{k}={v}"
-                                     for k, v in values.items()))
-    folder = os.environ.get("DDA_RESULTS_DIR")
-    if not folder:
-        return
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, "test_dit_gpu.json")
-    results = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            results = json.load(f)
-    results[name] = {**values, "device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    with open(path, "w") as f:
-        json.dump(results, f, indent=1, sort_keys=True)
+    """Print ``values`` and keep them in test_dit_gpu.json (see conftest.record_result)."""
+    record_result("test_dit_gpu", name, values)
 
 
 def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:

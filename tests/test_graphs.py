@@ -27,6 +27,7 @@ from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDis
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 import deepspeed_diffusers_attn as dda
+from conftest import fake_capture
 from deepspeed_diffusers_attn import graphs
 from deepspeed_diffusers_attn.configs import SD15_UNET, SDXL_UNET, SD_VAE, scaled_down, sdxl_added_cond_shapes
 from deepspeed_diffusers_attn.graphs import (
@@ -55,24 +56,6 @@ def key(tensor_scalars=("timestep",), **arguments):
     k, _, problems = signature_key(arguments, tensor_scalars=tensor_scalars)
     assert not problems, problems
     return k
-
-
-def fake_capture(log: list):
-    """A capture function for the CPU: runs eagerly, and 'replays' by recomputing into the static output."""
-
-    def capture(run, device):
-        out = run()
-        log.append(out)
-
-        def replay():
-            fresh = []
-            map_tensors(run(), fresh.append)
-            it = iter(fresh)
-            map_tensors(out, lambda t: t.copy_(next(it)))
-
-        return replay, out
-
-    return capture
 
 
 def make_unet(kind: str, device="cpu", dtype=torch.float32, batch: int = 2, size=None, seq: int = 77):
@@ -398,7 +381,8 @@ ADAPTER_CHANGES = {
 def test_adapter_changes_never_replay_a_stale_graph(change, patched):
     """Stock PEFT layers freeze the adapter state into a graph, so a change captures a new
     one; ours read the adapter factors from a fixed buffer, so the same graph replays with
-    the change. Either way the replay equals eager, bit for bit."""
+    the change, except the first time some adapter becomes inactive (a graph that also zeroes
+    the inactive ranks is captured once). Either way the replay equals eager, bit for bit."""
     pytest.importorskip("peft")
     unet, inputs = make_unet("sd15")
     add_lora_adapters(unet)
@@ -414,7 +398,7 @@ def test_adapter_changes_never_replay_a_stale_graph(change, patched):
         after = unet(**inputs).sample
     assert (eager - before).abs().max() > 1e-3, "the change should alter the output"
     torch.testing.assert_close(after, eager, rtol=0, atol=0)
-    assert wrapper.stats["captures"] == (1 if patched else 2)
+    assert wrapper.stats["captures"] == (1 if patched and change == "set_adapters weight" else 2)
 
 
 def test_switching_adapters_back_replays_without_capture():
@@ -705,10 +689,10 @@ def test_cuda_pipeline_images_match_eager():
 @requires_cuda
 @pytest.mark.parametrize("patched", [False, True], ids=["stock", "ours"])
 def test_cuda_graph_after_set_adapters_equals_eager(patched):
-    """The shipped bug: SDXL with two PEFT adapters under cuda_graph=True replayed the adapter
-    set it captured after set_adapters(["a"]) (0.135 relative error on an H200). Stock PEFT
-    layers capture a graph per adapter state; ours replay one graph that reads the adapter
-    factors from a fixed buffer."""
+    """SDXL with two PEFT adapters under cuda_graph=True: after each set_adapters, the graph
+    replay equals eager. Stock PEFT layers capture a graph per adapter state; ours replay a
+    graph that reads the adapter factors from a fixed buffer (two in all: with and without
+    inactive adapters)."""
     pytest.importorskip("peft")
     unet, inputs = make_unet("sdxl", "cuda", torch.float16)
     add_lora_adapters(unet, rank=8)
@@ -724,8 +708,9 @@ def test_cuda_graph_after_set_adapters_equals_eager(patched):
             eager = wrapper.fn(**inputs).sample
             graphed = unet(**inputs).sample
             assert _report(f"set_adapters({names}, {weights})", graphed, eager) <= 2e-3
-    # stock: the last state was captured first, and replays; ours: never re-captured
-    assert wrapper.stats["captures"] == (1 if patched else 3)
+    # stock: the last state was captured first, and replays; ours: the first graph, and one
+    # for the states where an adapter is inactive
+    assert wrapper.stats["captures"] == (2 if patched else 3)
 
 
 class _UNetSample(nn.Module):

@@ -356,3 +356,75 @@ def test_self_attention_given_a_context_moves_k_v_updates_to_it():
     with torch.no_grad():
         for context in (None, ctx, None):
             assert rel(ours(x, context), stock(x, context)) <= TOL
+
+
+# ------------------------------------------------------- adapter changes between eager calls
+def _load_as_assigned(model, state):
+    model.load_state_dict(state, strict=False, assign=True)
+
+
+AFTER_A_CALL = {  # each applied to stock and patched after one forward, without graphs
+    "add_adapter": lambda u: add_adapters(u, names=("c",), seed=21),
+    "unload_lora": lambda u: u.unload_lora(),
+    "load_state_dict assign": lambda u: _load_as_assigned(
+        u, {k: torch.randn_like(v, generator=torch.Generator().manual_seed(5)) * 0.1
+            for k, v in u.state_dict().items() if "lora_" in k}),
+    "delete and re-add": lambda u: (u.delete_adapters("a"), add_adapters(u, names=("a",), seed=30)),
+    "tensor scalings filled": lambda u: [s.fill_(0.3) for m in u.modules() if hasattr(m, "scaling")
+                                         for s in m.scaling.values()],
+}
+
+
+@pytest.mark.parametrize("change", list(AFTER_A_CALL))
+def test_adapter_changes_after_a_call_without_graphs(change):
+    unet, inputs = make_unet()
+    stock = copy.deepcopy(unet)
+    add_adapters(stock)
+    add_adapters(unet)
+    for model in (stock, unet):
+        if change == "tensor scalings filled":  # what enable_lora_hotswap turns the scalings into
+            for m in model.modules():
+                if hasattr(m, "scaling"):
+                    for name in list(m.scaling):
+                        m.scaling[name] = torch.tensor(float(m.scaling[name]))
+    dda.patch(unet)
+    before = run(unet, inputs)
+    assert rel(before, run(stock, inputs)) <= TOL
+    AFTER_A_CALL[change](stock)
+    AFTER_A_CALL[change](unet)
+    after = run(unet, inputs)
+    assert (after - before).abs().max() > 1e-4, "the change should alter the output"
+    assert rel(after, run(stock, inputs)) <= TOL
+
+
+def test_dora_added_after_a_call_runs_stock():
+    from peft import LoraConfig
+
+    unet, inputs = make_unet()
+    stock = copy.deepcopy(unet)
+    dda.patch(unet)
+    run(unet, inputs)
+    for model in (stock, unet):
+        torch.manual_seed(3)
+        model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q"], use_dora=True,
+                                     init_lora_weights=False), adapter_name="dora")
+    assert all("DoRA" in m.stock_reason for m in patched_modules(unet))
+    assert rel(run(unet, inputs), run(stock, inputs)) <= TOL
+
+
+def test_an_inactive_adapter_adds_nothing_even_when_it_overflows():
+    """PEFT skips inactive adapters; ours compute them with factor 0 and zero those ranks,
+    so an inf in an inactive adapter does not become 0 * inf = NaN."""
+    unet, inputs = make_unet()
+    stock = copy.deepcopy(unet)
+    add_adapters(stock)
+    add_adapters(unet)
+    dda.patch(unet)
+    for model in (stock, unet):
+        for n, p in model.named_parameters():
+            if "lora_A.b." in n:
+                p.data.fill_(float("inf"))
+        model.set_adapters(["a"])
+    out = run(unet, inputs)
+    assert torch.isfinite(out).all()
+    assert rel(out, run(stock, inputs)) <= TOL

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import json
-import os
 
 import pytest
 import torch
@@ -31,7 +29,7 @@ from deepspeed_diffusers_attn.configs import SD15_UNET, SD21_UNET, SDXL_UNET, SD
 from deepspeed_diffusers_attn.adapters.attention_processor import PatchedAttention
 from deepspeed_diffusers_attn.workspace import Workspace, release_workspaces, workspace_nbytes
 
-from conftest import requires_cuda
+from conftest import requires_cuda, record_result
 
 pytestmark = [pytest.mark.cuda, requires_cuda]
 
@@ -73,24 +71,8 @@ def free_gpu() -> None:
 
 
 def record(name: str, values: dict) -> None:
-    """Print ``values`` (shown with ``pytest -s``) and merge them into the results JSON, if asked."""
-    print(f"\n[{name}] " + ", ".join(f"{k}={_fmt(v)}" for k, v in values.items()))
-    folder = os.environ.get("DDA_RESULTS_DIR")
-    if not folder:
-        return
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, "test_patch_gpu.json")
-    results = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            results = json.load(f)
-    results[name] = {**values, "device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    with open(path, "w") as f:
-        json.dump(results, f, indent=1, sort_keys=True)
-
-
-def _fmt(v) -> str:
-    return f"{v:.3e}" if isinstance(v, float) else str(v)
+    """Print ``values`` and keep them in test_patch_gpu.json (see conftest.record_result)."""
+    record_result("test_patch_gpu", name, values)
 
 
 def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:

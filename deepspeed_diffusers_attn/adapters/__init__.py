@@ -28,7 +28,7 @@ from torch import nn
 from . import attention_processor, dispatch_bridge, flux, joint_attention, unserved, wan
 from .stand_in import StandIn
 
-__all__ = ["ADAPTERS", "adapter_for", "is_stand_in", "is_bridged", "unbridge", "supports", "from_diffusers",
+__all__ = ["ADAPTERS", "adapter_for", "candidates", "is_stand_in", "is_bridged", "unbridge", "supports", "from_diffusers",
            "StandIn"]
 
 ADAPTERS: tuple[ModuleType, ...] = (joint_attention, flux, wan, dispatch_bridge, attention_processor, unserved)
@@ -37,12 +37,18 @@ ADAPTERS: tuple[ModuleType, ...] = (joint_attention, flux, wan, dispatch_bridge,
 
 def adapter_for(module: nn.Module) -> Optional[ModuleType]:
     """The adapter that answers for ``module``, or None if it is no attention module."""
+    found = candidates(module)
+    return found[0] if found else None
+
+
+def candidates(module: nn.Module) -> list[ModuleType]:
+    """Every adapter that claims ``module``, in :data:`ADAPTERS` order: ``patch`` asks them in
+    turn, so a module a dedicated adapter declines (e.g. Flux with LoRA) may still be bridged.
+    :mod:`.unserved` is left out when another adapter claims the module."""
     if isinstance(module, StandIn):
-        return None
-    for adapter in ADAPTERS:
-        if adapter.claims(module):
-            return adapter
-    return None
+        return []
+    found = [adapter for adapter in ADAPTERS if adapter.claims(module)]
+    return found[:1] if found and found[0] is unserved else [a for a in found if a is not unserved]
 
 
 def is_stand_in(module: nn.Module) -> bool:

@@ -18,7 +18,7 @@ from ..attention import (DeepSpeedDiffusersAttention, DeepSpeedDiffusersAttentio
                          unsupported_device_dtype, unsupported_head_dim)
 from . import peft_lora
 from .lora_bank import LoraBank
-from ..module_state import registrations, tuner_key
+from ..module_state import tuner_key
 from .stand_in import StandIn, share_weights
 
 __all__ = ["NAME", "claims", "supports", "from_diffusers", "convert", "PatchedAttention", "FusedAttnProcessor"]
@@ -386,13 +386,16 @@ class PatchedAttention(StandIn):
         """Why this module runs stock diffusers now ("" while our kernels run)."""
         if self._processor_reason:
             return self._processor_reason
-        # The adapters' rules change only with registrations (adapters loaded) or the training
-        # flag (dropout): cached on both, since graph keys read this on every call.
-        key = (registrations(), self.training)
+        # The adapters' rules change only with the adapters (each projection's layer and its
+        # adapter names) or the training flag (dropout): cached on those, since graph keys
+        # read this on every call.
+        projections = _projections(self)
+        key = (self.training, projections,
+               tuple(tuple(m.lora_A._modules) for m in projections if peft_lora.is_lora_layer(m)))
         cached_key, reason = self._reason_cache
         if cached_key != key:
             reason = ""
-            for name, m in zip(("to_q", "to_k", "to_v", "to_out[0]"), _projections(self)):
+            for name, m in zip(("to_q", "to_k", "to_v", "to_out[0]"), projections):
                 problem = peft_lora.unsupported(m)
                 if problem:
                     reason = f"{name}: {problem}"
@@ -455,7 +458,7 @@ class PatchedAttention(StandIn):
         if torch.compiler.is_compiling():  # traced: the adapters' state becomes guards, as stock PEFT's does
             groups = LoraBank.stacked(self._lora_spec(cross), w.dtype)
         else:
-            groups, _ = self._lora.sync(lambda: self._lora_spec(cross), cross, w.dtype, w.device)
+            groups, _ = self._lora.sync(lambda: self._lora_spec(cross), _projections(self), cross, w.dtype, w.device)
         return LowRankUpdates(groups) if groups else None
 
     def graph_state(self) -> tuple:
@@ -465,7 +468,7 @@ class PatchedAttention(StandIn):
         if self.stock_reason:
             return ("stock", tuple(tuner_key(m) for m in _projections(self) if peft_lora.is_lora_layer(m)))
         w, cross = self.dda.attn_ow, self._cross_call
-        return self._lora.sync(lambda: self._lora_spec(cross), cross, w.dtype, w.device)[1]
+        return self._lora.sync(lambda: self._lora_spec(cross), _projections(self), cross, w.dtype, w.device)[1]
 
     def graph_state_covers(self) -> tuple:
         """The projections whose adapter state :meth:`graph_state` accounts for."""

@@ -21,8 +21,9 @@ raises ValueError.
 
 Declined: other processors (IP-Adapter's), a context-parallel config, fused projections
 (``fuse_qkv_projections``: call ``unfuse_qkv_projections`` first), LoRA (PEFT) layers on the
-projections (not run by our kernels yet). The processor's attention backend
-(``set_attention_backend``) is not consulted: a patched module always runs our kernel.
+projections (these kernels do not run them; ``patch`` then asks the dispatcher bridge). The
+processor's attention backend (``set_attention_backend``) is not consulted: a patched
+module always runs our kernel.
 """
 from __future__ import annotations
 

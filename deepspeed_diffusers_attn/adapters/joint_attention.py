@@ -16,7 +16,7 @@ scale is 1/sqrt(head_dim)), ``residual_connection`` and ``rescale_output_factor`
 This file also holds what the DiT adapters share (:mod:`.flux` and :mod:`.wan` import it):
 the checks of projections and norms, the stock-name to fused-view map that conversion and
 weight sharing walk, and :class:`DiTStandIn`, the stand-in base with diffusers' processor
-API. LoRA (PEFT) layers on these projections are not run by our kernels yet: a module with
+API. LoRA (PEFT) layers on these projections are not run by these kernels: a module with
 one is declined at patch time, and a patched module given one later runs stock diffusers
 (its ``stock_reason`` says why) until it is gone.
 """
@@ -80,7 +80,7 @@ def linear_reasons(module: nn.Module, paths, *, optional: bool = False) -> list[
         elif type(m) is not nn.Linear:
             lora = hasattr(m, "base_layer") and hasattr(m, "lora_A")
             reasons.append(f"{path} is a {type(m).__name__}, not a plain nn.Linear"
-                           + (" (LoRA / PEFT layers on DiT attention projections are not run by our kernels yet)"
+                           + (" (LoRA / PEFT layers on DiT attention projections are not run by these kernels)"
                               if lora else ""))
         elif has_hooks(m):
             reasons.append(f"forward hooks on {path} would be bypassed")
@@ -206,7 +206,7 @@ class DiTStandIn(StandIn):
 
     ``stock_reason`` is "" while our kernels run. It names why this module runs stock diffusers
     instead: a processor we do not reproduce was set (:meth:`set_processor`), or a projection or
-    norm was replaced since patching (a PEFT LoRA layer: not run by our kernels yet). Subclasses
+    norm was replaced since patching (a PEFT LoRA layer: not run by these kernels). Subclasses
     set ``_processor_class`` (the stock processor they reproduce) and implement ``forward``,
     calling :meth:`_ours` first.
     """
@@ -241,7 +241,7 @@ class DiTStandIn(StandIn):
             m = child(self, path)
             if type(m) is not kind:
                 return (f"{path} is now a {type(m).__name__} (LoRA / PEFT layers on DiT attention projections "
-                        "are not run by our kernels yet)")
+                        "are not run by these kernels)")
         return ""
 
     def _ours(self) -> bool:

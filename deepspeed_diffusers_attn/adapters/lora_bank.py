@@ -15,8 +15,10 @@ projections is a block of rows of one ``[R, in]`` tensor, and PEFT's
   disabled or merged) is one float32 entry per rank of a fixed vector. ``set_adapters``,
   ``disable_lora`` / ``enable_lora``, ``fuse_lora`` / ``unfuse_lora`` and
   ``set_adapters(weights=...)`` only rewrite that vector (one small host-to-device copy
-  per module), so a captured CUDA graph reads the new factors at replay: switching adapters
-  never re-captures.
+  per module), so a captured CUDA graph reads the new factors at replay. An inactive
+  adapter must add nothing (not ``0 * inf``), so while some factor is 0 the groups also zero
+  those ranks (one more small kernel per input); a graph is captured once with that step and
+  once without, and every later switch replays one of the two.
 
 The bank is rebuilt (new tensors, a new :attr:`LoraBank.generation`, which is in the graph
 key) when the adapters' identity changes: one loaded or deleted, or a weight given new
@@ -32,7 +34,7 @@ from __future__ import annotations
 
 import torch
 from ..attention import LowRankGroup
-from ..module_state import registrations, tuner_key
+from ..module_state import tuner_key
 from . import peft_lora
 
 __all__ = ["LoraBank"]
@@ -65,24 +67,32 @@ class LoraBank:
         # what the per-call check compares (see sync): the registration count, variant, dtype
         # and device; each LoRA layer's adapter dict with its names; each adapter weight with
         # its data pointer
+        self._masked = None  # the groups with the inactive ranks zeroed, while some factor is 0
+        self._masked_all = ()
+        self._inactive = None  # bool [R_total] on the device: which ranks have factor 0
+        self._host = None  # pinned host copy of (factors, inactive), and the event of its last copy
+        self._copied = None
         self._seen = None
-        self._dicts, self._names, self._weights, self._pointers = [], [], [], []
+        self._dicts, self._linears, self._params, self._weights, self._pointers = [], [], [], [], []
+        self._weight_ids = []
         self._spec = ()
 
     # ------------------------------------------------------------------ public
-    def sync(self, spec_fn, variant, dtype: torch.dtype, device: torch.device) -> tuple[tuple, tuple]:
+    def sync(self, spec_fn, projections: tuple, variant, dtype: torch.dtype,
+             device: torch.device) -> tuple[tuple, tuple]:
         """(the :class:`LowRankGroup` s for this call, a hashable graph-state token).
 
-        ``spec_fn()`` gives the spec (see the class doc) for the hashable ``variant`` (which
-        projections read which input); it is asked only when something may have changed:
-        a registration anywhere in a watched model (adapters loaded, modules swapped), a
-        ``variant``, dtype or device change, an adapter deleted, or an adapter weight given
-        new storage. Then the bank is rebuilt if the adapters' identity changed. The factors
-        are rewritten when the adapters' state changed. Neither may happen during a
-        CUDA-graph capture (the graph wrappers sync before they capture), which raises.
+        ``projections``: the module's projection layers as they are now (their identities are
+        compared); ``spec_fn()`` gives the spec (see the class doc) for the hashable ``variant``
+        (which projections read which input). It is asked only when something changed: a
+        projection replaced (an adapter layer added or removed), the variant, dtype or device,
+        an adapter added, deleted or replaced, an adapter weight replaced or given new
+        storage. Then the bank is rebuilt if the adapters' identity changed. The factors are
+        rewritten when the adapters' state changed. Neither may happen during a CUDA-graph
+        capture (the graph wrappers sync before they capture), which raises.
         """
-        if not self._unchanged(variant, dtype, device):
-            self._relayout(spec_fn(), variant, dtype, device)
+        if not self._unchanged(projections, variant, dtype, device):
+            self._relayout(spec_fn(), projections, variant, dtype, device)
         if not self._layers:
             return (), ()
         state = tuple([tuner_key(m) for m in self._layers])
@@ -90,7 +100,8 @@ class LoraBank:
             return self.stacked(self._spec, dtype), ("per call", state)
         if state != self._written:
             self._write_factors()
-        return self._groups, ("bank", id(self), self.generation)
+        masked = self._masked is not None
+        return (self._masked if masked else self._groups), ("bank", id(self), self.generation, masked)
 
     def release(self) -> None:
         """Give every banked adapter weight its own storage again and forget the bank."""
@@ -98,18 +109,23 @@ class LoraBank:
             a = layer.lora_A[name].weight if name in layer.lora_A else None
             if a is not None:
                 a.data = a.data.clone()
-        self._layout, self._groups, self._blocks, self._layers = None, (), (), ()
-        self._factors, self._written, self._seen = None, None, None
+        self._layout, self._groups, self._masked, self._masked_all = None, (), None, ()
+        self._blocks, self._layers = (), ()
+        self._factors, self._inactive, self._host, self._copied = None, None, None, None
+        self._written, self._seen, self._spec = None, None, ()
+        self._dicts, self._linears, self._params, self._weights, self._pointers = [], [], [], [], []
+        self._weight_ids = []
         self.per_call = ""
 
     # ----------------------------------------------------------------- private
-    def _unchanged(self, variant, dtype, device) -> bool:
-        return (self._seen == (registrations(), variant, dtype, device)
-                and list(map(tuple, self._dicts)) == self._names
+    def _unchanged(self, projections, variant, dtype, device) -> bool:
+        return (self._seen == (projections, variant, dtype, device)
+                and [list(d.values()) for d in self._dicts] == self._linears
+                and [id(d["weight"]) for d in self._params] == self._weight_ids
                 and list(map(_data_ptr, self._weights)) == self._pointers)
 
-    def _relayout(self, spec, variant, dtype, device) -> None:
-        layers = [(inp, target, m) for inp, projections in spec for target, m in projections
+    def _relayout(self, spec, projections, variant, dtype, device) -> None:
+        layers = [(inp, target, m) for inp, projections_ in spec for target, m in projections_
                   if peft_lora.is_lora_layer(m)]
         if not layers:
             if self._layout is not None:
@@ -117,14 +133,17 @@ class LoraBank:
         elif self._layout_key(layers, dtype, device) != self._layout:
             self._build(spec, layers, dtype, device)
         lora = list(dict.fromkeys(m for _, _, m in layers))
-        weights = [w for m in lora for name in m.lora_A.keys() for w in (m.lora_A[name].weight, m.lora_B[name].weight)]
         self._layers = tuple(lora)
         self._spec = spec
-        self._dicts = [m.lora_A._modules for m in lora]
-        self._names = list(map(tuple, self._dicts))
-        self._weights = weights
-        self._pointers = list(map(_data_ptr, weights))
-        self._seen = (registrations(), variant, dtype, device)
+        # what _unchanged compares: each LoRA layer's adapter dicts and their Linears, each
+        # Linear's parameter dict and weight, and each weight's data pointer
+        self._dicts = [d for m in lora for d in (m.lora_A._modules, m.lora_B._modules)]
+        self._linears = [list(d.values()) for d in self._dicts]
+        self._params = [lin._parameters for linears in self._linears for lin in linears]
+        self._weights = [d["weight"] for d in self._params]
+        self._weight_ids = list(map(id, self._weights))
+        self._pointers = list(map(_data_ptr, self._weights))
+        self._seen = (projections, variant, dtype, device)
 
     @staticmethod
     def _layout_key(layers, dtype, device) -> tuple:
@@ -152,7 +171,8 @@ class LoraBank:
                 rows.setdefault(inp, []).append((target, m, name))
         total = sum(m.lora_A[name].weight.shape[0] for entries in rows.values() for _, m, name in entries)
         factors = torch.zeros(total, dtype=torch.float32, device=device)
-        groups, offset = [], 0
+        inactive = torch.ones(total, dtype=torch.bool, device=device)
+        groups, masked, offset = [], [], 0
         with torch.no_grad():
             for inp, _ in spec:
                 entries = rows.get(inp)
@@ -169,9 +189,15 @@ class LoraBank:
                     segments.append((target, r0, r0 + r, m.lora_B[name].weight))
                     blocks.append((m, name, r))
                     r0 += r
-                groups.append(LowRankGroup(inp, a_all, factors[offset : offset + r0], tuple(segments)))
+                group = LowRankGroup(inp, a_all, factors[offset : offset + r0], tuple(segments))
+                groups.append(group)
+                masked.append(group._replace(inactive=inactive[offset : offset + r0]))
                 offset += r0
         self._groups, self._blocks, self._factors, self._written = tuple(groups), tuple(blocks), factors, None
+        self._inactive, self._masked_all = inactive, tuple(masked)
+        if device.type == "cuda":
+            self._host = (torch.empty(total, dtype=torch.float32, pin_memory=True),
+                          torch.empty(total, dtype=torch.bool, pin_memory=True))
         self._layout = self._layout_key(layers, dtype, device)  # after re-pointing the A weights
 
     @staticmethod
@@ -190,16 +216,30 @@ class LoraBank:
         if _capturing():
             raise RuntimeError("deepspeed_diffusers_attn: the LoRA adapter state changed during a CUDA-graph "
                                "capture; run one eager call after changing adapters")
+        factors = {m: peft_lora.adapter_factors(m) for m in self._layers}  # unmerges a disabled merged layer
         per_rank = []
         for m, name, r in self._blocks:
-            per_rank += [peft_lora.adapter_factors(m)[name]] * r
-        host = torch.tensor(per_rank, dtype=torch.float32)
-        if self._factors.is_cuda:
-            # pinned, so the copy is ordered on the stream without waiting for it
-            self._factors.copy_(host.pin_memory(), non_blocking=True)
+            per_rank += [float(factors[m][name])] * r
+        values = torch.tensor(per_rank, dtype=torch.float32)
+        zero = values == 0
+        if self._host is not None:
+            # through pinned buffers, so the copies are ordered on the stream without waiting for
+            # it; the buffers are rewritten only once their last copy is done
+            if self._copied is not None:
+                self._copied.synchronize()
+            self._host[0].copy_(values)
+            self._host[1].copy_(zero)
+            self._factors.copy_(self._host[0], non_blocking=True)
+            self._inactive.copy_(self._host[1], non_blocking=True)
+            self._copied = torch.cuda.Event()
+            self._copied.record()
         else:
-            self._factors.copy_(host)
-        self._written = tuple(tuner_key(m) for m in self._layers)  # unmerge() may have changed it
+            self._factors.copy_(values)
+            self._inactive.copy_(zero)
+        # an inactive adapter must add nothing, not 0 * inf: while some factor is 0 the
+        # groups also zero those ranks (a graph captured without it is keyed apart)
+        self._masked = self._masked_all if bool(zero.any()) else None
+        self._written = tuple(tuner_key(m) for m in self._layers)
 
     @staticmethod
     def stacked(spec, dtype) -> tuple:
@@ -211,7 +251,7 @@ class LoraBank:
             a_parts, segments, r0 = [], [], 0
             for target, m in projections:
                 for name, factor in peft_lora.adapter_factors(m).items():
-                    if factor == 0:
+                    if isinstance(factor, float) and factor == 0:  # inactive (a tensor scaling stays: traced)
                         continue
                     a, b = m.lora_A[name].weight, m.lora_B[name].weight
                     a_parts.append((a * factor).to(dtype))

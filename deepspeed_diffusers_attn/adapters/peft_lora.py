@@ -61,8 +61,9 @@ def unsupported(m: nn.Module) -> str:
 
 
 def adapter_factors(m: nn.Module) -> dict:
-    """Each adapter of ``m`` with its factor in ``m``'s output now: its ``scaling`` while it is
-    active and the layer is neither disabled nor merged, else 0 ({} for a plain layer).
+    """Each adapter of ``m`` with its factor in ``m``'s output now: its ``scaling`` (a number,
+    or the 0-d tensor PEFT keeps for hotswapping) while it is active and the layer is neither
+    disabled nor merged, else 0.0 ({} for a plain layer).
 
     As PEFT's forward does, a disabled layer with merged adapters is unmerged first (PEFT's
     forward adds nothing while disabled or merged: a merged adapter is in the base weights).
@@ -75,4 +76,4 @@ def adapter_factors(m: nn.Module) -> dict:
     if m.disable_adapters or m.merged:
         return dict.fromkeys(names, 0.0)
     active = m.active_adapters
-    return {name: float(m.scaling[name]) if name in active else 0.0 for name in names}
+    return {name: m.scaling[name] if name in active else 0.0 for name in names}

@@ -18,8 +18,8 @@
 
 Declined: other processors, a context-parallel config, fused projections
 (``fuse_qkv_projections``: call ``unfuse_qkv_projections`` first), K/V heads of another size
-(``cross_attention_dim_head`` != head dim), LoRA (PEFT) layers on the projections (not run by
-our kernels yet). The processor's attention backend is not consulted: a patched module always
+(``cross_attention_dim_head`` != head dim), LoRA (PEFT) layers on the projections (these
+kernels do not run them; ``patch`` then asks the dispatcher bridge). The processor's attention backend is not consulted: a patched module always
 runs our kernel. Patch's ``kv_cache`` is not used: the text K/V GEMM is a small share of a
 Wan step (512 text tokens against tens of thousands of video tokens).
 """
