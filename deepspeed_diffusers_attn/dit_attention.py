@@ -27,8 +27,10 @@ What each step costs (e = bytes per element, inner = H * D, B batch, S tokens):
   FLOPs. With B > 1 and two streams, a stream's rows of ``[B, S, ...]`` are not one strided
   matrix, so each stream takes B GEMMs of S_stream rows (the same FLOPs);
 * QK RMSNorm and RoPE: torch ops over the q/k rows of the packed buffer, in fp32, written back
-  once: about ten elementwise kernels reading and writing B·S·2·inner elements each (a fused
-  norm+RoPE kernel would make this one pass of 2·B·S·2·inner·e bytes);
+  once: seven kernels (an fp32 copy, ``F.rms_norm``, the weight, two products and two fused
+  multiply-adds writing the even and odd halves into the buffer), each reading or writing
+  about B·S·2·inner elements (a fused norm+RoPE kernel would make this one pass of
+  2·B·S·2·inner·e bytes);
 * attention: our kernel reading q, k, v from the packed layout, 4·B·H·S²·D FLOPs; ``o`` is one
   new ``[B, S, H, D]`` tensor;
 * output projections: one GEMM per stream (B per stream when B > 1 and there are two streams),
@@ -45,6 +47,7 @@ from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import ops
@@ -264,21 +267,27 @@ def _normalize_rotate_(qk: torch.Tensor, weight: Optional[torch.Tensor], norm: O
     """
     if norm is None and rope is None:
         return
-    y = qk.float()
+    y = qk.to(torch.float32, copy=True)  # a copy even in fp32: RoPE reads it while writing qk
     if norm is not None:
         eps = norm.eps if norm.eps is not None else torch.finfo(qk.dtype).eps
         z = y.flatten(-2) if norm.across_heads else y  # [B, S, m, H*D] or [B, S, m, H, D]
-        z = z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + eps)
+        z = F.rms_norm(z, (z.shape[-1],), None, eps)  # one fused kernel
         if weight is not None:
             w = weight.float()
-            z = z * (w if norm.across_heads else w.unsqueeze(-2))  # [m, H*D] or [m, 1, D]
+            z.mul_(w if norm.across_heads else w.unsqueeze(-2))  # [m, H*D] or [m, 1, D]
         y = z.view(y.shape)
-    if rope is not None:
-        # [S, 1, 1, D/2]; on q/k's device, as diffusers' apply_rotary_emb moves them there
-        ce, se, co, so = (t.to(y.device)[:, None, None, :] for t in rope)
-        ye, yo = y[..., 0::2], y[..., 1::2]
-        y = torch.stack((ye * ce - yo * se, yo * co + ye * so), dim=-1).flatten(-2)
-    qk.copy_(y)
+    if rope is None:
+        qk.copy_(y)
+        return
+    # [S, 1, 1, D/2]; on q/k's device, as diffusers' apply_rotary_emb moves them there
+    ce, se, co, so = (t.to(y.device)[:, None, None, :] for t in rope)
+    ye, yo = y[..., 0::2], y[..., 1::2]
+    # even = ye ce - yo se, odd = yo co + ye so: fp32 math, each written into qk once
+    if torch.compiler.is_compiling():  # traced: strided out= is not; inductor fuses this anyway
+        qk.copy_(torch.stack((ye * ce - yo * se, yo * co + ye * so), dim=-1).flatten(-2))
+        return
+    torch.addcmul(ye * ce, yo, se, value=-1, out=qk[..., 0::2])
+    torch.addcmul(yo * co, ye, so, out=qk[..., 1::2])
 
 
 def _param(*shape, device, dtype) -> nn.Parameter:

@@ -312,7 +312,8 @@ def test_compile_fullgraph_matches_eager(case):
         stock = attn(*args, **kwargs)
     eager, compiled, stock = (o if isinstance(o, tuple) else (o,) for o in (eager, compiled, stock))
     for e, c, s in zip(eager, compiled, stock):
-        assert torch.equal(e, c)
+        # the traced RoPE is the same fp32 math as eager's fused multiply-adds, in another order
+        assert rel_err(c, e) <= 1e-6
         assert rel_err(e, s) <= TOL
 
 

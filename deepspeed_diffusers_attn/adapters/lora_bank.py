@@ -23,7 +23,7 @@ projections is a block of rows of one ``[R, in]`` tensor, and PEFT's
 The bank is rebuilt (new tensors, a new :attr:`LoraBank.generation`, which is in the graph
 key) when the adapters' identity changes: one loaded or deleted, or a weight given new
 storage (``.to()``, a hotswap to another rank). Inactive adapters cost their rank in the
-GEMMs (their factor is 0); that is the price of never re-capturing.
+GEMMs (their factor is 0); that is the price of not re-capturing on every switch.
 
 Adapter weights in another dtype or on another device than the module (PEFT can keep
 adapters in float32 under a float16 model) cannot be views of the module-dtype bank: they
@@ -33,6 +33,7 @@ graph key holds their state, so a switch re-captures once per new state.
 from __future__ import annotations
 
 import torch
+
 from ..attention import LowRankGroup
 from ..module_state import tuner_key
 from . import peft_lora
@@ -64,14 +65,14 @@ class LoraBank:
         self._layers = ()  # the LoRA layers of the blocks, each once
         self._factors = None  # float32 [R_total] on the device; the groups' scales are its slices
         self._written = None  # the tuner state the factors were last written for
-        # what the per-call check compares (see sync): the registration count, variant, dtype
-        # and device; each LoRA layer's adapter dict with its names; each adapter weight with
-        # its data pointer
         self._masked = None  # the groups with the inactive ranks zeroed, while some factor is 0
         self._masked_all = ()
         self._inactive = None  # bool [R_total] on the device: which ranks have factor 0
         self._host = None  # pinned host copy of (factors, inactive), and the event of its last copy
         self._copied = None
+        # what the per-call check compares (_unchanged, set by _relayout): the projections,
+        # variant, dtype and device; each LoRA layer's adapter dicts and their Linears; each
+        # Linear's weight (identity) and its data pointer
         self._seen = None
         self._dicts, self._linears, self._params, self._weights, self._pointers = [], [], [], [], []
         self._weight_ids = []
@@ -135,8 +136,6 @@ class LoraBank:
         lora = list(dict.fromkeys(m for _, _, m in layers))
         self._layers = tuple(lora)
         self._spec = spec
-        # what _unchanged compares: each LoRA layer's adapter dicts and their Linears, each
-        # Linear's parameter dict and weight, and each weight's data pointer
         self._dicts = [d for m in lora for d in (m.lora_A._modules, m.lora_B._modules)]
         self._linears = [list(d.values()) for d in self._dicts]
         self._params = [lin._parameters for linears in self._linears for lin in linears]
