@@ -390,8 +390,8 @@ class PatchedAttention(StandIn):
         # adapter names) or the training flag (dropout): cached on those, since graph keys
         # read this on every call.
         projections = _projections(self)
-        key = (self.training, projections,
-               tuple(tuple(m.lora_A._modules) for m in projections if peft_lora.is_lora_layer(m)))
+        children = [m._modules for m in projections]  # dict reads: this runs on every call
+        key = (self.training, projections, tuple(tuple(d["lora_A"]._modules) for d in children if "lora_A" in d))
         cached_key, reason = self._reason_cache
         if cached_key != key:
             reason = ""

@@ -32,6 +32,8 @@ graph key holds their state, so a switch re-captures once per new state.
 """
 from __future__ import annotations
 
+from array import array
+
 import torch
 
 from ..attention import LowRankGroup
@@ -215,11 +217,11 @@ class LoraBank:
         if _capturing():
             raise RuntimeError("deepspeed_diffusers_attn: the LoRA adapter state changed during a CUDA-graph "
                                "capture; run one eager call after changing adapters")
-        factors = {m: peft_lora.adapter_factors(m) for m in self._layers}  # unmerges a disabled merged layer
-        per_rank = []
+        factors = {m: peft_lora.layer_factors(m) for m in self._layers}  # unmerges a disabled merged layer
+        per_rank = array("f")
         for m, name, r in self._blocks:
-            per_rank += [float(factors[m][name])] * r
-        values = torch.tensor(per_rank, dtype=torch.float32)
+            per_rank.extend((float(factors[m][name]),) * r)
+        values = torch.frombuffer(per_rank, dtype=torch.float32)
         zero = values == 0
         if self._host is not None:
             # through pinned buffers, so the copies are ordered on the stream without waiting for

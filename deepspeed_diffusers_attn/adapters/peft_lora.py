@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["is_lora_layer", "base_linear", "adapter_tensors", "unsupported", "adapter_factors"]
+__all__ = ["is_lora_layer", "base_linear", "adapter_tensors", "unsupported", "adapter_factors", "layer_factors"]
 
 
 def is_lora_layer(m: nn.Module) -> bool:
@@ -68,8 +68,12 @@ def adapter_factors(m: nn.Module) -> dict:
     As PEFT's forward does, a disabled layer with merged adapters is unmerged first (PEFT's
     forward adds nothing while disabled or merged: a merged adapter is in the base weights).
     """
-    if not is_lora_layer(m):
-        return {}
+    return layer_factors(m) if is_lora_layer(m) else {}
+
+
+def layer_factors(m: nn.Module) -> dict:
+    """:func:`adapter_factors` of a layer known to be a PEFT LoRA layer (no check: the bank
+    asks this for every layer it holds on every adapter switch)."""
     if m.disable_adapters and m.merged:
         m.unmerge()
     names = m.lora_A.keys()
