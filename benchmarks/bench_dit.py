@@ -51,9 +51,10 @@ listed in the conditions as not removed.
 
 Writes results.json after every row (a run cut short keeps what it measured) and results.png
 (ms per variant, one block per model and batch, the attention share in each label) to --out.
-Time on an H200 (estimated from FLOP counts, not yet measured), all models, B=1,2, --no-compile:
-about 4-5 minutes (Wan at 32760 tokens is ~1 s per B=2 step); each torch.compile of a full model
-adds an estimated 1-3 minutes (Flux the most), so the compile variants are best run on a subset
+Time on an H200: all models, --batch 1 --variants stock+graph,ours+graph --no-compile (with the
+attention share) took 57 s; all variants at B=1,2 without compile is estimated at 4-5 minutes
+(Wan at 32760 tokens is ~1 s per B=2 step); each torch.compile of a full model adds an
+estimated 1-3 minutes (Flux the most), so the compile variants are best run on a subset
 (--models, --batch, --variants) or with --layers.
 """
 from __future__ import annotations

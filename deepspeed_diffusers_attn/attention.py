@@ -783,7 +783,7 @@ class LowRankUpdates(NamedTuple):
         dtype, device = module.attn_ow.dtype, module.attn_ow.device
         widths = {"hidden": cfg.hidden_size, "output": cfg.inner_dim,
                   "context": (cfg.cross_attention_dim or cfg.hidden_size) if cross else None}
-        allowed = {"hidden": "q" if cross else "qkv", "context": "kv", "output": ("out",)}
+        allowed = {"hidden": ("q",) if cross else ("q", "k", "v"), "context": ("k", "v"), "output": ("out",)}
         seen = set()
         for g in self.groups:
             if g.input not in widths or widths[g.input] is None or g.input in seen:

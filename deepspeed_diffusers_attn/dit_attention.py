@@ -147,8 +147,22 @@ def _check_common(problems: list, heads: int, dim_head: int, dtype: torch.dtype)
         problems.append(f"dtype must be float32, float16 or bfloat16, got {dtype}")
 
 
+class _HeadsConfig:
+    """What both configs derive from ``heads``, ``dim_head`` and ``scale``."""
+
+    @property
+    def inner_dim(self) -> int:
+        """heads * dim_head."""
+        return self.heads * self.dim_head
+
+    @property
+    def softmax_scale(self) -> float:
+        """The scale used: ``scale``, or 1/sqrt(dim_head)."""
+        return self.scale if self.scale is not None else 1.0 / math.sqrt(self.dim_head)
+
+
 @dataclass
-class JointAttentionConfig:
+class JointAttentionConfig(_HeadsConfig):
     """Shape and options of a :class:`JointAttention`.
 
     heads, dim_head: H and D of every stream (inner = H * D).
@@ -176,16 +190,6 @@ class JointAttentionConfig:
                 problems.append(f"{name}: in_features and out_features must be >= 1")
         if problems:
             raise ValueError("JointAttentionConfig: " + "; ".join(problems))
-
-    @property
-    def inner_dim(self) -> int:
-        """heads * dim_head."""
-        return self.heads * self.dim_head
-
-    @property
-    def softmax_scale(self) -> float:
-        """The scale used: ``scale``, or 1/sqrt(dim_head)."""
-        return self.scale if self.scale is not None else 1.0 / math.sqrt(self.dim_head)
 
 
 class _InferenceOnly(torch.autograd.Function):
@@ -436,7 +440,7 @@ class JointAttention(nn.Module):
 
 
 @dataclass
-class CrossAttentionConfig:
+class CrossAttentionConfig(_HeadsConfig):
     """Shape and options of a :class:`QKNormCrossAttention`.
 
     heads, dim_head: H and D (inner = H * D).
@@ -473,16 +477,6 @@ class CrossAttentionConfig:
             problems.append("hidden_size, context_size and image_size must be >= 1")
         if problems:
             raise ValueError("CrossAttentionConfig: " + "; ".join(problems))
-
-    @property
-    def inner_dim(self) -> int:
-        """heads * dim_head."""
-        return self.heads * self.dim_head
-
-    @property
-    def softmax_scale(self) -> float:
-        """The scale used: ``scale``, or 1/sqrt(dim_head)."""
-        return self.scale if self.scale is not None else 1.0 / math.sqrt(self.dim_head)
 
 
 class QKNormCrossAttention(nn.Module):

@@ -60,6 +60,16 @@ def patched_modules(unet):
     return [m for m in unet.modules() if isinstance(m, PatchedAttention)]
 
 
+def patched_with_stock_twin(kind="sd15"):
+    """(patched UNet, stock copy, inputs): both with the same two adapters (add_adapters)."""
+    unet, inputs = make_unet(kind)
+    stock = copy.deepcopy(unet)
+    add_adapters(stock)
+    add_adapters(unet)
+    dda.patch(unet)
+    return unet, stock, inputs
+
+
 CALLS = {
     "set_adapters both": lambda u: u.set_adapters(["a", "b"], weights=[1.0, 0.5]),
     "set_adapters one": lambda u: u.set_adapters(["b"], weights=[0.75]),
@@ -229,11 +239,7 @@ def test_adapter_weights_live_in_one_bank_per_input():
 
 
 def test_switching_adapters_rewrites_factors_not_the_bank():
-    unet, inputs = make_unet()
-    stock = copy.deepcopy(unet)
-    add_adapters(stock)
-    add_adapters(unet)
-    dda.patch(unet)
+    unet, stock, inputs = patched_with_stock_twin()
     run(unet, inputs)
     generations = [m.lora_bank.generation for m in patched_modules(unet)]
     for call in ("set_adapters one", "set_adapters both", "disable_lora", "enable_lora", "fuse_then_unfuse",
@@ -263,11 +269,7 @@ def test_hotswap_writes_through_data_are_seen():
 
 
 def test_deleting_an_adapter_rebuilds_the_bank_and_unpatch_unshares():
-    unet, inputs = make_unet()
-    stock = copy.deepcopy(unet)
-    add_adapters(stock)
-    add_adapters(unet)
-    dda.patch(unet)
+    unet, stock, inputs = patched_with_stock_twin()
     run(unet, inputs)
     before = [m.lora_bank.generation for m in patched_modules(unet)]
     stock.delete_adapters("b")
@@ -283,11 +285,7 @@ def test_deleting_an_adapter_rebuilds_the_bank_and_unpatch_unshares():
 
 
 def test_adapters_in_another_dtype_are_stacked_per_call():
-    unet, inputs = make_unet()
-    stock = copy.deepcopy(unet)
-    add_adapters(stock)
-    add_adapters(unet)
-    dda.patch(unet)
+    unet, stock, inputs = patched_with_stock_twin()
     for model in (stock, unet):  # adapters in float64 under a float32 model
         for n, p in model.named_parameters():
             if "lora_" in n:
@@ -415,11 +413,7 @@ def test_dora_added_after_a_call_runs_stock():
 def test_an_inactive_adapter_adds_nothing_even_when_it_overflows():
     """PEFT skips inactive adapters; ours compute them with factor 0 and zero those ranks,
     so an inf in an inactive adapter does not become 0 * inf = NaN."""
-    unet, inputs = make_unet()
-    stock = copy.deepcopy(unet)
-    add_adapters(stock)
-    add_adapters(unet)
-    dda.patch(unet)
+    unet, stock, inputs = patched_with_stock_twin()
     for model in (stock, unet):
         for n, p in model.named_parameters():
             if "lora_A.b." in n:

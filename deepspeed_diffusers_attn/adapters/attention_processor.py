@@ -454,12 +454,15 @@ class PatchedAttention(StandIn):
     def _low_rank(self, cross: bool) -> LowRankUpdates | None:
         if cross != self._cross_call:  # a self-attention module given a context: K/V read it
             object.__setattr__(self, "_cross_call", cross)
-        w = self.dda.attn_ow
         if torch.compiler.is_compiling():  # traced: the adapters' state becomes guards, as stock PEFT's does
-            groups = LoraBank.stacked(self._lora_spec(cross), w.dtype)
+            groups = LoraBank.stacked(self._lora_spec(cross), self.dda.attn_ow.dtype)
         else:
-            groups, _ = self._lora.sync(lambda: self._lora_spec(cross), _projections(self), cross, w.dtype, w.device)
+            groups = self._sync_lora(cross)[0]
         return LowRankUpdates(groups) if groups else None
+
+    def _sync_lora(self, cross: bool) -> tuple:
+        w = self.dda.attn_ow
+        return self._lora.sync(lambda: self._lora_spec(cross), _projections(self), cross, w.dtype, w.device)
 
     def graph_state(self) -> tuple:
         """The LoRA state a captured graph depends on (:mod:`.module_state`): brings the bank's
@@ -467,8 +470,7 @@ class PatchedAttention(StandIn):
         not banked (running stock, or stacked per call)."""
         if self.stock_reason:
             return ("stock", tuple(tuner_key(m) for m in _projections(self) if peft_lora.is_lora_layer(m)))
-        w, cross = self.dda.attn_ow, self._cross_call
-        return self._lora.sync(lambda: self._lora_spec(cross), _projections(self), cross, w.dtype, w.device)[1]
+        return self._sync_lora(self._cross_call)[1]
 
     def graph_state_covers(self) -> tuple:
         """The projections whose adapter state :meth:`graph_state` accounts for."""

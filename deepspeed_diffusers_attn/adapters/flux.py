@@ -33,8 +33,8 @@ import torch
 from torch import nn
 
 from ..dit_attention import JointAttention, Rope
-from .joint_attention import (JOINT_NAMES, DiTStandIn, child, convert_with, dropout_reasons, has_hooks, head_reasons,
-                              joint_config, linear_reasons, load_fused, param_reasons, qk_norm_spec, unwrap)
+from .joint_attention import (JOINT_NAMES, DiTStandIn, child, convert_with, has_hooks, head_reasons, joint_config,
+                              load_fused, param_reasons, projection_reasons, qk_norm_spec, unwrap)
 
 __all__ = ["NAME", "claims", "supports", "from_diffusers", "convert", "PatchedFluxAttention", "flux_rope"]
 
@@ -76,19 +76,16 @@ def supports(attn: nn.Module) -> list[str]:
     paths = ["to_q", "to_k", "to_v"] + (["to_out.0"] if not attn.pre_only or child(attn, "to_out") else [])
     if context:
         paths += ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
-    bad = linear_reasons(attn, paths)
-    reasons += bad + dropout_reasons(attn)
-    if bad:
+    shared, inner = projection_reasons(attn, paths)
+    reasons += shared
+    if inner is None:
         return reasons
     to_q, to_k, to_v = attn.to_q, attn.to_k, attn.to_v
-    inner = to_q.out_features
     head_dim = int(attn.head_dim)
     if inner % head_dim:
         reasons.append(f"inner dim {inner} is not a multiple of head_dim {head_dim}")
         return reasons
     reasons += head_reasons(inner // head_dim, inner)[1]
-    if to_k.out_features != inner or to_v.out_features != inner:
-        reasons.append(f"K/V width {to_k.out_features}/{to_v.out_features} differs from Q's {inner}")
     if not to_q.in_features == to_k.in_features == to_v.in_features:
         reasons.append("to_q, to_k and to_v take different input widths")
     for p in (p for p in ("to_out.0", "to_add_out") if p in paths):

@@ -147,6 +147,22 @@ def head_reasons(heads: int, inner: int) -> tuple[Optional[int], list[str]]:
     return head_dim, [why] if why else []
 
 
+def projection_reasons(attn: nn.Module, paths, kv_hint: str = "") -> tuple[list[str], Optional[int]]:
+    """(reasons, inner): the checks every DiT attention's projections share. Each projection
+    at ``paths`` must be a plain ``nn.Linear`` without hooks, ``to_out[1:]`` must not change
+    the result, and K and V must be as wide as Q (``inner``, to_q's width; ``kv_hint`` is
+    added to that reason). inner is None when a projection cannot run (the rest is then moot)."""
+    bad = linear_reasons(attn, paths)
+    reasons = bad + dropout_reasons(attn)
+    if bad:
+        return reasons, None
+    to_q, to_k, to_v = (child(attn, p) for p in ("to_q", "to_k", "to_v"))
+    inner = to_q.out_features
+    if to_k.out_features != inner or to_v.out_features != inner:
+        reasons.append(f"K/V width {to_k.out_features}/{to_v.out_features} differs from Q's {inner}{kv_hint}")
+    return reasons, inner
+
+
 def param_reasons(module: nn.Module) -> list[str]:
     """Why the module's parameters cannot run on our kernels: one dtype on one device that the ops take."""
     params = list(module.parameters())
@@ -327,16 +343,13 @@ def supports(attn: nn.Module) -> list[str]:
     paths = ["to_q", "to_k", "to_v", "to_out.0"]
     if context:
         paths += ["add_q_proj", "add_k_proj", "add_v_proj"] + ([] if attn.context_pre_only else ["to_add_out"])
-    bad = linear_reasons(attn, paths)
-    reasons += bad + dropout_reasons(attn)
-    if bad:
+    shared, inner = projection_reasons(attn, paths)
+    reasons += shared
+    if inner is None:
         return reasons
     to_q, to_k, to_v, out = (child(attn, p) for p in paths[:4])
-    inner = to_q.out_features
     head_dim, why = head_reasons(int(attn.heads), inner)
     reasons += why
-    if to_k.out_features != inner or to_v.out_features != inner:
-        reasons.append(f"K/V width {to_k.out_features}/{to_v.out_features} differs from Q's {inner}")
     if not to_q.in_features == to_k.in_features == to_v.in_features:
         reasons.append("to_q, to_k and to_v take different input widths")
     if out.in_features != inner:

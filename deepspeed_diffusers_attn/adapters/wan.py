@@ -32,8 +32,8 @@ from torch import nn
 
 from ..dit_attention import (CrossAttentionConfig, JointAttention, JointAttentionConfig, QKNormCrossAttention, Rope,
                              Stream)
-from .joint_attention import (DiTStandIn, child, convert_with, dropout_reasons, has_hooks, head_reasons, linear_reasons,
-                              load_fused, param_reasons, qk_norm_spec, rms_norm_spec, unwrap)
+from .joint_attention import (DiTStandIn, child, convert_with, has_hooks, head_reasons, load_fused, param_reasons,
+                              projection_reasons, qk_norm_spec, rms_norm_spec, unwrap)
 
 __all__ = ["NAME", "claims", "supports", "from_diffusers", "convert", "PatchedWanAttention", "wan_rope",
            "TEXT_TOKENS"]
@@ -90,17 +90,12 @@ def supports(attn: nn.Module) -> list[str]:
         reasons.append("forward hooks on the WanAttention module would be bypassed")
     image = child(attn, "add_k_proj") is not None or child(attn, "add_v_proj") is not None
     paths = ["to_q", "to_k", "to_v", "to_out.0"] + (["add_k_proj", "add_v_proj"] if image else [])
-    bad = linear_reasons(attn, paths)
-    reasons += bad + dropout_reasons(attn)
-    if bad:
+    shared, inner = projection_reasons(attn, paths, " (cross_attention_dim_head != head dim)")
+    reasons += shared
+    if inner is None:
         return reasons
     to_q, to_k, to_v, out = (child(attn, p) for p in paths[:4])
-    inner = to_q.out_features
-    head_dim, why = head_reasons(int(attn.heads), inner)
-    reasons += why
-    if to_k.out_features != inner or to_v.out_features != inner:
-        reasons.append(f"K/V width {to_k.out_features}/{to_v.out_features} differs from Q's {inner} "
-                       "(cross_attention_dim_head != head dim)")
+    reasons += head_reasons(int(attn.heads), inner)[1]
     if to_k.in_features != to_v.in_features:
         reasons.append("to_k and to_v take different input widths")
     if not _is_cross(attn) and to_k.in_features != to_q.in_features:
