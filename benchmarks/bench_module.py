@@ -1,7 +1,12 @@
 """One attention block: our DeepSpeedDiffusersAttention vs diffusers' Attention.
 
-    python benchmarks/bench_module.py --out DIR [--cases sd15,vae] [--quick]
+    python benchmarks/bench_module.py --out DIR [--cases sd15,vae] [--batch 1,2] [--quick]
     python benchmarks/bench_module.py --dry-run     # CPU, fp32, tiny sequences: checks the script
+
+Cases (UNet blocks of SD1.5 / SDXL and the SD VAE's mid-block attention), each timed at every
+batch size of --batch (default 1,2; each row shows its B). A pipeline's UNet runs at B=2 under
+classifier-free guidance and its VAE decodes at B=1 per image; B=1 for the UNet is a
+guidance-free or distilled step, B=2 for the VAE two images.
 
 Implementations, all with the same (seeded random) weights:
 - ours:  dda.from_diffusers(stock)
@@ -15,6 +20,11 @@ speedup = other / ours (> 1: ours is faster).
 
 FLOPs = 2*B*Sq*C*inner (Q) + 2*B*Sk*Cctx*2*inner (K, V) + 4*B*H*Sq*Sk*D + 2*B*Sq*inner*C (out).
 Bytes floor = input, context, output and weights once each.
+
+Device time on an H200 (estimated, not yet measured; the script prints its total), after the
+extension is built: the 7 cases at B=1,2 (14 rows) ~1 min, most of it process start-up and the
+first call of each path: every call takes about 1 ms or less, so no measurement reaches its
+budget.
 """
 from __future__ import annotations
 
@@ -25,6 +35,7 @@ import json
 import math
 import os
 import sys
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -35,34 +46,54 @@ timing.add_repo_to_path()
 import deepspeed_diffusers_attn as dda  # noqa: E402
 from deepspeed_diffusers_attn import DeepSpeedDiffusersAttention  # noqa: E402
 
-# name, description, B, S, C, heads, dim_head, context (Sk, Cctx) or None, vae?
+
+class Case(NamedTuple):
+    name: str
+    desc: str
+    S: int  # query tokens (the VAE: height * width of its square latent)
+    C: int  # channels of the block's input
+    heads: int
+    dim_head: int
+    context: Optional[Tuple[int, int]]  # (Sk, Cctx) of the cross-attention context; None for self
+    vae: bool  # the VAE's attention block: [B, C, H, W] input, GroupNorm, residual
+    B: int = 1  # set per row from --batch
+
+
 CASES = [
-    ("sd15-d0-self", "SD1.5 down0 self S=4096 C=320 8x40", 2, 4096, 320, 8, 40, None, False),
-    ("sd15-d0-cross", "SD1.5 down0 cross S=4096 C=320 ctx 77x768", 2, 4096, 320, 8, 40, (77, 768), False),
-    ("sd15-d1-self", "SD1.5 down1 self S=1024 C=640 8x80", 2, 1024, 640, 8, 80, None, False),
-    ("sdxl-d1-self", "SDXL down1 self S=4096 C=640 10x64", 2, 4096, 640, 10, 64, None, False),
-    ("sdxl-d2-self", "SDXL down2 self S=1024 C=1280 20x64", 2, 1024, 1280, 20, 64, None, False),
-    ("sdxl-d2-cross", "SDXL down2 cross S=1024 C=1280 ctx 77x2048", 2, 1024, 1280, 20, 64, (77, 2048), False),
-    ("vae-mid-512", "VAE mid-block 512px [1,512,64,64] 1x512 GN32 res", 1, 4096, 512, 1, 512, None, True),
+    Case("sd15-d0-self", "SD1.5 down0 self S=4096 C=320 8x40", 4096, 320, 8, 40, None, False),
+    Case("sd15-d0-cross", "SD1.5 down0 cross S=4096 C=320 ctx 77x768", 4096, 320, 8, 40, (77, 768), False),
+    Case("sd15-d1-self", "SD1.5 down1 self S=1024 C=640 8x80", 1024, 640, 8, 80, None, False),
+    Case("sdxl-d1-self", "SDXL down1 self S=4096 C=640 10x64", 4096, 640, 10, 64, None, False),
+    Case("sdxl-d2-self", "SDXL down2 self S=1024 C=1280 20x64", 1024, 1280, 20, 64, None, False),
+    Case("sdxl-d2-cross", "SDXL down2 cross S=1024 C=1280 ctx 77x2048", 1024, 1280, 20, 64, (77, 2048), False),
+    Case("vae-mid-512", "VAE mid-block 512px [B,512,64,64] 1x512 GN32 res", 4096, 512, 1, 512, None, True),
 ]
 IMPLS = ["ours", "stock", "fused"]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None, help="directory for bench_module.json / .png")
-    p.add_argument("--cases", default=None, help="comma-separated substrings of case names")
+    p.add_argument("--cases", default=None, help="comma-separated substrings of case names (default: all)")
+    p.add_argument("--batch", default="1,2",
+                   help="comma-separated batch sizes; every case is timed at each (default 1,2)")
     p.add_argument("--iters", type=int, default=None, help="max timed iterations (default 100, quick 30)")
     p.add_argument("--budget-ms", type=float, default=None,
                    help="time budget per eager measurement (default 300 ms, quick 100 ms)")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16")
-    p.add_argument("--calls-per-graph", type=int, default=20)
-    p.add_argument("--replays", type=int, default=15)
-    p.add_argument("--no-graph", action="store_true")
+    p.add_argument("--quick", action="store_true", help="fewer iterations")
+    p.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16", help="default fp16")
+    p.add_argument("--calls-per-graph", type=int, default=20, help="calls captured per CUDA graph (default 20)")
+    p.add_argument("--replays", type=int, default=15, help="timed replays per graph (default 15)")
+    p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph timing")
     p.add_argument("--dry-run", action="store_true",
                    help="CPU, fp32, short sequences: run every non-CUDA code path once")
     args = p.parse_args(argv)
+    try:
+        args.batch = list(dict.fromkeys(int(b) for b in args.batch.split(",") if b.strip()))
+    except ValueError:
+        p.error(f"--batch: expected comma-separated integers, got {args.batch!r}")
+    if not args.batch or min(args.batch) < 1:
+        p.error(f"--batch: expected batch sizes >= 1, got {args.batch!r}")
     args.iters = args.iters or (30 if args.quick else 100)
     args.budget_ms = args.budget_ms or (100.0 if args.quick else 300.0)
     if args.dry_run:
@@ -70,17 +101,16 @@ def parse_args(argv=None):
     return args
 
 
-def select_cases(filt):
-    if not filt:
-        return list(CASES)
-    keys = [k.strip().lower() for k in filt.split(",") if k.strip()]
-    return [c for c in CASES if any(k in c[0].lower() or k in c[1].lower() for k in keys)]
+def select_cases(filt, batches):
+    """The cases ``filt`` names (substrings of names / descriptions), each at every batch size."""
+    keys = [k.strip().lower() for k in (filt or "").split(",") if k.strip()]
+    chosen = [c for c in CASES if not keys or any(k in c.name.lower() or k in c.desc.lower() for k in keys)]
+    return [c._replace(B=b) for c in chosen for b in batches]
 
 
 def shrink(case):
     """A CPU-sized case for --dry-run: S = 64 (8x8 for the VAE), everything else kept."""
-    name, desc, B, S, C, H, D, ctx, vae = case
-    return (name, desc + " [dry-run]", 1, 64, C, H, D, ctx, vae)
+    return case._replace(desc=case.desc + " [dry-run]", S=64)
 
 
 # ---------------------------------------------------------------------- modules
@@ -88,9 +118,9 @@ def build_stock(case, seed=0):
     """A diffusers Attention as the SD UNet / VAE builds it, with seeded random weights (fp32, CPU)."""
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-    name, desc, B, S, C, H, D, ctx, vae = case
+    C, H, D, ctx = case.C, case.heads, case.dim_head, case.context
     torch.manual_seed(seed)
-    if vae:
+    if case.vae:
         attn = Attention(C, heads=H, dim_head=D, rescale_output_factor=1.0, eps=1e-6,
                          norm_num_groups=32, spatial_norm_dim=None, residual_connection=True,
                          bias=True, upcast_softmax=True, _from_deprecated_attn_block=True)
@@ -124,7 +154,7 @@ def make_fused(stock):
 
 
 def case_flops_bytes(case, esize):
-    name, desc, B, S, C, H, D, ctx, vae = case
+    B, S, C, H, D, ctx = case.B, case.S, case.C, case.heads, case.dim_head, case.context
     inner = H * D
     Sk, Cc = ctx if ctx is not None else (S, C)
     flops = 2.0 * B * (S * C * inner + Sk * Cc * 2 * inner + 2 * H * S * Sk * D + S * inner * C)
@@ -134,9 +164,9 @@ def case_flops_bytes(case, esize):
 
 
 def make_inputs(case, dtype, device, seed):
-    name, desc, B, S, C, H, D, ctx, vae = case
+    B, S, C, ctx = case.B, case.S, case.C, case.context
     g = torch.Generator(device=device).manual_seed(seed)
-    if vae:
+    if case.vae:
         side = int(math.isqrt(S))
         x = torch.randn(B, C, side, side, device=device, dtype=dtype, generator=g)
     else:
@@ -162,12 +192,12 @@ def call(impl, mod, x, c):
 
 # ---------------------------------------------------------------------- one case
 def bench_case(case, args, card, device, dtype):
-    name, desc, B, S, C, H, D, ctx, vae = case
+    B, S, C, H, D, ctx = case.B, case.S, case.C, case.heads, case.dim_head, case.context
     cuda = device.type == "cuda"
     esize = torch.empty((), dtype=dtype).element_size()
     flops, nbytes = case_flops_bytes(case, esize)
     fl = timing.floors(flops, nbytes, card)
-    res = {"name": name, "desc": desc, "B": B, "S": S, "C": C, "heads": H, "dim_head": D,
+    res = {"name": case.name, "desc": case.desc, "B": B, "S": S, "C": C, "heads": H, "dim_head": D,
            "context": list(ctx) if ctx else None, "gflop": flops / 1e9, "mbytes": nbytes / 1e6,
            "floor": fl, "impls": {}}
 
@@ -244,7 +274,7 @@ def bench_case(case, args, card, device, dtype):
 
 def print_case(res):
     fl = res["floor"]
-    print(f"\n== {res['desc']}  ({res['gflop']:.2f} GFLOP, {res['mbytes']:.1f} MB, floor "
+    print(f"\n== {res['desc']}, B={res['B']}  ({res['gflop']:.2f} GFLOP, {res['mbytes']:.1f} MB, floor "
           f"{fl['floor_us']:.1f} us {fl['bound']}-bound)")
     for impl, r in res["impls"].items():
         if r["eager_ms"] is None:
@@ -268,13 +298,14 @@ def summary(results, card):
     f = timing.fmt
     lines = ["", "=" * 24 + " module summary (us per call; speedup = other / ours, >1 = ours faster) " + "=" * 24,
              timing.card_line(card),
-             f"{'case':14s} {'floor':>7s} | {'ours':>8s} {'stock':>8s} {'fused':>8s} {'x stock':>7s} {'x fused':>7s} "
+             f"{'case':14s} {'B':>2s} {'floor':>7s} | {'ours':>8s} {'stock':>8s} {'fused':>8s} "
+             f"{'x stock':>7s} {'x fused':>7s} "
              f"| {'g ours':>8s} {'g stock':>8s} {'g fused':>8s} {'x stock':>7s} {'x fused':>7s} "
              f"| {'err ours':>8s} {'err stock':>9s}"]
     for res in results:
         im = res["impls"]
         lines.append(
-            f"{res['name']:14s} {res['floor']['floor_us']:6.1f}{res['floor']['bound'][0]} | "
+            f"{res['name']:14s} {res['B']:2d} {res['floor']['floor_us']:6.1f}{res['floor']['bound'][0]} | "
             f"{us(im['ours'], 'eager'):>8s} {us(im['stock'], 'eager'):>8s} {us(im['fused'], 'eager'):>8s} "
             f"{f(res['speedup_vs_stock_eager'], '.2f'):>7s} {f(res['speedup_vs_fused_eager'], '.2f'):>7s} | "
             f"{us(im['ours'], 'graph'):>8s} {us(im['stock'], 'graph'):>8s} {us(im['fused'], 'graph'):>8s} "
@@ -283,9 +314,9 @@ def summary(results, card):
     for res in results:
         for k, v in res["impls"].items():
             if v["eager_ms"] is None:
-                lines.append(f"n/a {res['name']}:{k}: {(v['error'] or '')[:90]}")
+                lines.append(f"n/a {res['name']} B={res['B']}:{k}: {(v['error'] or '')[:90]}")
             elif v.get("graph_error") and v["graph_error"] != "no CUDA":
-                lines.append(f"graph n/a {res['name']}:{k}: {v['graph_error'][:90]}")
+                lines.append(f"graph n/a {res['name']} B={res['B']}:{k}: {v['graph_error'][:90]}")
     return "\n".join(lines)
 
 
@@ -307,19 +338,20 @@ def write_outputs(results, card, args, out_dir):
                                         for r in results]
     title = f"attention block, us per call (lower is better), {card['name']}, torch {card['torch']}"
     print(timing.bar_chart(os.path.join(out_dir, "bench_module.png"), title,
-                           [r["name"] for r in results], series, "us per call"))
+                           [f"{r['name']} B{r['B']}" for r in results], series, "us per call"))
 
 
 def main(argv=None):
     args = parse_args(argv)
     device, dtype, card = timing.setup("bench_module", args)
-    print(f"dtype {dtype}, iters <= {args.iters}, budget {args.budget_ms} ms per eager measurement, "
+    print(f"dtype {dtype}, batch {','.join(map(str, args.batch))}, iters <= {args.iters}, budget "
+          f"{args.budget_ms} ms per eager measurement, "
           f"graph: {'off' if args.no_graph else f'{args.calls_per_graph} calls x {args.replays} replays'}")
-    cases = select_cases(args.cases)
+    cases = select_cases(args.cases, args.batch)
+    if not cases:
+        sys.exit(f"no case matches --cases {args.cases!r}; names: {[c.name for c in CASES]}")
     if args.dry_run:
         cases = [shrink(c) for c in cases]
-    if not cases:
-        sys.exit(f"no case matches --cases {args.cases!r}; names: {[c[0] for c in CASES]}")
     results = timing.run_all(cases, lambda case: bench_case(case, args, card, device, dtype), print_case)
     if args.out:
         write_outputs(results, card, args, args.out)

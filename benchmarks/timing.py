@@ -9,6 +9,8 @@ Timing rules (see ../.library/device/METHOD.md):
   not just measure the L2 cache.
 Without CUDA (``--dry-run`` on a CPU machine) ``time_eager`` falls back to a host clock so
 that every non-CUDA code path can be exercised; ``time_graph`` then returns None.
+``GpuMonitor`` samples the SM clock, power draw and clock-limit reasons through NVML during a
+measurement, so that a slow number can be told apart from a card running at lower clocks.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from typing import Callable, Optional, Sequence
 
@@ -172,6 +175,141 @@ def l2_cache_bytes() -> int:
     return DEFAULT_L2_BYTES
 
 
+# ---------------------------------------------------------------------- clocks and power
+# NVML's clock-event ("throttle") reason bits: nvmlClocksEventReason* in nvml.h.
+CLOCK_REASONS = {0x1: "idle", 0x2: "app_clocks", 0x4: "sw_power_cap", 0x8: "hw_slowdown",
+                 0x10: "sync_boost", 0x20: "sw_thermal", 0x40: "hw_thermal", 0x80: "hw_power_brake",
+                 0x100: "display_clocks"}
+
+
+_NVML_HANDLES: dict = {}
+
+
+def _nvml_handle():
+    """(pynvml, handle) for the current CUDA device, or None without CUDA or NVML.
+
+    The handle is the one ``torch.cuda.clock_rate`` reads (torch maps its device index to
+    NVML's, CUDA_VISIBLE_DEVICES included); pynvml comes from the nvidia-ml-py package.
+    Looked up once per device."""
+    if not torch.cuda.is_available():
+        return None
+    dev = torch.cuda.current_device()
+    if dev not in _NVML_HANDLES:
+        try:
+            import pynvml
+
+            handle = torch.cuda._get_pynvml_handler(dev)
+            pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM)
+            _NVML_HANDLES[dev] = (pynvml, handle)
+        except Exception:  # no pynvml, no NVML in this container, or an older torch
+            _NVML_HANDLES[dev] = None
+    return _NVML_HANDLES[dev]
+
+
+def nvml_limits() -> dict:
+    """The card's maximum SM clock (MHz) and enforced power limit (W); empty without NVML."""
+    nv = _nvml_handle()
+    if nv is None:
+        return {}
+    pynvml, handle = nv
+    out = {}
+    for key, read in (("sm_max_mhz", lambda: pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_SM)),
+                      ("power_limit_w", lambda: pynvml.nvmlDeviceGetEnforcedPowerLimit(handle) / 1000.0)):
+        try:
+            out[key] = read()
+        except Exception:
+            pass
+    return out
+
+
+class GpuMonitor:
+    """Samples the current GPU's SM clock (MHz), power draw (W) and active clock-limit
+    reasons through NVML while its ``with`` block runs: every ``interval`` seconds on a
+    daemon thread, and once right at the end of the block (a timed block has synchronised
+    by then, so that sample is taken under load). ``summary()`` is a dict, or None without
+    CUDA or NVML; nothing here raises.
+
+    NVML's power reading is an average over its own sample period (1/6 to 1 s by product):
+    blocks shorter than that mix in what ran before them (--budget-ms 1000 avoids it). Each
+    sample is a few NVML calls on the thread, well under a millisecond per ``interval``.
+    """
+
+    def __init__(self, enabled: bool = True, interval: float = 0.05):
+        self.interval = interval
+        self.samples: list = []
+        self._nv = _nvml_handle() if enabled else None
+        self._stop = threading.Event()
+        self._thread = None
+
+    def _sample(self) -> None:
+        pynvml, handle = self._nv
+        try:
+            mhz = pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM)
+        except Exception:
+            return
+        try:
+            watts = pynvml.nvmlDeviceGetPowerUsage(handle) / 1000.0
+        except Exception:  # some virtualised GPUs report clocks but not power
+            watts = None
+        bits = None
+        for fn in ("nvmlDeviceGetCurrentClocksEventReasons", "nvmlDeviceGetCurrentClocksThrottleReasons"):
+            if hasattr(pynvml, fn):
+                try:
+                    bits = int(getattr(pynvml, fn)(handle))
+                except Exception:
+                    pass
+                break
+        self.samples.append((mhz, watts, bits))
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self):
+        if self._nv is not None:
+            self._thread = threading.Thread(target=self._loop, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if self._nv is not None:
+            self._stop.set()
+            self._thread.join()
+            self._sample()
+        return False
+
+    def summary(self) -> Optional[dict]:
+        """SM MHz (min / median / max), W (median / max), the reasons seen in any sample
+        (bits decoded with CLOCK_REASONS), the number of samples and the last sample."""
+        if not self.samples:
+            return None
+        mhz = [s[0] for s in self.samples]
+        watts = [s[1] for s in self.samples if s[1] is not None]
+        seen = 0
+        for s in self.samples:
+            seen |= s[2] or 0
+        last = self.samples[-1]
+        return {
+            "samples": len(self.samples),
+            "sm_mhz_min": min(mhz), "sm_mhz_median": statistics.median(mhz), "sm_mhz_max": max(mhz),
+            "power_w_median": statistics.median(watts) if watts else None,
+            "power_w_max": max(watts) if watts else None,
+            "reasons": [name for bit, name in CLOCK_REASONS.items() if seen & bit],
+            "reason_bits": seen if any(s[2] is not None for s in self.samples) else None,
+            "last": {"sm_mhz": last[0], "power_w": last[1]},
+        }
+
+
+def gpu_text(g: Optional[dict]) -> str:
+    """One short cell for a GpuMonitor summary: median SM MHz, median W, limit reasons."""
+    if not g:
+        return ""
+    reasons = [r for r in g["reasons"] if r != "idle"]
+    watts = "" if g["power_w_median"] is None else f" {g['power_w_median']:.0f} W"
+    return (f"{g['sm_mhz_median']:.0f} MHz (min {g['sm_mhz_min']}){watts}"
+            + (f" [{','.join(reasons)}]" if reasons else ""))
+
+
 # ---------------------------------------------------------------------- the card
 def _nvidia_smi_driver() -> Optional[str]:
     try:
@@ -212,14 +350,17 @@ def card_info() -> dict:
         l2_bytes=getattr(p, "L2_cache_size", None),
         driver=_nvidia_smi_driver(),
     )
+    info.update(nvml_limits())
     return info
 
 
 def card_line(info: dict) -> str:
     """One line for logs."""
+    limits = "".join(f", {label} {info[key]:.0f} {unit}" for key, label, unit in (
+        ("sm_max_mhz", "SM max", "MHz"), ("power_limit_w", "power limit", "W")) if info.get(key) is not None)
     return (
         f"card: {info['name']} (sm {info.get('capability')}, {info.get('sm_count')} SMs, "
-        f"{info.get('mem_gib')} GiB, driver {info.get('driver')}) | torch {info['torch']} "
+        f"{info.get('mem_gib')} GiB, driver {info.get('driver')}{limits}) | torch {info['torch']} "
         f"CUDA {info['cuda']} cuDNN {info['cudnn']} | python {info['python']} "
         f"diffusers {info.get('diffusers')}"
     )
@@ -344,12 +485,14 @@ def setup(script: str, args) -> tuple:
 
     Exits with a clear message without CUDA unless ``args.dry_run`` (tiny CPU shapes in
     float32, to check the script); turns TF32 off so float32 references are true float32.
+    The dtype is ``args.dtype`` ("fp16" / "bf16"), float32 in a dry run, and None when
+    ``args.dtype`` is None (the script then picks one per case).
     """
     cuda = torch.cuda.is_available() and not args.dry_run
     if not cuda and not args.dry_run:
         sys.exit(f"{script}: no CUDA device; use --dry-run to check the script on a CPU")
     device = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.float32 if args.dry_run else (torch.float16 if args.dtype == "fp16" else torch.bfloat16)
+    dtype = torch.float32 if args.dry_run else {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.dtype)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     card = card_info()

@@ -32,7 +32,8 @@ need be imported):
 
 * Modules with ``graph_state()`` and ``graph_state_covers()`` (our attention stand-ins):
   ``graph_state()`` returns a token and may write fixed-address buffers that a captured
-  graph reads at replay (the LoRA factors of :mod:`.adapters.lora_bank`); the tuner layers
+  graph reads at replay (the LoRA factors of :mod:`.adapters.lora_bank`, staged in
+  :mod:`.factor_pool` and copied once all are read); the tuner layers
   ``graph_state_covers()`` lists are then read by it alone, not as PEFT layers above.
 
 Anything else a forward reads from Python objects (a custom module's flag) is not seen:
@@ -45,6 +46,8 @@ import weakref
 
 import torch
 from torch import nn
+
+from . import factor_pool
 
 __all__ = ["ModelState", "registrations", "tuner_key"]
 
@@ -180,8 +183,13 @@ class ModelState:
         return changed
 
     def key(self) -> tuple:
-        """The state now, as a hashable tuple (empty for a model with nothing to read)."""
-        return tuple(read(m) for read, m in self._readers)
+        """The state now, as a hashable tuple (empty for a model with nothing to read).
+
+        The fixed-address buffers the readers wrote (:mod:`.factor_pool`) are copied to the
+        device on the current stream before it returns, so a graph replayed next reads them."""
+        key = tuple([read(m) for read, m in self._readers])
+        factor_pool.flush()
+        return key
 
     @property
     def num_readers(self) -> int:

@@ -302,6 +302,74 @@ def test_group_norm_cuda_matches_float64(N, C, H, W, G, offset, affine, silu, sh
     assert rel_err(y, ref) <= max(1.5 * rel_err(stock, ref), 4 * EPS[dtype])
 
 
+def poisoned_small_pool(blocks=8, nbytes=1 << 20):
+    """Leave `blocks` cached 1 MB blocks of 0xFF bytes in the caching allocator's small pool,
+    where the next small allocations (group_norm's workspace among them) are carved from."""
+    junk = [torch.full((nbytes // 4,), -1, dtype=torch.int32, device="cuda") for _ in range(blocks)]
+    del junk
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("C", [320, 1280])
+@pytest.mark.parametrize("H,W", [(1, 1), (7, 1), (16, 16), (64, 64)])
+@pytest.mark.parametrize("N", [1, 3])
+@pytest.mark.parametrize("silu,shifted", [(False, False), (True, True)])
+def test_group_norm_cuda_repeated_calls_and_graph_replays(N, H, W, C, silu, shifted, dtype):
+    # The statistics kernel's last block per sample (or per bundle of chunks, then per sample:
+    # 64 x 64 and 16 x 16 at C=1280) combines the partials behind per-call block counters. Every
+    # call and replay below sees new data in a workspace that the previous call used (eager: the
+    # caching allocator's same block; graph: the same pool address), so counters or statistics
+    # carried over from the previous launch give wrong outputs.
+    G, eps = 32, 1e-5
+    gen = torch.Generator().manual_seed(N * 1000 + H * W + C)
+
+    def draw(i):
+        x64 = torch.randn(N, C, H, W, generator=gen, dtype=torch.float64) * (1 + i) + 3 * i
+        x = x64.to("cuda", dtype).contiguous(memory_format=torch.channels_last)
+        shift = (torch.randn(N, C, 1, 1, generator=gen, dtype=torch.float64) * 2 - 3 * i).to("cuda", dtype) \
+            if shifted else None
+        return x, shift
+
+    w = torch.randn(C, generator=gen, dtype=torch.float64).to("cuda", dtype)
+    b = torch.randn(C, generator=gen, dtype=torch.float64).to("cuda", dtype)
+
+    def check(y, x, shift, act):
+        ref = gn_ref(x, G, w, b, eps, act, shift)
+        stock = stock_gn(x, G, w, b, eps, act, shift)
+        assert torch.isfinite(y).all(), "unwritten or non-finite outputs"
+        assert rel_err(y, ref) <= max(1.5 * rel_err(stock, ref), 4 * EPS[dtype])
+
+    poisoned_small_pool()
+    inputs = [draw(i) for i in range(4)]
+    outs = [ops.group_norm(x, G, w, b, eps, silu, shift) for x, shift in inputs]  # back to back, one stream
+    for (x, shift), y in zip(inputs, outs):
+        check(y, x, shift, silu)
+
+    static_x = inputs[0][0].clone()
+    static_shift = inputs[0][1].clone() if shifted else None
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        ops.group_norm(static_x, G, w, b, eps, silu, static_shift)  # warm-up off the capturing stream
+    torch.cuda.current_stream().wait_stream(side)
+    poisoned_small_pool()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # two GroupNorms back to back in one graph
+        y1 = ops.group_norm(static_x, G, w, b, eps, silu, static_shift)
+        y2 = ops.group_norm(y1, G, None, None, eps, False)
+    for i in range(4, 8):
+        x, shift = draw(i)
+        static_x.copy_(x)
+        if shifted:
+            static_shift.copy_(shift)
+        graph.replay()
+        torch.cuda.synchronize()
+        check(y1, x, shift, silu)
+        ref2 = gn_ref(y1, G, None, None, eps, False)
+        assert rel_err(y2, ref2) <= max(1.5 * rel_err(stock_gn(y1, G, None, None, eps, False), ref2), 4 * EPS[dtype])
+
+
 @requires_cuda
 def test_group_norm_cuda_refuses_what_it_cannot_take():
     x = torch.randn(2, 12, 4, 4, device="cuda", dtype=torch.float16).contiguous(memory_format=torch.channels_last)

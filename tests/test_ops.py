@@ -5,6 +5,7 @@ against the same float64 reference: ours may be at most twice that (STYLE.md 7),
 with a floor of a few units of rounding for the cases where PyTorch happens to be exact.
 """
 import math
+import re
 import zlib
 
 import pytest
@@ -241,6 +242,26 @@ def test_attention_kernel_name_cpu():
     assert isinstance(ops.cuda_built(), bool)
 
 
+def test_attention_sizes_beyond_int32_are_named():
+    # The C ABI's sizes are ints: B = 2^31 (stride-0 tensors, no memory) is refused with its
+    # name, value and the limit, where a cast would have wrapped it to "B ... must be >= 1".
+    big = 2**31
+    q = torch.zeros(1, 1, 1, 8).expand(big, 1, 1, 8)
+    out = torch.zeros(1, 1, 1, 8).expand(big, 1, 1, 8)
+    msg = "B (q.size(0)) = 2147483648 is beyond the largest size the attention kernels take, 2^31 - 1 = 2147483647"
+    with pytest.raises(RuntimeError, match=re.escape(msg)):
+        ops.attention(q, q, q)  # before allocating the [2^31, 1, 1, 8] output
+    with pytest.raises(RuntimeError, match=re.escape(msg)):
+        ops.attention_out(q, q, q, None, 1.0, out)
+    assert msg in ops.attention_supported(q, q, q)
+    with pytest.raises(RuntimeError, match=re.escape(msg)):
+        ops.attention_kernel_for(q, q, q)
+    k = torch.zeros(1, 1, 1, 8).expand(1, big, 1, 8)
+    assert "Sk (k.size(1)) = 2147483648 is beyond" in ops.attention_supported(q[:1], k, k)
+    h = torch.zeros(1, 1, 1, 8).expand(1, 1, big, 8)
+    assert "H (q.size(2)) = 2147483648 is beyond" in ops.attention_supported(h, h, h)
+
+
 # ---------------------------------------------------------------- CUDA ----
 
 GPU_ATTN_CASES = [
@@ -454,21 +475,74 @@ def test_attention_every_backend_same_inputs(B, H, Sq, Sk, D, cross, mask_kind, 
         assert set(ran) == {"generic", "auto"}, ran
 
 
+# Many short sequences: AnimateDiff-style temporal attention over 16 frames, B * H far beyond
+# the 65535 of gridDim.y / z (262,150: SDXL's 10 heads over 26,215 pixel sequences).
+MANY_SEQUENCE_CASES = [
+    # B, H, Sq, Sk, D, cross
+    (70000, 1, 16, 16, 64, False),
+    (17500, 4, 16, 77, 40, True),
+    (26215, 10, 16, 16, 64, False),
+    (75000, 4, 16, 16, 40, False),
+]
+
+
 @requires_cuda
-def test_attention_batch_heads_beyond_grid_limits():
-    # AnimateDiff-style temporal attention: 16 frames, B * H = 300,000 (B above 65535)
-    B, H, S, D = 75000, 4, 16, 40
-    gen = torch.Generator(device="cuda").manual_seed(11)
-    q, k, v = (torch.randn(B, S, H, D, generator=gen, device="cuda", dtype=torch.float16) for _ in range(3))
-    picks = [0, 1, 65535, 65536, B - 1]
-    ref = sdpa_ref(q[picks].double(), k[picks].double(), v[picks].double(), None, D**-0.5)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B,H,Sq,Sk,D,cross", MANY_SEQUENCE_CASES)
+def test_attention_many_short_sequences(B, H, Sq, Sk, D, cross, dtype):
+    gen = torch.Generator(device="cuda").manual_seed(zlib.crc32(repr(("many", B, H, Sq, Sk, D, cross)).encode()))
+    if cross:
+        q = torch.randn(B, Sq, H, D, generator=gen, device="cuda", dtype=dtype)
+        k, v = torch.randn(B, Sk, 2, H, D, generator=gen, device="cuda", dtype=dtype).unbind(2)
+    else:
+        q, k, v = torch.randn(B, Sq, 3, H, D, generator=gen, device="cuda", dtype=dtype).unbind(2)
+    scale = D**-0.5
+    # Checked sequences: every head of the batch entries around b * H + h = 65535 and at both ends.
+    bh = torch.tensor([0, 1, 65534, 65535, 65536, 65537, B * H // 2, B * H - 2, B * H - 1])
+    picks = torch.unique(bh[bh < B * H] // H).cuda()
+    qs, ks, vs = q[picks], k[picks], v[picks]
+    ref = sdpa_ref(qs.double(), ks.double(), vs.double(), None, scale)
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        torch_err = rel_err(sdpa_ref(qs, ks, vs, None, scale), ref)
+    lse_ref = torch.logsumexp(torch.einsum("bqhd,bkhd->bhqk", qs.double(), ks.double()) * scale, -1)
+    ran = []
     for backend in ["auto"] + list(ops.attention_backends()[2:]):
-        if ops.attention_supported(q, k, v, None, backend=backend):
+        why = ops.attention_supported(q, k, v, None, backend=backend)
+        if why:
+            assert "thread blocks" not in why, (backend, why)  # far below the grid limit
             continue
-        out, _ = ops.attention(q, k, v, backend=backend)
+        out = torch.full((B, Sq, H, D), float("nan"), device="cuda", dtype=dtype)
+        lse = torch.full((B, H, Sq), float("nan"), device="cuda")
+        ops.attention_out(q, k, v, None, scale, out, lse, backend=backend)
         torch.cuda.synchronize()
-        assert rel_err(out[picks], ref) <= 4 * EPS[torch.float16], backend
-        del out
+        assert torch.isfinite(out).all() and torch.isfinite(lse).all(), f"{backend}: some outputs were not written"
+        assert rel_err(out[picks], ref) <= max(2 * torch_err, 4 * EPS[dtype]), backend
+        torch.testing.assert_close(lse[picks].double(), lse_ref, rtol=1e-4, atol=1e-3)
+        if backend == "auto":  # the functional op: the same kernel, bit for bit
+            assert torch.equal(ops.attention(q, k, v, None, scale)[0], out)
+        ran.append(backend)
+        del out, lse
+    assert "auto" in ran and "generic" in ran, ran
+
+
+@requires_cuda
+def test_attention_grid_beyond_2_31_blocks_names_the_count():
+    # B * H = 2^32 (b, h) pairs over stride-0 (expanded) tensors: no memory, and every family
+    # would need at least 2^32 thread blocks. Refused before any launch, stating the count.
+    q = torch.zeros(1, 16, 1, 64, device="cuda", dtype=torch.float16).expand(2**20, 16, 4096, 64)
+    out = torch.zeros(1, 16, 1, 64, device="cuda", dtype=torch.float16).expand(q.shape)
+    why = ops.attention_supported(q, q, q)
+    assert "needs 4294967296 thread blocks in one launch" in why, why
+    assert "B x H = 1048576 x 4096" in why and "2^31 - 1 = 2147483647" in why, why
+    assert ops.attention_kernel_for(q, q, q) == "unsupported: " + why
+    for backend in ops.attention_backends()[2:]:
+        reason = ops.attention_supported(q, q, q, backend=backend)
+        assert reason, backend
+        if "thread blocks" in reason:
+            with pytest.raises(RuntimeError, match=f'backend "{backend}" cannot run these inputs: needs '):
+                ops.attention_out(q, q, q, None, 0.125, out, backend=backend)
+    with pytest.raises(RuntimeError, match="no attention kernel runs these inputs on this device: needs 4294967296"):
+        ops.attention_out(q, q, q, None, 0.125, out)
 
 
 @requires_cuda

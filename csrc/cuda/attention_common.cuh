@@ -4,7 +4,8 @@
  *   - the padded head dims of the tensor-core kernels and the 16-byte test on q/k/v/o;
  *   - the folded grid: every family launches a 1-D grid whose block b walks
  *     tile + tiles * (h + H * b), the block order of a (tiles, H, B) grid, without the
- *     65535 limit of grid.y / grid.z (B * H reaches 300,000 in video models);
+ *     65535 limit of grid.y / grid.z (B * H reaches 300,000 in video models); gridDim.x
+ *     takes up to 2^31 - 1 blocks, a limit the dispatcher checks through Family::head_blocks;
  *   - the device facts, read once per device (DevInfo);
  *   - the family interface (Family): each attention_fwd_*.cu defines one, and
  *     attention_dispatch.cu holds the table and the one selection.
@@ -98,15 +99,28 @@ inline bool qkvo_aligned16(const dda_attention_params *p) {
 
 /* ----------------------------------------------------------- the grid -- */
 
-/* The 1-D grid of `tiles` blocks per (b, h); false where it exceeds 2^31 - 1 blocks. */
+/* The most blocks of one launch: the gridDim.x limit. */
+constexpr long long kMaxGridBlocks = 2147483647LL;
+
+/* Blocks of a folded grid of `tiles` blocks per (b, h): tiles x B x H, saturated at
+ * kMaxGridBlocks + 1 (the product of int sizes may exceed 64 bits). */
+inline long long folded_blocks(long long tiles, const dda_attention_params *p) {
+  const long long bh = static_cast<long long>(p->B) * p->H;
+  if (tiles > 0 && bh > kMaxGridBlocks / tiles) return kMaxGridBlocks + 1;
+  return tiles * bh;
+}
+
+/* The 1-D grid of `tiles` blocks per (b, h); false where it exceeds kMaxGridBlocks (the
+ * dispatcher has refused such a launch already: Family::head_blocks). */
 inline bool fold_grid(long long tiles, const dda_attention_params *p, dim3 *grid) {
-  const long long blocks = tiles * p->B * p->H;
-  if (tiles < 1 || blocks > 2147483647LL) return false;
+  const long long blocks = folded_blocks(tiles, p);
+  if (tiles < 1 || blocks > kMaxGridBlocks) return false;
   *grid = dim3(static_cast<unsigned>(blocks), 1, 1);
   return true;
 }
 
-/* This block's tile (the former blockIdx.x), head and batch index in a fold_grid grid. */
+/* This block's tile (the former blockIdx.x), head and batch index in a fold_grid grid:
+ * three 32-bit divisions once per block (gridDim.x and B * H are below 2^31). */
 struct BlockCoords {
   int tile, h, b;
 };
@@ -146,6 +160,10 @@ struct Family {
   /* Shared memory per block it needs to take p on d (the dispatcher compares it with
    * d.block_smem); only called where unsupported() is NULL. */
   size_t (*smem)(const dda_attention_params *p, const DevInfo &d);
+  /* Thread blocks per (b, h) of its launch for p on d (the grid is that x B x H, folded);
+   * at most that where it depends on occupancy. The dispatcher refuses p where the grid
+   * would exceed kMaxGridBlocks. Only called where unsupported() is NULL. */
+  long long (*head_blocks)(const dda_attention_params *p, const DevInfo &d);
   /* Whether the automatic dispatch picks it among the families that take p. */
   bool (*preferred)(const dda_attention_params *p, const DevInfo &d);
   /* The exact kernel (tile included) it launches for p on d. */

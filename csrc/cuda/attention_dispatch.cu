@@ -17,12 +17,16 @@
  * The tensor-core families need 16-byte compatible q/k/v/o pointers and strides; for
  * fp32 or misaligned inputs only generic takes them. A forced backend runs that family
  * or is refused with its reason, never replaced by another.
+ * Every family launches one folded 1-D grid (attention_common.cuh), so B * H has no limit
+ * of its own; a family whose grid would pass 2^31 - 1 blocks is refused with the count
+ * (DDA_ERR_GRID_LIMIT where that is the only obstacle) and auto tries the next.
  */
 #include <cuda_runtime.h>
 #include <stdio.h>
 #include <string.h>
 
 #include <atomic>
+#include <limits>
 #include <mutex>
 #include <string>
 #include <unordered_set>
@@ -82,49 +86,64 @@ const Family *family_of(dda_attention_backend b) {
   return nullptr;
 }
 
-/* Why f cannot run p on d, or NULL. */
-const char *refusal(const Family &f, const dda_attention_params *p, const DevInfo &d) {
-  if (const char *why = f.unsupported(p, d)) return why;
-  if (f.smem(p, d) > d.block_smem) return "needs more shared memory per block than this device has";
-  return nullptr;
-}
-
-/* The one selection: the family that runs p (checked params) on d, or NULL with *why. */
-const Family *select_family(const dda_attention_params *p, const DevInfo &d, const char **why) {
-  *why = nullptr;
-  if (p->backend == DDA_ATTN_AUTO) {
-    for (const Family *f : kAutoOrder)
-      if (refusal(*f, p, d) == nullptr && f->preferred(p, d)) return f;
-    *why = refusal(dda_attn::kGenericFamily, p, d);  /* generic is always preferred: its refusal is the reason */
-    return nullptr;
-  }
-  const Family *f = family_of(p->backend);
-  if (f == nullptr) {
-    *why = p->backend == DDA_ATTN_REFERENCE
-               ? "the \"reference\" backend is the CPU's C reference; CUDA tensors run \"auto\" or a CUDA kernel family"
-               : "unknown backend";
-    return nullptr;
-  }
-  *why = refusal(*f, p, d);
-  return *why ? nullptr : f;
-}
-
-/* Checks that do not depend on the family: the arguments and the grid. */
-const char *argument_refusal(const dda_attention_params *p) {
-  if (const char *why = dda_attention_check_reason(p)) return why;
-  /* The fewest blocks any family launches per (b, h) is one per 192 query rows. */
-  if ((static_cast<long long>(p->Sq) + 191) / 192 * p->B * p->H > 2147483647LL)
-    return "too many thread blocks: query-row tiles x B x H exceeds the CUDA grid limit of 2^31 - 1";
-  return nullptr;
-}
-
-/* A static copy of s: the answers are a small finite set (reasons, kernel-name lists), so
- * each is stored once for the life of the process and returned by pointer. */
+/* A static copy of s: the answers are a small set (reasons, kernel-name lists; grid refusals,
+ * which name their sizes, only for launches beyond 2^31 - 1 blocks), so each is stored once
+ * for the life of the process and returned by pointer. */
 const char *intern(const std::string &s) {
   static std::mutex mu;
   static std::unordered_set<std::string> *strings = new std::unordered_set<std::string>();
   const std::lock_guard<std::mutex> lock(mu);
   return strings->insert(s).first->c_str();
+}
+
+/* The refusal of a launch of head_blocks x B x H thread blocks (beyond kMaxGridBlocks), with
+ * the sizes behind it. */
+const char *grid_refusal(long long head_blocks, const dda_attention_params *p) {
+  const long long bh = static_cast<long long>(p->B) * p->H;  /* < 2^62: B and H are ints */
+  const bool overflow = head_blocks > 0 && bh > std::numeric_limits<long long>::max() / head_blocks;
+  const std::string total = overflow ? "more than 2^63" : std::to_string(head_blocks * bh);
+  return intern("needs " + total + " thread blocks in one launch: " + std::to_string(head_blocks) +
+                " per (b, h) for Sq = " + std::to_string(p->Sq) + ", times B x H = " + std::to_string(p->B) + " x " +
+                std::to_string(p->H) + " = " + std::to_string(bh) +
+                "; the CUDA grid limit is 2^31 - 1 = 2147483647 blocks per launch");
+}
+
+/* Why f cannot run p on d, or NULL; *st: DDA_ERR_UNSUPPORTED, or DDA_ERR_GRID_LIMIT where
+ * only the grid stands in the way. */
+const char *refusal(const Family &f, const dda_attention_params *p, const DevInfo &d, dda_status *st) {
+  *st = DDA_ERR_UNSUPPORTED;
+  if (const char *why = f.unsupported(p, d)) return why;
+  if (f.smem(p, d) > d.block_smem) return "needs more shared memory per block than this device has";
+  const long long head_blocks = f.head_blocks(p, d);
+  if (folded_blocks(head_blocks, p) > kMaxGridBlocks) {
+    *st = DDA_ERR_GRID_LIMIT;
+    return grid_refusal(head_blocks, p);
+  }
+  *st = DDA_OK;
+  return nullptr;
+}
+
+/* The one selection: the family that runs p (checked params) on d, or NULL with *why and
+ * *st (DDA_ERR_UNSUPPORTED or DDA_ERR_GRID_LIMIT). */
+const Family *select_family(const dda_attention_params *p, const DevInfo &d, const char **why, dda_status *st) {
+  *why = nullptr;
+  *st = DDA_OK;
+  if (p->backend == DDA_ATTN_AUTO) {
+    for (const Family *f : kAutoOrder)
+      if (refusal(*f, p, d, st) == nullptr && f->preferred(p, d)) return f;
+    *why = refusal(dda_attn::kGenericFamily, p, d, st);  /* generic is always preferred: its refusal is the reason */
+    return nullptr;
+  }
+  const Family *f = family_of(p->backend);
+  if (f == nullptr) {
+    *st = DDA_ERR_UNSUPPORTED;
+    *why = p->backend == DDA_ATTN_REFERENCE
+               ? "the \"reference\" backend is the CPU's C reference; CUDA tensors run \"auto\" or a CUDA kernel family"
+               : "unknown backend";
+    return nullptr;
+  }
+  *why = refusal(*f, p, d, st);
+  return *why ? nullptr : f;
 }
 
 const char *unsupported_string(const char *why) { return intern(std::string("unsupported: ") + why); }
@@ -154,34 +173,37 @@ extern "C" dda_status dda_attention_fwd_cuda(const dda_attention_params *p, cuda
   const cudaError_t e = dda_attn::device_info(&d);
   if (e != cudaSuccess) return cuda_fail(e);
   const char *why = nullptr;
-  const Family *f = select_family(p, d, &why);
-  if (f == nullptr) return DDA_ERR_UNSUPPORTED;
+  dda_status refused = DDA_OK;
+  const Family *f = select_family(p, d, &why, &refused);
+  if (f == nullptr) return refused;
   dda_attention_params run = *p;
   run.scale_log2 = p->scale * kLog2e;
   return f->launch(&run, d, stream);
 }
 
 extern "C" const char *dda_attention_supported_cuda(const dda_attention_params *p) {
-  if (const char *why = argument_refusal(p)) return why;
+  if (const char *why = dda_attention_check_reason(p)) return why;
   DevInfo d;
   if (dda_attn::device_info(&d) != cudaSuccess) {
     (void)cudaGetLastError();
     return "a CUDA error while reading the device's attributes";
   }
   const char *why = nullptr;
-  select_family(p, d, &why);
+  dda_status st = DDA_OK;
+  select_family(p, d, &why, &st);
   return why;
 }
 
 extern "C" const char *dda_attention_kernel_for(const dda_attention_params *p) {
-  if (const char *why = argument_refusal(p)) return unsupported_string(why);
+  if (const char *why = dda_attention_check_reason(p)) return unsupported_string(why);
   DevInfo d;
   if (dda_attn::device_info(&d) != cudaSuccess) {
     (void)cudaGetLastError();
     return "unsupported: a CUDA error while reading the device's attributes";
   }
   const char *why = nullptr;
-  const Family *f = select_family(p, d, &why);
+  dda_status st = DDA_OK;
+  const Family *f = select_family(p, d, &why, &st);
   return f ? f->kernel(p, d) : unsupported_string(why);
 }
 
@@ -222,7 +244,8 @@ extern "C" const char *dda_attention_kernel_name(int cc_major, int cc_minor, dda
     p.Sq = static_cast<int>(sq);
     p.q_stride_b = p.k_stride_b = p.v_stride_b = p.o_stride_b = row * (sq > seq_k ? sq : seq_k);
     const char *why = dda_attention_check_reason(&p);
-    const Family *f = why ? nullptr : select_family(&p, d, &why);
+    dda_status st = DDA_OK;
+    const Family *f = why ? nullptr : select_family(&p, d, &why, &st);
     if (f == nullptr) return unsupported_string(why);
     const std::string name = f->kernel(&p, d);
     if (("|" + names + "|").find("|" + name + "|") == std::string::npos) names += (names.empty() ? "" : "|") + name;

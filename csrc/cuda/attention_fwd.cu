@@ -123,6 +123,11 @@ __host__ __device__ constexpr int rows_per_warp(int elem_bytes, int np) {
   return np <= 4 ? 8 : (elem_bytes == 4 ? 2 : 4);
 }
 
+/* Query rows of one block. */
+__host__ __device__ constexpr int block_rows(int elem_bytes, int np) {
+  return kWarps * rows_per_warp(elem_bytes, np);
+}
+
 /* Dynamic shared memory of one block:
  *   q_s [BM][64*NP] fp32 | p_s [warps][KB][R] fp32 | k_s [KB][64*NP + pad] T | v_s [KB][64*NP] T */
 __host__ __device__ constexpr size_t smem_bytes(int elem_bytes, int np, int kb) {
@@ -219,7 +224,7 @@ template <typename T, int NP, int KB>
 __global__ void __launch_bounds__(kThreads)
 attention_fwd_simt(const dda_attention_params p, const bool vec) {
   constexpr int R = rows_per_warp(static_cast<int>(sizeof(T)), NP);
-  constexpr int BM = kWarps * R;
+  constexpr int BM = block_rows(static_cast<int>(sizeof(T)), NP);
   constexpr int DP = 64 * NP;                                   /* padded head dim */
   constexpr int LDK = DP + 16 / static_cast<int>(sizeof(T));    /* K row stride */
   constexpr int KPL = (KB + 31) / 32;                           /* keys per lane */
@@ -397,8 +402,7 @@ attention_fwd_simt(const dda_attention_params p, const bool vec) {
 
 template <typename T, int NP, int KB>
 dda_status launch(const dda_attention_params *p, cudaStream_t stream) {
-  constexpr int R = rows_per_warp(static_cast<int>(sizeof(T)), NP);
-  constexpr int BM = kWarps * R;
+  constexpr int BM = block_rows(static_cast<int>(sizeof(T)), NP);
   constexpr size_t smem = smem_bytes(static_cast<int>(sizeof(T)), NP, KB);
   auto kernel = attention_fwd_simt<T, NP, KB>;
   if (smem > 48 * 1024) {
@@ -492,6 +496,11 @@ size_t generic_smem(const dda_attention_params *p, const dda_attn::DevInfo &d) {
   return least;
 }
 
+long long generic_head_blocks(const dda_attention_params *p, const dda_attn::DevInfo &) {
+  const int bm = block_rows(elem_bytes(p->dtype), np_bucket(p->D));
+  return (p->Sq + bm - 1) / bm;
+}
+
 bool generic_preferred(const dda_attention_params *, const dda_attn::DevInfo &) { return true; }
 
 const char *generic_kernel(const dda_attention_params *p, const dda_attn::DevInfo &d) {
@@ -510,4 +519,5 @@ dda_status generic_launch(const dda_attention_params *p, const dda_attn::DevInfo
 
 /* Any dtype, any alignment, D <= 512 (the fallback of the automatic dispatch). */
 const dda_attn::Family dda_attn::kGenericFamily = {DDA_ATTN_GENERIC, generic_unsupported, generic_smem,
-                                                   generic_preferred, generic_kernel, generic_launch};
+                                                   generic_head_blocks, generic_preferred, generic_kernel,
+                                                   generic_launch};

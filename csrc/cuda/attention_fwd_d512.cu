@@ -218,6 +218,11 @@ attention_fwd_d512(const dda_attention_params p) {
 
 /* ----------------------------------------------------------- launcher -- */
 
+/* Blocks per (b, h): kSplit column halves of every kRows-row tile. */
+long long tiles_per_head(const dda_attention_params *p) {
+  return static_cast<long long>((p->Sq + kRows - 1) / kRows) * kSplit;
+}
+
 template <typename T>
 dda_status launch(const dda_attention_params *p, cudaStream_t stream) {
   auto kernel = attention_fwd_d512<T>;
@@ -225,7 +230,7 @@ dda_status launch(const dda_attention_params *p, cudaStream_t stream) {
   cudaError_t e = raise_smem_once(kernel, kSmemBytes, raised);
   if (e != cudaSuccess) return cuda_fail(e);
   dim3 grid;
-  if (!fold_grid(static_cast<long long>((p->Sq + kRows - 1) / kRows) * kSplit, p, &grid)) return DDA_ERR_GRID_LIMIT;
+  if (!fold_grid(tiles_per_head(p), p, &grid)) return DDA_ERR_GRID_LIMIT;
   kernel<<<grid, kThreads, kSmemBytes, stream>>>(*p);
   e = cudaGetLastError();
   return e == cudaSuccess ? DDA_OK : cuda_fail(e);
@@ -243,6 +248,8 @@ const char *d512_unsupported(const dda_attention_params *p, const dda_attn::DevI
 
 size_t d512_smem(const dda_attention_params *, const dda_attn::DevInfo &) { return kSmemBytes; }
 
+long long d512_head_blocks(const dda_attention_params *p, const dda_attn::DevInfo &) { return tiles_per_head(p); }
+
 bool d512_preferred(const dda_attention_params *, const dda_attn::DevInfo &) { return true; }
 
 const char *d512_kernel(const dda_attention_params *p, const dda_attn::DevInfo &) {
@@ -258,5 +265,5 @@ dda_status d512_launch(const dda_attention_params *p, const dda_attn::DevInfo &,
 }  // namespace
 
 /* Head dims 256 < D <= 512 (the VAE mid-block); needs sm_80's 163 KB of shared memory. */
-const dda_attn::Family dda_attn::kD512Family = {DDA_ATTN_D512, d512_unsupported, d512_smem, d512_preferred,
-                                                d512_kernel, d512_launch};
+const dda_attn::Family dda_attn::kD512Family = {DDA_ATTN_D512, d512_unsupported, d512_smem, d512_head_blocks,
+                                                d512_preferred, d512_kernel, d512_launch};

@@ -413,6 +413,11 @@ const char *mma_unsupported(const dda_attention_params *p, const DevInfo &d) {
 /* The m64 tile's: the largest tile that must fit (m128 runs only where it fits too). */
 size_t mma_smem(const dda_attention_params *p, const DevInfo &) { return tile_smem(padded_dim(p->D), kM64); }
 
+long long mma_head_blocks(const dda_attention_params *p, const DevInfo &d) {
+  const int rows = tile_rows(pick_tile(padded_dim(p->D), p, d));
+  return (p->Sq + rows - 1) / rows;
+}
+
 bool mma_preferred(const dda_attention_params *, const DevInfo &) { return true; }
 
 const char *mma_kernel(const dda_attention_params *p, const DevInfo &d) {
@@ -429,5 +434,5 @@ dda_status mma_launch(const dda_attention_params *p, const DevInfo &d, cudaStrea
 
 }  // namespace
 
-const dda_attn::Family dda_attn::kMmaFamily = {DDA_ATTN_MMA, mma_unsupported, mma_smem, mma_preferred, mma_kernel,
-                                               mma_launch};
+const dda_attn::Family dda_attn::kMmaFamily = {DDA_ATTN_MMA, mma_unsupported, mma_smem, mma_head_blocks,
+                                               mma_preferred, mma_kernel, mma_launch};

@@ -242,7 +242,8 @@ int resident_blocks(Kernel kernel, size_t smem, std::atomic<int> (&cache)[64]) {
 }
 
 /* Tiles per block: enough blocks for every resident slot of every SM, and at least
- * one tile per warp (fewer, larger chunks re-read K and V less often). */
+ * one tile per warp (fewer, larger chunks re-read K and V less often). Never fewer than
+ * min(kWarps, tiles of a head), which bounds the grid (short_head_blocks). */
 int tiles_per_block(const dda_attention_params *p, int sms, int resident) {
   const long long per_head = (p->Sq + 15) / 16;
   const long long total = per_head * p->B * p->H;
@@ -251,6 +252,11 @@ int tiles_per_block(const dda_attention_params *p, int sms, int resident) {
   if (tpb < kWarps) tpb = kWarps;
   if (tpb > per_head) tpb = per_head;
   return static_cast<int>(tpb);
+}
+
+/* Blocks per (b, h) for tpb tiles per block. */
+long long blocks_per_head(const dda_attention_params *p, long long tpb) {
+  return ((p->Sq + 15) / 16 + tpb - 1) / tpb;
 }
 
 template <typename T, int DP, int SKP>
@@ -265,7 +271,7 @@ dda_status launch(const dda_attention_params *p, int sms, cudaStream_t stream) {
   static std::atomic<int> resident[64];
   const int tpb = tiles_per_block(p, sms, resident_blocks(kernel, smem, resident));
   dim3 grid;
-  if (!fold_grid(((p->Sq + 15) / 16 + tpb - 1) / tpb, p, &grid)) return DDA_ERR_GRID_LIMIT;
+  if (!fold_grid(blocks_per_head(p, tpb), p, &grid)) return DDA_ERR_GRID_LIMIT;
   kernel<<<grid, kThreads, smem, stream>>>(*p, tpb);
   const cudaError_t e = cudaGetLastError();
   return e == cudaSuccess ? DDA_OK : cuda_fail(e);
@@ -305,6 +311,13 @@ size_t short_smem_for(const dda_attention_params *p, const DevInfo &) {
   return short_smem(padded_dim(p->D), padded_keys(p->Sk));
 }
 
+/* At most this many: the launch's tiles per block depend on occupancy, but are never
+ * fewer than min(kWarps, tiles of a head). */
+long long short_head_blocks(const dda_attention_params *p, const DevInfo &) {
+  const long long per_head = (p->Sq + 15) / 16;
+  return blocks_per_head(p, per_head < kWarps ? per_head : kWarps);
+}
+
 bool short_preferred(const dda_attention_params *, const DevInfo &) { return true; }
 
 const char *short_kernel(const dda_attention_params *p, const DevInfo &) {
@@ -331,5 +344,5 @@ dda_status short_launch(const dda_attention_params *p, const DevInfo &d, cudaStr
 
 /* Short key sequences (cross-attention on the text tokens): the automatic dispatch
  * runs it for every case it takes. */
-const dda_attn::Family dda_attn::kShortFamily = {DDA_ATTN_SHORT, short_unsupported, short_smem_for, short_preferred,
-                                                 short_kernel, short_launch};
+const dda_attn::Family dda_attn::kShortFamily = {DDA_ATTN_SHORT, short_unsupported, short_smem_for,
+                                                 short_head_blocks, short_preferred, short_kernel, short_launch};

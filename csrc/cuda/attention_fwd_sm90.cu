@@ -310,6 +310,11 @@ const char *sm90_unsupported(const dda_attention_params *p, const DevInfo &d) {
 
 size_t sm90_smem_for(const dda_attention_params *p, const DevInfo &) { return sm90_smem(padded_dim(p->D)); }
 
+long long sm90_head_blocks(const dda_attention_params *p, const DevInfo &) {
+  const int rows = 64 * sm90_wg(padded_dim(p->D));
+  return (p->Sq + rows - 1) / rows;
+}
+
 /* Measured on an H200 (benchmarks/NOTES.md): it beats mma for padded head dims 64..128
  * over long key sequences when its blocks fill the SMs (d64 @ 4096-9216 tokens, d128 @
  * 8192); mma wins for d40 (DP 48), for short key sequences (cross-attention, Sk <= 128)
@@ -317,9 +322,7 @@ size_t sm90_smem_for(const dda_attention_params *p, const DevInfo &) { return sm
 bool sm90_preferred(const dda_attention_params *p, const DevInfo &d) {
   const int dp = padded_dim(p->D);
   if (dp < 64 || dp > 128 || p->Sk <= 128) return false;
-  const int rows = 64 * sm90_wg(dp);
-  const long long blocks = static_cast<long long>(p->B) * p->H * ((p->Sq + rows - 1) / rows);
-  return blocks >= d.sms;
+  return folded_blocks(sm90_head_blocks(p, d), p) >= d.sms;
 }
 
 const char *sm90_kernel(const dda_attention_params *p, const DevInfo &) {
@@ -344,8 +347,8 @@ dda_status sm90_launch(const dda_attention_params *p, const DevInfo &, cudaStrea
 
 }  // namespace
 
-const dda_attn::Family dda_attn::kSm90Family = {DDA_ATTN_SM90, sm90_unsupported, sm90_smem_for, sm90_preferred,
-                                                sm90_kernel, sm90_launch};
+const dda_attn::Family dda_attn::kSm90Family = {DDA_ATTN_SM90, sm90_unsupported, sm90_smem_for, sm90_head_blocks,
+                                                sm90_preferred, sm90_kernel, sm90_launch};
 
 /* Cached per device id < 64; no stream work, so safe during capture. */
 int dda_attn::sm90_built() {

@@ -334,6 +334,9 @@ bool operand_ok(const void *x, int64_t sb, int64_t ss, int64_t sh, int B, int S,
   return reinterpret_cast<uintptr_t>(x) % 16 == 0 && tma_stride_ok(sb) && tma_stride_ok(ss) && tma_stride_ok(sh);
 }
 
+/* Blocks per (b, h): one per 64 * NC query rows. */
+long long tiles_per_head(const dda_attention_params *p, int nc) { return (p->Sq + 64 * nc - 1) / (64 * nc); }
+
 template <typename T, int DP>
 dda_status launch(const dda_attention_params *p, cudaStream_t stream) {
   constexpr int NC = tma_nc(DP);
@@ -354,12 +357,15 @@ dda_status launch(const dda_attention_params *p, cudaStream_t stream) {
   /* (d, h, s, b) for the packed [B, S, n, H, D] layouts (h the smaller stride), else (d, s, h, b). */
   const bool hs = qh <= qs && kh <= ks && vh <= vs;
   CUtensorMap mq, mk, mv;
-  if (encode(&mq, p->dtype, p->q, p->D, p->Sq, p->H, p->B, qb, qs, qh, 64 * NC, SW, hs) != CUDA_SUCCESS ||
-      encode(&mk, p->dtype, p->k, p->D, p->Sk, p->H, p->B, kb, ks, kh, kKB, SW, hs) != CUDA_SUCCESS ||
-      encode(&mv, p->dtype, p->v, p->D, p->Sk, p->H, p->B, vb, vs, vh, kKB, SW, hs) != CUDA_SUCCESS)
-    return DDA_ERR_INVALID_ARGUMENT;
+  CUresult r = encode(&mq, p->dtype, p->q, p->D, p->Sq, p->H, p->B, qb, qs, qh, 64 * NC, SW, hs);
+  if (r == CUDA_SUCCESS) r = encode(&mk, p->dtype, p->k, p->D, p->Sk, p->H, p->B, kb, ks, kh, kKB, SW, hs);
+  if (r == CUDA_SUCCESS) r = encode(&mv, p->dtype, p->v, p->D, p->Sk, p->H, p->B, vb, vs, vh, kKB, SW, hs);
+  if (r != CUDA_SUCCESS) {  /* beyond the documented rules tma_unsupported checks: the driver's own refusal */
+    dda_set_backend_error(static_cast<int>(r));
+    return DDA_ERR_TENSOR_MAP;
+  }
   dim3 grid;
-  if (!fold_grid((p->Sq + 64 * NC - 1) / (64 * NC), p, &grid)) return DDA_ERR_GRID_LIMIT;
+  if (!fold_grid(tiles_per_head(p, NC), p, &grid)) return DDA_ERR_GRID_LIMIT;
   kernel<<<grid, 128 * (NC + 1), smem, stream>>>(mq, mk, mv, *p, hs ? 1 : 0);
   e = cudaGetLastError();
   return e == cudaSuccess ? DDA_OK : cuda_fail(e);
@@ -385,6 +391,10 @@ const char *tma_unsupported(const dda_attention_params *p, const dda_attn::DevIn
 size_t tma_smem_for(const dda_attention_params *p, const dda_attn::DevInfo &) {
   const int dp = padded(p->D);
   return tma_smem(dp, tma_nc(dp));
+}
+
+long long tma_head_blocks(const dda_attention_params *p, const dda_attn::DevInfo &) {
+  return tiles_per_head(p, tma_nc(padded(p->D)));
 }
 
 /* Measured on an H200 (benchmarks/NOTES.md): it beats mma 1.4-2x on every self-attention
@@ -422,5 +432,5 @@ dda_status tma_launch(const dda_attention_params *p, const dda_attn::DevInfo &, 
 
 }  // namespace
 
-const dda_attn::Family dda_attn::kSm90TmaFamily = {DDA_ATTN_SM90_TMA, tma_unsupported, tma_smem_for, tma_preferred,
-                                                   tma_kernel, tma_launch};
+const dda_attn::Family dda_attn::kSm90TmaFamily = {DDA_ATTN_SM90_TMA, tma_unsupported, tma_smem_for,
+                                                   tma_head_blocks, tma_preferred, tma_kernel, tma_launch};

@@ -46,7 +46,11 @@ typedef enum {
   DDA_ERR_UNPLANNED_IN_CAPTURE = 9, /* a GEMM shape first seen during CUDA-graph capture */
   DDA_ERR_UNSUPPORTED = 10,       /* no attention kernel of the requested backend runs these inputs
                                      on this device (dda_attention_supported_cuda says why) */
-  DDA_ERR_GRID_LIMIT = 11         /* the launch needs more than 2^31 - 1 blocks (query-row tiles x B x H) */
+  DDA_ERR_GRID_LIMIT = 11,        /* the kernel would need more than 2^31 - 1 thread blocks in one launch
+                                     (blocks per (b, h) x B x H); dda_attention_supported_cuda gives
+                                     the count */
+  DDA_ERR_TENSOR_MAP = 12         /* the driver refused a TMA tensor map of q, k or v
+                                     (dda_last_backend_error: its CUresult) */
 } dda_status;
 
 /* A static, human-readable name for a status. Never NULL. */
@@ -125,7 +129,10 @@ dda_status dda_attention_backend_from_name(const char *name, dda_attention_backe
  * overflows in q k^T (this is diffusers' upcast_attention / upcast_softmax).
  * A row whose every key is masked out (bool false or -inf) gives o = 0 and
  * lse = -inf.
- * Requirements: B, H, Sq, Sk >= 1; 8 <= D <= 512 and D % 8 == 0.
+ * Requirements: B, H, Sq, Sk >= 1; 8 <= D <= 512 and D % 8 == 0. Offsets are 64-bit, so
+ * B * S * stride may exceed 2^31. On CUDA every kernel launches a 1-D grid of
+ * (query-row tiles per (b, h)) x B x H blocks, which may reach 2^31 - 1 (the gridDim.x limit);
+ * B * H is not bound by the 65535 limit of gridDim.y / z.
  */
 typedef enum {
   DDA_MASK_NONE = 0,
@@ -232,16 +239,20 @@ dda_status dda_linear_cuda(const dda_linear_params *p, void *workspace,
 dda_status dda_attention_fwd_cuda(const dda_attention_params *p, cudaStream_t stream);
 dda_status dda_geglu_cuda(const dda_geglu_params *p, cudaStream_t stream);
 /* dda_group_norm_cuda needs dda_group_norm_workspace_bytes(p) bytes of device
- * scratch (per-block partial sums and the statistics); what it refuses
- * (DDA_ERR_INVALID_ARGUMENT: the caller runs another implementation) is what
- * dda_group_norm_supported_cuda names. Three kernels, no sync. */
+ * scratch, 16-byte aligned, of any content (block counters, which it zeroes on the
+ * stream itself, per-block partial sums and the statistics); the workspace must not
+ * be in use by another call until this one's work on `stream` is done. What it
+ * refuses (DDA_ERR_INVALID_ARGUMENT: the caller runs another implementation) is what
+ * dda_group_norm_supported_cuda names. A memset and two kernels, no sync. */
 size_t dda_group_norm_workspace_bytes(const dda_group_norm_params *p);
 dda_status dda_group_norm_cuda(const dda_group_norm_params *p, void *workspace, size_t workspace_bytes,
                                cudaStream_t stream);
 
 /* Why dda_attention_fwd_cuda would not run p on the current device with p->backend
- * (arguments, device, build, the family's limits), or NULL if it runs it. Static
- * string. Reads device attributes, launches nothing. */
+ * (arguments, device, build, the family's limits), or NULL if it runs it: the reason behind
+ * its DDA_ERR_UNSUPPORTED or DDA_ERR_GRID_LIMIT. A grid refusal states the block count and
+ * the limit. The string lives as long as the process (never freed). Reads device
+ * attributes, launches nothing. */
 const char *dda_attention_supported_cuda(const dda_attention_params *p);
 
 /* The attention kernels the automatic dispatch runs on a device of compute capability

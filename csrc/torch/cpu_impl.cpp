@@ -61,7 +61,7 @@ void attention_out_cpu(const at::Tensor &q, const at::Tensor &k, const at::Tenso
 // accept; bad inputs raise the same errors as the op itself.
 std::string attention_kernel_for_cpu(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
                                      const std::optional<at::Tensor> &mask, c10::string_view backend) {
-  const at::Tensor out = dda_glue::attention_output(q);
+  const at::Tensor out = dda_glue::attention_query_output(q);
   const dda_attention_params p = dda_glue::attention_params(q, k, v, mask, 1.0, out, std::nullopt, true, backend);
   const char *why = dda_attention_supported_cpu(&p);
   return why ? std::string("unsupported: ") + why : std::string("cpu_reference");

@@ -9,6 +9,16 @@
 
 namespace {
 
+// dda_glue::throw_on_error, naming the CUDA error behind DDA_ERR_CUDA.
+void throw_on_error(dda_status st, const char *op) {
+  if (st == DDA_ERR_CUDA) {
+    const auto e = static_cast<cudaError_t>(dda_last_backend_error());
+    TORCH_CHECK(false, std::string(op) + " failed: " + dda_status_string(st) + " (" + cudaGetErrorName(e) + ": " +
+                           cudaGetErrorString(e) + ")");
+  }
+  dda_glue::throw_on_error(st, op);
+}
+
 void linear_out_cuda(const at::Tensor &x, const at::Tensor &weight,
                      const std::optional<at::Tensor> &bias,
                      const std::optional<at::Tensor> &residual, double alpha, double beta,
@@ -21,9 +31,9 @@ void linear_out_cuda(const at::Tensor &x, const at::Tensor &weight,
   // stream inside their pool, where a kept block would be an untracked live allocation.
   at::Tensor workspace =
       at::empty({static_cast<int64_t>(DDA_LINEAR_WORKSPACE_BYTES)}, x.options().dtype(at::kByte));
-  dda_glue::throw_on_error(dda_linear_cuda(&p, workspace.data_ptr(), DDA_LINEAR_WORKSPACE_BYTES,
-                                           c10::cuda::getCurrentCUDAStream().stream()),
-                           "dda.linear (cuda)");
+  throw_on_error(dda_linear_cuda(&p, workspace.data_ptr(), DDA_LINEAR_WORKSPACE_BYTES,
+                                 c10::cuda::getCurrentCUDAStream().stream()),
+                 "dda.linear (cuda)");
 }
 
 void attention_out_cuda(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
@@ -32,14 +42,16 @@ void attention_out_cuda(const at::Tensor &q, const at::Tensor &k, const at::Tens
   const dda_attention_params p = dda_glue::attention_params(q, k, v, mask, scale, out, lse, false, backend);
   const c10::cuda::CUDAGuard guard(q.device());
   const dda_status st = dda_attention_fwd_cuda(&p, c10::cuda::getCurrentCUDAStream().stream());
-  // The selection refused: ask it why (only on this failure path, so no second selection per call).
-  if (st == DDA_ERR_UNSUPPORTED) dda_glue::throw_unsupported("dda.attention (cuda)", p, dda_attention_supported_cuda(&p), q);
-  dda_glue::throw_on_error(st, "dda.attention (cuda)");
+  // The selection refused (no family, or the grid beyond 2^31 - 1 blocks): ask it why, with
+  // the sizes (only on this failure path, so no second selection per call).
+  if (st == DDA_ERR_UNSUPPORTED || st == DDA_ERR_GRID_LIMIT)
+    dda_glue::throw_unsupported("dda.attention (cuda)", p, dda_attention_supported_cuda(&p), q);
+  throw_on_error(st, "dda.attention (cuda)");
 }
 
 std::string attention_kernel_for_cuda(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
                                       const std::optional<at::Tensor> &mask, c10::string_view backend) {
-  const at::Tensor out = dda_glue::attention_output(q);  // fresh, so aligned like the op's own output
+  const at::Tensor out = dda_glue::attention_query_output(q);  // aligned like the op's own output
   const dda_attention_params p = dda_glue::attention_params(q, k, v, mask, 1.0, out, std::nullopt, false, backend);
   const c10::cuda::CUDAGuard guard(q.device());
   return dda_attention_kernel_for(&p);
@@ -55,7 +67,7 @@ at::Tensor geglu_cuda(const at::Tensor &x, bool approximate) {
   at::Tensor out = dda_glue::geglu_output(x);
   const dda_geglu_params p = dda_glue::geglu_params(x, approximate, out, false);
   const c10::cuda::CUDAGuard guard(x.device());
-  dda_glue::throw_on_error(dda_geglu_cuda(&p, c10::cuda::getCurrentCUDAStream().stream()), "dda.geglu (cuda)");
+  throw_on_error(dda_geglu_cuda(&p, c10::cuda::getCurrentCUDAStream().stream()), "dda.geglu (cuda)");
   return out;
 }
 
@@ -74,8 +86,8 @@ at::Tensor group_norm_cuda(const at::Tensor &x, int64_t num_groups, const std::o
   const c10::cuda::CUDAGuard guard(x.device());
   const size_t bytes = dda_group_norm_workspace_bytes(&p);
   at::Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, x.options().dtype(at::kByte));
-  dda_glue::throw_on_error(dda_group_norm_cuda(&p, workspace.data_ptr(), bytes, c10::cuda::getCurrentCUDAStream().stream()),
-                           "dda.group_norm (cuda)");
+  throw_on_error(dda_group_norm_cuda(&p, workspace.data_ptr(), bytes, c10::cuda::getCurrentCUDAStream().stream()),
+                 "dda.group_norm (cuda)");
   return out;
 }
 

@@ -4,6 +4,7 @@
 #include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 
+#include <limits>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -81,6 +82,21 @@ void check_no_overlap(const at::Tensor &out, const char *oname, const at::Tensor
             "; got ", oname, " ", describe(out), " and ", iname, " ", describe(in));
 }
 
+// The C ABI's attention sizes are ints: a size beyond 2^31 - 1 is refused by name and value
+// (a cast would wrap it, e.g. into a size < 1 or a valid head dim).
+void check_int_size(int64_t value, const char *what, const at::Tensor &t, const char *name, const char *op) {
+  constexpr int64_t kMax = std::numeric_limits<int>::max();
+  DDA_CHECK(value <= kMax, op, ": ", what, " = ", value,
+            " is beyond the largest size the attention kernels take, 2^31 - 1 = ", kMax, "; got ", name, " ",
+            describe(t));
+}
+
+// q's B, Sq, H and D (q [B, Sq, H, D]) within the int sizes.
+void check_q_sizes(const at::Tensor &q, const char *op) {
+  const char *what[4] = {"B (q.size(0))", "Sq (q.size(1))", "H (q.size(2))", "D (q.size(3))"};
+  for (int i = 0; i < 4; ++i) check_int_size(q.size(i), what[i], q, "q", op);
+}
+
 void check_same(const at::Tensor &a, const char *an, const at::Tensor &b, const char *bn,
                 const char *op) {
   DDA_CHECK(a.device() == b.device(), op, ": ", an, " and ", bn,
@@ -106,7 +122,8 @@ void throw_on_error(dda_status st, const char *op) {
   if (st == DDA_OK) return;
   const int code = dda_last_backend_error();
   std::string s = cat(op, " failed: ", dda_status_string(st));
-  if (st == DDA_ERR_CUDA || st == DDA_ERR_CUBLAS) s += cat(" (backend code ", code, ")");
+  if (st == DDA_ERR_CUDA || st == DDA_ERR_CUBLAS || st == DDA_ERR_TENSOR_MAP)
+    s += cat(" (backend code ", code, ")");
   TORCH_CHECK(false, s);
 }
 
@@ -193,6 +210,8 @@ dda_attention_params attention_params(const at::Tensor &q, const at::Tensor &k,
   DDA_CHECK(k.dim() == 4, op, ": k must be [B, Sk, H, D], got ", describe(k));
   DDA_CHECK(v.sizes() == k.sizes(), op, ": v must have k's shape ", k.sizes(), ", got ", describe(v));
   const int64_t B = q.size(0), Sq = q.size(1), H = q.size(2), D = q.size(3), Sk = k.size(1);
+  check_q_sizes(q, op);
+  check_int_size(Sk, "Sk (k.size(1))", k, "k", op);
   DDA_CHECK(k.size(0) == B && k.size(2) == H && k.size(3) == D, op,
               ": k [B, Sk, H, D] must match q's batch, heads and head dim (", B, ", ", H, ", ", D,
               "), got ", describe(k));
@@ -285,7 +304,7 @@ std::string attention_refusal(const at::Tensor &q, const at::Tensor &k, const at
                               const std::optional<at::Tensor> &mask, c10::string_view backend, bool cpu,
                               const char *(*supported)(const dda_attention_params *)) {
   try {
-    const at::Tensor out = attention_output(q);
+    const at::Tensor out = attention_query_output(q);
     const dda_attention_params p = attention_params(q, k, v, mask, 1.0, out, std::nullopt, cpu, backend);
     const char *why = supported(&p);
     return why ? why : "";
@@ -411,7 +430,16 @@ at::Tensor linear_output(const at::Tensor &x, const at::Tensor &weight) {
   return at::empty(sizes, x.options());
 }
 
-at::Tensor attention_output(const at::Tensor &q) { return at::empty(q.sizes(), q.options()); }
+at::Tensor attention_output(const at::Tensor &q) {
+  if (q.dim() == 4) check_q_sizes(q, "dda.attention");  // before allocating B * Sq * H * D elements
+  return at::empty(q.sizes(), q.options());
+}
+
+at::Tensor attention_query_output(const at::Tensor &q) {
+  if (q.dim() != 4) return at::empty(q.sizes(), q.options());  // attention_params rejects it
+  check_q_sizes(q, "dda.attention");
+  return at::empty({1, 1, 1, q.size(3)}, q.options()).expand(q.sizes());
+}
 
 at::Tensor attention_lse(const at::Tensor &q, bool return_lse) {
   if (!return_lse || q.dim() != 4) return at::empty({0}, q.options().dtype(at::kFloat));

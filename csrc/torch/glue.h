@@ -58,9 +58,15 @@ std::string group_norm_refusal(const at::Tensor &x, int64_t num_groups, const st
                                const std::optional<at::Tensor> &bias, const std::optional<at::Tensor> &shift, bool cpu,
                                const char *(*supported)(const dda_group_norm_params *));
 
-// The fresh outputs of the functional ops.
+// The fresh outputs of the functional ops. attention_output first refuses q sizes beyond
+// the C ABI's ints, naming the size (before allocating).
 at::Tensor linear_output(const at::Tensor &x, const at::Tensor &weight);
 at::Tensor attention_output(const at::Tensor &q);
+// The output the attention queries (kernel_for, supported) check in place of the op's own:
+// q's shape over one fresh [D] row with strides (0, 0, 0, 1). It is aligned like a fresh
+// output (D is a multiple of 8 wherever a kernel runs, so every stride of either is a
+// multiple of 8 elements) and allocates D elements instead of B * Sq * H * D.
+at::Tensor attention_query_output(const at::Tensor &q);
 at::Tensor attention_lse(const at::Tensor &q, bool return_lse);
 at::Tensor geglu_output(const at::Tensor &x);
 at::Tensor group_norm_output(const at::Tensor &x);

@@ -16,9 +16,10 @@ from torch import nn
 
 from ..attention import (DeepSpeedDiffusersAttention, DeepSpeedDiffusersAttentionConfig, ImageKV, LowRankUpdates,
                          unsupported_device_dtype, unsupported_head_dim)
+from .. import factor_pool
+from ..module_state import tuner_key
 from . import peft_lora
 from .lora_bank import LoraBank
-from ..module_state import tuner_key
 from .stand_in import StandIn, share_weights
 
 __all__ = ["NAME", "claims", "supports", "from_diffusers", "convert", "PatchedAttention", "FusedAttnProcessor"]
@@ -458,6 +459,7 @@ class PatchedAttention(StandIn):
             groups = LoraBank.stacked(self._lora_spec(cross), self.dda.attn_ow.dtype)
         else:
             groups = self._sync_lora(cross)[0]
+            factor_pool.flush()  # the factors a switch staged, before this call's kernels read them
         return LowRankUpdates(groups) if groups else None
 
     def _sync_lora(self, cross: bool) -> tuple:

@@ -12,10 +12,11 @@ projections is a block of rows of one ``[R, in]`` tensor, and PEFT's
 * any write to the adapter weights, including PEFT's hotswap (``.data.copy_``, which no
   version counter sees), is what the kernels read;
 * each adapter's factor in the output (its ``scaling`` while active; 0 while inactive,
-  disabled or merged) is one float32 entry per rank of a fixed vector. ``set_adapters``,
-  ``disable_lora`` / ``enable_lora``, ``fuse_lora`` / ``unfuse_lora`` and
-  ``set_adapters(weights=...)`` only rewrite that vector (one small host-to-device copy
-  per module), so a captured CUDA graph reads the new factors at replay. An inactive
+  disabled or merged) is one float32 entry per rank of a fixed vector, a slice of the
+  model-wide :mod:`..factor_pool`. ``set_adapters``, ``disable_lora`` / ``enable_lora``,
+  ``fuse_lora`` / ``unfuse_lora`` and ``set_adapters(weights=...)`` only rewrite those
+  values (host-side; one copy for every module, before the next kernels read them), so a
+  captured CUDA graph reads the new factors at replay. An inactive
   adapter must add nothing (not ``0 * inf``), so while some factor is 0 the groups also zero
   those ranks (one more small kernel per input); a graph is captured once with that step and
   once without, and every later switch replays one of the two.
@@ -32,10 +33,9 @@ graph key holds their state, so a switch re-captures once per new state.
 """
 from __future__ import annotations
 
-from array import array
-
 import torch
 
+from .. import factor_pool
 from ..attention import LowRankGroup
 from ..module_state import tuner_key
 from . import peft_lora
@@ -65,13 +65,12 @@ class LoraBank:
         self._groups = ()
         self._blocks = ()  # (layer, adapter name, rank) per block of the factor vector, in order
         self._layers = ()  # the LoRA layers of the blocks, each once
-        self._factors = None  # float32 [R_total] on the device; the groups' scales are its slices
+        # factor_pool.Slice of R_total entries: its float32 factors are the groups' scales, its
+        # zero flags the masked groups' inactive ranks
+        self._slice = None
         self._written = None  # the tuner state the factors were last written for
         self._masked = None  # the groups with the inactive ranks zeroed, while some factor is 0
         self._masked_all = ()
-        self._inactive = None  # bool [R_total] on the device: which ranks have factor 0
-        self._host = None  # pinned host copy of (factors, inactive), and the event of its last copy
-        self._copied = None
         # what the per-call check compares (_unchanged, set by _relayout): the projections,
         # variant, dtype and device; each LoRA layer's adapter dicts and their Linears; each
         # Linear's weight (identity) and its data pointer
@@ -91,8 +90,10 @@ class LoraBank:
         projection replaced (an adapter layer added or removed), the variant, dtype or device,
         an adapter added, deleted or replaced, an adapter weight replaced or given new
         storage. Then the bank is rebuilt if the adapters' identity changed. The factors are
-        rewritten when the adapters' state changed. Neither may happen during a CUDA-graph
-        capture (the graph wrappers sync before they capture), which raises.
+        rewritten when the adapters' state changed, in the host mirror of the
+        :mod:`..factor_pool`: the caller runs :func:`..factor_pool.flush` before kernels read
+        them. Neither may happen during a CUDA-graph capture (the graph wrappers sync before
+        they capture), which raises.
         """
         if not self._unchanged(projections, variant, dtype, device):
             self._relayout(spec_fn(), projections, variant, dtype, device)
@@ -114,7 +115,9 @@ class LoraBank:
                 a.data = a.data.clone()
         self._layout, self._groups, self._masked, self._masked_all = None, (), None, ()
         self._blocks, self._layers = (), ()
-        self._factors, self._inactive, self._host, self._copied = None, None, None, None
+        if self._slice is not None:
+            self._slice.release()
+            self._slice = None
         self._written, self._seen, self._spec = None, None, ()
         self._dicts, self._linears, self._params, self._weights, self._pointers = [], [], [], [], []
         self._weight_ids = []
@@ -171,8 +174,8 @@ class LoraBank:
             for name in m.lora_A.keys():
                 rows.setdefault(inp, []).append((target, m, name))
         total = sum(m.lora_A[name].weight.shape[0] for entries in rows.values() for _, m, name in entries)
-        factors = torch.zeros(total, dtype=torch.float32, device=device)
-        inactive = torch.ones(total, dtype=torch.bool, device=device)
+        piece = factor_pool.reserve(total, device)
+        factors, inactive = piece.factors, piece.zero
         groups, masked, offset = [], [], 0
         with torch.no_grad():
             for inp, _ in spec:
@@ -194,11 +197,8 @@ class LoraBank:
                 groups.append(group)
                 masked.append(group._replace(inactive=inactive[offset : offset + r0]))
                 offset += r0
-        self._groups, self._blocks, self._factors, self._written = tuple(groups), tuple(blocks), factors, None
-        self._inactive, self._masked_all = inactive, tuple(masked)
-        if device.type == "cuda":
-            self._host = (torch.empty(total, dtype=torch.float32, pin_memory=True),
-                          torch.empty(total, dtype=torch.bool, pin_memory=True))
+        self._groups, self._blocks, self._slice, self._written = tuple(groups), tuple(blocks), piece, None
+        self._masked_all = tuple(masked)
         self._layout = self._layout_key(layers, dtype, device)  # after re-pointing the A weights
 
     @staticmethod
@@ -214,33 +214,12 @@ class LoraBank:
         return ""
 
     def _write_factors(self) -> None:
-        if _capturing():
-            raise RuntimeError("deepspeed_diffusers_attn: the LoRA adapter state changed during a CUDA-graph "
-                               "capture; run one eager call after changing adapters")
         factors = {m: peft_lora.layer_factors(m) for m in self._layers}  # unmerges a disabled merged layer
-        per_rank = array("f")
-        for m, name, r in self._blocks:
-            per_rank.extend((float(factors[m][name]),) * r)
-        values = torch.frombuffer(per_rank, dtype=torch.float32)
-        zero = values == 0
-        if self._host is not None:
-            # through pinned buffers, so the copies are ordered on the stream without waiting for
-            # it; the buffers are rewritten only once their last copy is done
-            if self._copied is not None:
-                self._copied.synchronize()
-            self._host[0].copy_(values)
-            self._host[1].copy_(zero)
-            self._factors.copy_(self._host[0], non_blocking=True)
-            self._inactive.copy_(self._host[1], non_blocking=True)
-            self._copied = torch.cuda.Event()
-            self._copied.record()
-        else:
-            self._factors.copy_(values)
-            self._inactive.copy_(zero)
+        any_zero = self._slice.write([(float(factors[m][name]), r) for m, name, r in self._blocks])
         # an inactive adapter must add nothing, not 0 * inf: while some factor is 0 the
         # groups also zero those ranks (a graph captured without it is keyed apart)
-        self._masked = self._masked_all if bool(zero.any()) else None
-        self._written = tuple(tuner_key(m) for m in self._layers)
+        self._masked = self._masked_all if any_zero else None
+        self._written = tuple([tuner_key(m) for m in self._layers])  # after any unmerge above
 
     @staticmethod
     def stacked(spec, dtype) -> tuple:
