@@ -37,8 +37,8 @@ real ones (deepspeed_diffusers_attn.random_adapters); its rows are named e.g.
 ``set_adapters`` calls, each followed by one step; ``switch_ms`` is the median of
 (the first step after ``set_adapters``) minus a plain step, ``set_adapters_ms`` the
 median time of diffusers' ``set_adapters`` call itself (the same for stock and ours), and
-``captures`` how many graphs the variant captured in all (ours: 2, the first and one for
-states with an inactive adapter; stock: one per adapter state). ``--adapters-only`` skips the plain pass.
+``captures`` how many graphs the variant captured in all (ours: 1; stock: one per
+adapter state). ``--adapters-only`` skips the plain pass.
 
 VAE decode (batch 1) at 512 and 1024 px: stock and ours, eager, graphed and graphed channels-last. Writes
 results.json after every variant (a run cut short by a timeout keeps what it measured) and

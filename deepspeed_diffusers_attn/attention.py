@@ -734,27 +734,26 @@ class DeepSpeedDiffusersAttention(nn.Module):
 class LowRankGroup(NamedTuple):
     """The low-rank updates (LoRA) of the projections that read one input, for :class:`LowRankUpdates`.
 
-    ``t = (x a^T) * scale`` is one GEMM for every adapter of those projections (their A
-    matrices stacked along the rank), then each segment adds ``factor * t[..., r0:r1] b^T``
-    to its projection's output, one GEMM accumulated into the fused result (beta = 1).
+    ``t = x a^T`` is one GEMM for every adapter of those projections (their A matrices
+    stacked along the rank), then every segment adds ``scale[r0] * t[..., r0:r1] b^T`` to its
+    projection's output, all in one kernel (:func:`.ops.low_rank_accumulate`) that reads each
+    output once and skips a segment whose scale is 0 (an inactive adapter adds nothing, not
+    ``0 * inf``).
 
     input: which input the projections read: ``"hidden"`` (the normalised input: Q, and K/V
         in self-attention), ``"context"`` (K/V in cross-attention) or ``"output"`` (the
         attention output: the output projection).
     a: ``[R, in]``, contiguous, in the module's dtype and on its device.
-    scale: ``[R]`` float32 on the same device, multiplied into ``x a^T`` (a fixed-address
-        buffer, so a CUDA graph reads the current scales at replay), or None for 1.
+    scale: ``[R]`` float32 on the same device, each segment's ranks sharing one value (a
+        fixed-address buffer, so a CUDA graph reads the current scales at replay), or None for 1.
     segments: ``((target, r0, r1, b), ...)``: target is ``"q"``, ``"k"``, ``"v"`` or ``"out"``;
         b ``[out_features, r1 - r0]`` contiguous.
-    inactive: ``[R]`` bool on the same device, or None: ranks whose columns of ``t`` are zeroed
-        after the scale (an inactive adapter adds nothing, not ``0 * inf``).
     """
 
     input: str
     a: torch.Tensor
     scale: Optional[torch.Tensor]
     segments: tuple
-    inactive: Optional[torch.Tensor] = None
 
 
 class LowRankUpdates(NamedTuple):
@@ -773,7 +772,7 @@ class LowRankUpdates(NamedTuple):
 
     def tensors(self) -> tuple:
         """Every tensor the updates read, in order (for autograd to see them)."""
-        low = tuple(t for g in self.groups for t in (g.a, g.scale, g.inactive, *(seg[3] for seg in g.segments))
+        low = tuple(t for g in self.groups for t in (g.a, g.scale, *(seg[3] for seg in g.segments))
                     if t is not None)
         return low + tuple(t for branch in self.image for t in (branch.context, branch.wk, branch.wv))
 
@@ -794,10 +793,10 @@ class LowRankUpdates(NamedTuple):
                                  f"{tuple(g.a.shape)}")
             for t in (g.a, *(seg[3] for seg in g.segments)):
                 _check_tensor(t, "low_rank weight", dtype, device)
-            for name, t, kind in (("scale", g.scale, torch.float32), ("inactive", g.inactive, torch.bool)):
-                if t is not None and (t.shape != (g.a.shape[0],) or t.dtype != kind or t.device != device):
-                    raise ValueError(f"low_rank: {g.input} group's {name} must be a {kind} [{g.a.shape[0]}] "
-                                     f"tensor on {device}")
+            t = g.scale
+            if t is not None and (t.shape != (g.a.shape[0],) or t.dtype != torch.float32 or t.device != device):
+                raise ValueError(f"low_rank: {g.input} group's scale must be a torch.float32 [{g.a.shape[0]}] "
+                                 f"tensor on {device}")
             for target, r0, r1, b in g.segments:
                 out = cfg.hidden_size if target == "out" else cfg.inner_dim
                 if target not in allowed[g.input] or not 0 <= r0 < r1 <= g.a.shape[0] or b.shape != (out, r1 - r0):
@@ -807,23 +806,66 @@ class LowRankUpdates(NamedTuple):
     def apply(self, input: str, x: torch.Tensor, outputs: dict, factor: float = 1.0,
               functional: bool = False) -> dict:
         """Add the updates of the group reading ``input`` (x ``[..., in]``) to ``outputs``
-        (target -> tensor); in place into each output (a view of a fused result), or as new
-        tensors when ``functional`` (torch.compile). Returns ``outputs``."""
+        (target -> tensor, scaled by ``factor``); in place into each output (a view of a fused
+        result), or as new tensors when ``functional`` (torch.compile). Returns ``outputs``."""
         for g in self.groups:
             if g.input != input:
                 continue
             t = ops.linear(x, g.a)
-            if g.scale is not None:
-                t = (t * g.scale).to(t.dtype) if functional else t.mul_(g.scale)
-            if g.inactive is not None:
-                t = t.masked_fill(g.inactive, 0) if functional else t.masked_fill_(g.inactive, 0)
-            for target, r0, r1, b in g.segments:
-                out = outputs[target]
-                if functional:
-                    outputs[target] = ops.linear(t[..., r0:r1], b, None, out, factor, 1.0)
-                else:
-                    ops.linear_out(t[..., r0:r1], b, None, out, factor, 1.0, out)
+            if functional:
+                _apply_functional(g, t, outputs, factor)
+            else:
+                _accumulate(g, t, outputs, factor)
         return outputs
+
+
+def _apply_functional(g: LowRankGroup, t: torch.Tensor, outputs: dict, factor: float) -> None:
+    """The traced form of :func:`_accumulate`: scale t, zero the ranks of 0 scales, one GEMM
+    per segment into a new tensor."""
+    if g.scale is not None:
+        t = (t * g.scale).to(t.dtype).masked_fill(g.scale == 0, 0)
+    for target, r0, r1, b in g.segments:
+        outputs[target] = ops.linear(t[..., r0:r1], b, None, outputs[target], factor, 1.0)
+
+
+def _fused_columns(outputs: dict, targets) -> Optional[tuple]:
+    """(one tensor spanning the targets' columns, {target: first column}) when the targets'
+    outputs are column blocks of the same rows of one tensor (the fused Q/K/V result), else None."""
+    views = [outputs[name] for name in targets]
+    first = views[0]
+    for v in views[1:]:
+        if (v.shape != first.shape or v.stride() != first.stride()
+                or v.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()):
+            return None
+    lo = min(v.storage_offset() for v in views)
+    hi = max(v.storage_offset() + v.shape[-1] for v in views)
+    if first.dim() < 2 or hi - lo > first.stride(-2):  # the blocks must lie in one row
+        return None
+    out = first.as_strided((*first.shape[:-1], hi - lo), first.stride(), lo)
+    return out, {name: v.storage_offset() - lo for name, v in zip(targets, views)}
+
+
+def _accumulate(g: LowRankGroup, t: torch.Tensor, outputs: dict, factor: float) -> None:
+    """Every segment of ``g`` into its output in place: one :func:`.ops.low_rank_accumulate`
+    launch when the outputs are column blocks of one tensor (else one per target)."""
+    scale = g.scale if g.scale is not None else torch.ones(t.shape[-1], dtype=torch.float32, device=t.device)
+    if len(g.segments) > ops.LOW_RANK_MAX_SEGMENTS or (t.is_cuda and t.dtype == torch.float32):
+        # more adapters than one launch takes, or float32 on CUDA: one GEMM per segment
+        t = t.mul_(scale).masked_fill_(scale == 0, 0)
+        for target, r0, r1, b in g.segments:
+            out = outputs[target]
+            ops.linear_out(t[..., r0:r1], b, None, out, factor, 1.0, out)
+        return
+    targets = list(dict.fromkeys(seg[0] for seg in g.segments))
+    fused = _fused_columns(outputs, targets)
+    if fused is not None:
+        out, col0 = fused
+        ops.low_rank_accumulate(t, scale, [(r0, r1, col0[name], b) for name, r0, r1, b in g.segments], out,
+                                factor)
+        return
+    for name in targets:
+        ops.low_rank_accumulate(t, scale, [(r0, r1, 0, b) for target, r0, r1, b in g.segments if target == name],
+                                outputs[name], factor)
 
 
 class ImageKV(NamedTuple):

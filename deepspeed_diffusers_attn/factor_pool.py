@@ -1,5 +1,5 @@
-"""Fixed-address float32 factors (and their zero flags) that CUDA graphs read at replay, written
-for a whole model in one host-to-device copy.
+"""Fixed-address float32 factors that CUDA graphs read at replay, written for a whole model in
+one host-to-device copy.
 
 The LoRA banks (:mod:`.adapters.lora_bank`) of every patched attention module keep their
 adapters' per-rank factors here. An adapter switch (``set_adapters``...) changes the factors
@@ -36,58 +36,49 @@ class _Chunk:
     def __init__(self, device: torch.device, size: int):
         self.device = device
         self.factors = torch.zeros(size, dtype=torch.float32, device=device)
-        self.zero = torch.ones(size, dtype=torch.bool, device=device)
         self.host_factors = array("f", bytes(4 * size))
-        self.host_zero = bytearray(b"\x01" * size)
+        self.size = size
         self.used = 0  # entries handed out (slices are never reused: a rebuilt bank takes new ones)
         self.live = 0  # slices not yet released
         self.lo, self.hi = size, 0  # the range written since the last flush
 
     def flush(self) -> None:
         lo, hi = self.lo, self.hi
-        self.lo, self.hi = len(self.host_zero), 0
+        self.lo, self.hi = self.size, 0
         if hi <= lo:
             return
         f = torch.frombuffer(self.host_factors, dtype=torch.float32, count=hi - lo, offset=4 * lo)
-        z = torch.frombuffer(self.host_zero, dtype=torch.bool, count=hi - lo, offset=lo)
         if self.device.type == "cuda":
             # fresh pinned staging per flush: the copy is ordered on the current stream without
             # the host waiting for it, and torch's pinned allocator reuses a staging buffer only
             # once its copy is done
-            f, z = f.pin_memory(), z.pin_memory()
+            f = f.pin_memory()
         self.factors[lo:hi].copy_(f, non_blocking=True)
-        self.zero[lo:hi].copy_(z, non_blocking=True)
 
 
 class Slice:
-    """``n`` consecutive entries of a chunk: :attr:`factors` (float32) and :attr:`zero` (bool)
-    are device views that never move; :meth:`write` sets them (seen after :func:`flush`)."""
+    """``n`` consecutive entries of a chunk: :attr:`factors` (float32) is a device view that
+    never moves; :meth:`write` sets it (seen after :func:`flush`)."""
 
     def __init__(self, chunk: _Chunk, start: int, n: int):
         self._chunk, self._start, self.n = chunk, start, n
         self.factors = chunk.factors[start : start + n]
-        self.zero = chunk.zero[start : start + n]
 
-    def write(self, runs) -> bool:
-        """Stage the values given as runs ``((value, count), ...)`` (counts summing to n) and
-        their zero flags; returns whether any value is 0. Raises during a CUDA-graph capture
-        (the capture would freeze them)."""
+    def write(self, runs) -> None:
+        """Stage the values given as runs ``((value, count), ...)`` (counts summing to n).
+        Raises during a CUDA-graph capture (the capture would freeze them)."""
         if _capturing():
             raise RuntimeError("deepspeed_diffusers_attn: LoRA factors changed during a CUDA-graph capture; "
                                "run one eager call after changing adapters")
-        values, zero, any_zero = array("f"), [], False
+        values = array("f")
         for value, count in runs:
             values.extend((value,) * count)
-            zero.append((b"\x01" if value == 0 else b"\x00") * count)
-            any_zero = any_zero or value == 0
         if len(values) != self.n:
             raise ValueError(f"factor slice of {self.n} entries given {len(values)} values")
         c, s = self._chunk, self._start
         c.host_factors[s : s + self.n] = values
-        c.host_zero[s : s + self.n] = b"".join(zero)
         c.lo, c.hi = min(c.lo, s), max(c.hi, s + self.n)
         _dirty[c] = None
-        return any_zero
 
     def release(self) -> None:
         """Give the entries back (the chunk is freed with its last live slice)."""
@@ -102,9 +93,9 @@ class Slice:
 
 
 def reserve(n: int, device: torch.device) -> Slice:
-    """A new slice of ``n`` entries on ``device`` (factors 0, all flagged zero until written)."""
+    """A new slice of ``n`` entries on ``device`` (0 until written)."""
     chunks = _pools.setdefault(device, [])
-    if not chunks or chunks[-1].used + n > len(chunks[-1].host_zero):
+    if not chunks or chunks[-1].used + n > chunks[-1].size:
         last = chunks[-1] if chunks else None
         if last is not None and last.live == 0:
             chunks.pop()

@@ -7,7 +7,7 @@ here give shapes and dtypes to ``torch.compile`` and fake-tensor tracing.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -26,7 +26,11 @@ __all__ = [
     "geglu",
     "group_norm",
     "group_norm_supported",
+    "low_rank_accumulate",
+    "LOW_RANK_MAX_SEGMENTS",
 ]
+
+LOW_RANK_MAX_SEGMENTS = 16  # DDA_LOW_RANK_MAX_SEGMENTS: the segments one low_rank_accumulate call takes
 
 
 def linear(
@@ -197,6 +201,43 @@ def group_norm_supported(x: torch.Tensor, num_groups: int, weight: Optional[torc
     return torch.ops.dda.group_norm_supported(x, int(num_groups), weight, bias, shift)
 
 
+def low_rank_accumulate(
+    t: torch.Tensor,
+    factors: torch.Tensor,
+    segments: Sequence[Tuple[int, int, int, torch.Tensor]],
+    out: torch.Tensor,
+    alpha: float = 1.0,
+) -> torch.Tensor:
+    """The B side of LoRA for every adapter of the projections that read one input, in one
+    kernel: for each segment ``(r0, r1, col0, b)``::
+
+        out[..., col0:col0 + n] += alpha * factors[r0] * t[..., r0:r1] @ b.T      (n = b.shape[0])
+
+    t: ``[..., R]`` (x @ A.T of the adapters, their A stacked along the rank), last dim
+    contiguous, leading dims collapsible into M rows. factors: float32 ``[R]`` on t's device,
+    read when the kernel runs (a CUDA graph replays with the current values); a segment uses
+    ``factors[r0]``. b: ``[n, r1 - r0]`` contiguous (the adapter's own ``lora_B`` weight).
+    out: ``[..., N]`` with M rows (for example the fused Q/K/V output, one target per
+    projection at its ``col0``), updated in place. At most :data:`LOW_RANK_MAX_SEGMENTS`
+    segments. Segments with the same ``(col0, n)`` (several adapters on one projection) are
+    summed in fp32 and added once; different targets must not share columns; segments may
+    share ranks. A segment whose factor is exactly 0 adds nothing (``inf`` in its ranks of t
+    gives no NaN); a NaN factor gives NaN in its columns. Columns outside the targets, and
+    targets whose factors are all 0, are not written.
+
+    Dtypes: t, b and out alike, float16 / bfloat16 on CUDA (tensor cores, fp32 accumulation),
+    also float32 on the CPU (the C reference). Any r, n, col0 and strides; 16-byte aligned
+    pointers, strides, r0, r, col0 and n (multiples of 8 elements) take the vector path.
+    Returns ``out``.
+    """
+    b = [seg[3] for seg in segments]
+    r0 = [int(seg[0]) for seg in segments]
+    r1 = [int(seg[1]) for seg in segments]
+    col0 = [int(seg[2]) for seg in segments]
+    torch.ops.dda.low_rank_accumulate(t, factors, b, r0, r1, col0, float(alpha), out)
+    return out
+
+
 def cuda_built() -> bool:
     """True when the extension was built with its CUDA kernels."""
     return bool(torch.ops.dda.cuda_built())
@@ -240,3 +281,10 @@ def _geglu_fake(x, approximate):
 def _group_norm_fake(x, num_groups, weight, bias, eps, silu, shift=None):
     torch._check(x.dim() == 4, lambda: "dda.group_norm: x must be [N, C, H, W]")
     return torch.empty_like(x, memory_format=torch.channels_last)
+
+
+@torch.library.register_fake("dda::low_rank_accumulate")
+def _low_rank_accumulate_fake(t, factors, b, r0, r1, col0, alpha, out):
+    torch._check(len(b) == len(r0) == len(r1) == len(col0),
+                 lambda: "dda.low_rank_accumulate: b, r0, r1 and col0 need one entry per segment")
+    return None

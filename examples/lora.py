@@ -12,8 +12,7 @@ on every attention projection (as ``pipe.load_lora_weights`` would load real one
    with diffusers' own calls: ``set_adapters(["style"])``, ``set_adapters(["style",
    "detail"], weights=[1.0, 0.5])``, ``disable_lora()``. Under CUDA graphs the adapters'
    weights and factors live in fixed buffers that the graph reads at replay, so a switch
-   rewrites a few numbers and replays a graph already captured (one graph with every adapter
-   active, one with some inactive).
+   rewrites a few numbers and replays the graph already captured.
 
 It prints, per setting, the max pixel difference against stock, and the time of each
 switch (the ``set_adapters`` call and the next generation's first step are included).

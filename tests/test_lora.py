@@ -411,8 +411,8 @@ def test_dora_added_after_a_call_runs_stock():
 
 
 def test_an_inactive_adapter_adds_nothing_even_when_it_overflows():
-    """PEFT skips inactive adapters; ours compute them with factor 0 and zero those ranks,
-    so an inf in an inactive adapter does not become 0 * inf = NaN."""
+    """PEFT skips inactive adapters; ours compute their A side with factor 0 and the B side
+    skips them, so an inf in an inactive adapter does not become 0 * inf = NaN."""
     unet, stock, inputs = patched_with_stock_twin()
     for model in (stock, unet):
         for n, p in model.named_parameters():

@@ -271,6 +271,61 @@ const char *dda_attention_kernel_name(int cc_major, int cc_minor, dda_dtype dtyp
  * launches nothing. */
 const char *dda_attention_kernel_for(const dda_attention_params *p);
 
+/* -------------------------------------------------------------- low rank --
+ * The B side of LoRA for every adapter of the projections that read one input, in one pass:
+ *   out[m, col0_s + j] += alpha * sum over segments s of f_s * sum_k t[m, r0_s + k] * b_s[j, k]
+ *
+ *   t        [M, R], row stride t_stride, R contiguous: x . A^T of the stacked adapters
+ *   factors  float32 [R] (device memory on CUDA); segment s uses f_s = factors[r0_s], read
+ *            when the work runs (a fixed-address buffer: a CUDA graph replays with its
+ *            current values)
+ *   out      [M, N], row stride out_stride, updated in place
+ *   segment  s: ranks [r0, r1) of t, r = r1 - r0 >= 1 (any r); b [n, r] contiguous (torch
+ *            Linear layout, one adapter's own weight); output columns [col0, col0 + n)
+ * A segment whose factor is exactly 0 adds nothing (not 0 * inf = NaN); a NaN factor gives
+ * NaN in its columns. Segments with the same (col0, n) form one target: their terms are
+ * summed in fp32, in the order given, and added to out once (one rounding). Columns of out
+ * outside every target, and every target whose factors are all 0, are not written.
+ * Distinct targets must not share columns; segments may share ranks. out must not overlap
+ * t, factors or any b. t, b and out have one dtype: f16 / bf16 on CUDA, also f32 on the CPU.
+ */
+#define DDA_LOW_RANK_MAX_SEGMENTS 16
+
+typedef struct {
+  const void *b;
+  int64_t r0, r1;
+  int64_t col0, n;
+} dda_low_rank_segment;
+
+typedef struct {
+  const void *t;
+  const float *factors;
+  void *out;
+  int64_t t_stride, out_stride;
+  int64_t M, R, N;
+  float alpha;
+  int num_segments; /* 1 .. DDA_LOW_RANK_MAX_SEGMENTS */
+  dda_low_rank_segment segments[DDA_LOW_RANK_MAX_SEGMENTS];
+  dda_dtype dtype;
+} dda_low_rank_params;
+
+/* Why p is invalid for every backend (a static sentence), or NULL: pointers, sizes, strides,
+ * segment ranges, targets that share columns without being the same (col0, n). The one place
+ * of these rules; dda_low_rank_check is its status (DDA_ERR_INVALID_ARGUMENT or
+ * DDA_ERR_UNSUPPORTED_DTYPE). */
+const char *dda_low_rank_check_reason(const dda_low_rank_params *p);
+dda_status dda_low_rank_check(const dda_low_rank_params *p);
+/* The C reference: f32, f16 and bf16 storage, fp32 arithmetic. */
+dda_status dda_low_rank_accumulate_cpu(const dda_low_rank_params *p);
+/* Why dda_low_rank_accumulate_cuda would not run p (the check, then: f16 / bf16 only, pointers
+ * aligned to their element, at most 2^31 - 1 thread blocks), or NULL. Static string. Any
+ * other alignment, stride, rank or width runs (16-byte vector paths where aligned, element
+ * loads otherwise). Launches nothing. */
+const char *dda_low_rank_supported_cuda(const dda_low_rank_params *p);
+/* One kernel launch on `stream` (tensor cores, fp32 accumulation); no allocation, no sync,
+ * capturable. DDA_ERR_NOT_BUILT in a CPU-only build. */
+dda_status dda_low_rank_accumulate_cuda(const dda_low_rank_params *p, cudaStream_t stream);
+
 #ifdef __cplusplus
 }
 #endif

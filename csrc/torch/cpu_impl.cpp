@@ -93,6 +93,25 @@ at::Tensor group_norm_cpu(const at::Tensor &x, int64_t num_groups, const std::op
   return out;
 }
 
+// The C reference over rows split with at::parallel_for (each chunk offsets t and out).
+void low_rank_accumulate_cpu(const at::Tensor &t, const at::Tensor &factors, at::TensorList b, at::IntArrayRef r0,
+                             at::IntArrayRef r1, at::IntArrayRef col0, double alpha, at::Tensor &out) {
+  const dda_low_rank_params p = dda_glue::low_rank_params(t, factors, b, r0, r1, col0, alpha, out, true);
+  if (p.M == 0) return;
+  dda_glue::throw_on_error(dda_low_rank_check(&p), "dda.low_rank_accumulate (cpu)");
+  const int64_t es = p.dtype == DDA_F32 ? 4 : 2;
+  std::atomic<int> status{DDA_OK};  // any failing chunk's status
+  at::parallel_for(0, p.M, 16, [&](int64_t begin, int64_t end) {
+    dda_low_rank_params part = p;
+    part.M = end - begin;
+    part.t = static_cast<const char *>(p.t) + begin * p.t_stride * es;
+    part.out = static_cast<char *>(p.out) + begin * p.out_stride * es;
+    const dda_status st = dda_low_rank_accumulate_cpu(&part);
+    if (st != DDA_OK) status = st;
+  });
+  dda_glue::throw_on_error(static_cast<dda_status>(status.load()), "dda.low_rank_accumulate (cpu)");
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dda, CPU, m) {
@@ -105,4 +124,5 @@ TORCH_LIBRARY_IMPL(dda, CPU, m) {
   m.impl("attention_out", &attention_out_cpu);
   m.impl("attention_kernel_for", &attention_kernel_for_cpu);
   m.impl("attention_supported", &attention_supported_cpu);
+  m.impl("low_rank_accumulate", &low_rank_accumulate_cpu);
 }

@@ -91,6 +91,22 @@ at::Tensor group_norm_cuda(const at::Tensor &x, int64_t num_groups, const std::o
   return out;
 }
 
+// One launch on the current stream; a refusal (dtype, alignment, grid) is explained by
+// dda_low_rank_supported_cuda, asked only on that path.
+void low_rank_accumulate_cuda(const at::Tensor &t, const at::Tensor &factors, at::TensorList b, at::IntArrayRef r0,
+                              at::IntArrayRef r1, at::IntArrayRef col0, double alpha, at::Tensor &out) {
+  const dda_low_rank_params p = dda_glue::low_rank_params(t, factors, b, r0, r1, col0, alpha, out, false);
+  if (p.M == 0) return;
+  const c10::cuda::CUDAGuard guard(t.device());
+  const dda_status st = dda_low_rank_accumulate_cuda(&p, c10::cuda::getCurrentCUDAStream().stream());
+  if (st != DDA_OK && st != DDA_ERR_CUDA) {
+    const char *why = dda_low_rank_supported_cuda(&p);
+    TORCH_CHECK(why == nullptr, "dda.low_rank_accumulate (cuda): ", why ? why : "", " (M = ", p.M, ", ",
+                p.num_segments, " segments)");
+  }
+  throw_on_error(st, "dda.low_rank_accumulate (cuda)");
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dda, CUDA, m) {
@@ -103,4 +119,5 @@ TORCH_LIBRARY_IMPL(dda, CUDA, m) {
   m.impl("attention_out", &attention_out_cuda);
   m.impl("attention_kernel_for", &attention_kernel_for_cuda);
   m.impl("attention_supported", &attention_supported_cuda);
+  m.impl("low_rank_accumulate", &low_rank_accumulate_cuda);
 }

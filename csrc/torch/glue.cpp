@@ -399,6 +399,85 @@ dda_group_norm_params group_norm_params(const at::Tensor &x, int64_t num_groups,
   return p;
 }
 
+dda_low_rank_params low_rank_params(const at::Tensor &t, const at::Tensor &factors, at::TensorList b,
+                                    at::IntArrayRef r0, at::IntArrayRef r1, at::IntArrayRef col0, double alpha,
+                                    const at::Tensor &out, bool cpu) {
+  const char *op = cpu ? "dda.low_rank_accumulate (cpu)" : "dda.low_rank_accumulate (cuda)";
+  const auto dt = t.scalar_type();
+  if (cpu) {
+    DDA_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op,
+              ": t must be float32, float16 or bfloat16, got ", describe(t));
+  } else {
+    DDA_CHECK(dt == at::kHalf || dt == at::kBFloat16, op,
+              ": the CUDA kernel takes float16 or bfloat16 (tensor cores); t has dtype ", dt,
+              ". Use .half() / .bfloat16(), or CPU tensors for the float32 reference.");
+  }
+  check_same(t, "t", out, "out", op);
+  const size_t S = b.size();
+  DDA_CHECK(r0.size() == S && r1.size() == S && col0.size() == S, op,
+            ": b, r0, r1 and col0 need one entry per segment, got ", S, ", ", r0.size(), ", ", r1.size(), " and ",
+            col0.size(), " entries");
+  DDA_CHECK(S >= 1 && S <= DDA_LOW_RANK_MAX_SEGMENTS, op, ": takes 1 to ", DDA_LOW_RANK_MAX_SEGMENTS,
+            " segments per call, got ", S, " (split the call by target columns)");
+  DDA_CHECK(t.dim() >= 2 && t.size(-1) >= 1, op, ": t must be [..., R] with R >= 1, got ", describe(t));
+  DDA_CHECK(out.dim() >= 2 && out.size(-1) >= 1, op, ": out must be [..., N] with N >= 1, got ", describe(out));
+  const int64_t R = t.size(-1), N = out.size(-1);
+  const int64_t M = t.numel() / R;
+  DDA_CHECK(out.numel() / N == M, op, ": t [..., R] and out [..., N] must have the same number of rows, got t ",
+            describe(t), " (", M, " rows) and out ", describe(out), " (", out.numel() / N, " rows)");
+  DDA_CHECK(factors.device() == t.device() && factors.scalar_type() == at::kFloat && factors.dim() == 1 &&
+                factors.size(0) == R && factors.is_contiguous(),
+            op, ": factors must be a contiguous float32 [R] = [", R, "] tensor on t's device ", t.device(), ", got ",
+            describe(factors));
+  dda_low_rank_params p{};
+  for (size_t s = 0; s < S; ++s) {
+    const at::Tensor &bs = b[s];
+    const std::string name = cat("b[", s, "]");
+    check_same(t, "t", bs, name.c_str(), op);
+    DDA_CHECK(r0[s] >= 0 && r0[s] < r1[s] && r1[s] <= R, op, ": segment ", s, " has ranks [r0, r1) = [", r0[s],
+              ", ", r1[s], ") but t has R = ", R, " (need 0 <= r0 < r1 <= R)");
+    DDA_CHECK(bs.dim() == 2 && bs.size(0) >= 1 && bs.size(1) == r1[s] - r0[s], op, ": ", name,
+              " must be [n, r1 - r0] = [n, ", r1[s] - r0[s], "] with n >= 1 (torch Linear layout), got ",
+              describe(bs));
+    DDA_CHECK(bs.is_contiguous(), op, ": ", name, " must be contiguous, got ", describe(bs));
+    const int64_t n = bs.size(0);
+    DDA_CHECK(col0[s] >= 0 && col0[s] + n <= N, op, ": segment ", s, " writes columns [col0, col0 + n) = [",
+              col0[s], ", ", col0[s] + n, ") but out has N = ", N, " columns, got out ", describe(out));
+    for (size_t u = 0; u < s; ++u) {
+      const int64_t nu = b[u].size(0);
+      const bool same = col0[u] == col0[s] && nu == n;
+      DDA_CHECK(same || col0[s] + n <= col0[u] || col0[u] + nu <= col0[s], op, ": segments ", u, " (columns [",
+                col0[u], ", ", col0[u] + nu, ")) and ", s, " (columns [", col0[s], ", ", col0[s] + n,
+                ")) overlap without being the same target; segments that add to the same columns must have "
+                "the same col0 and n");
+    }
+    dda_low_rank_segment &seg = p.segments[s];
+    seg.b = bs.data_ptr();
+    seg.r0 = r0[s];
+    seg.r1 = r1[s];
+    seg.col0 = col0[s];
+    seg.n = n;
+  }
+  p.num_segments = static_cast<int>(S);
+  p.M = M;
+  p.R = R;
+  p.N = N;
+  p.alpha = static_cast<float>(alpha);
+  p.dtype = to_dda_dtype(dt);
+  if (M == 0) return p;  // nothing to add (and empty tensors may share a null pointer)
+  p.t_stride = row_stride(t, op, "t");
+  p.out_stride = row_stride(out, op, "out");
+  check_no_overlap(out, "out", t, "t", op);
+  check_no_overlap(out, "out", factors, "factors", op);
+  for (size_t s = 0; s < S; ++s) check_no_overlap(out, "out", b[s], cat("b[", s, "]").c_str(), op);
+  p.t = t.data_ptr();
+  p.factors = factors.data_ptr<float>();
+  p.out = out.data_ptr();
+  const char *why = dda_low_rank_check_reason(&p);
+  DDA_CHECK(why == nullptr, op, ": ", why ? why : "", "; got t ", describe(t), " and out ", describe(out));
+  return p;
+}
+
 std::string group_norm_refusal(const at::Tensor &x, int64_t num_groups, const std::optional<at::Tensor> &weight,
                                const std::optional<at::Tensor> &bias, const std::optional<at::Tensor> &shift, bool cpu,
                                const char *(*supported)(const dda_group_norm_params *)) {

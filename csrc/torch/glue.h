@@ -58,6 +58,15 @@ std::string group_norm_refusal(const at::Tensor &x, int64_t num_groups, const st
                                const std::optional<at::Tensor> &bias, const std::optional<at::Tensor> &shift, bool cpu,
                                const char *(*supported)(const dda_group_norm_params *));
 
+// Checks t [..., R] (rows collapsible, R contiguous), factors float32 [R] contiguous, one
+// b [n, r1 - r0] contiguous per segment with its r0, r1, col0, out [..., N] (as many rows as
+// t; updated in place), the segment rules of dda_low_rank_check_reason, and no overlap of out
+// with an input; fills the params. `cpu`: the C reference's dtypes (f32, f16, bf16), else
+// f16 / bf16. M = 0 (no rows) passes with params.M = 0: nothing to do.
+dda_low_rank_params low_rank_params(const at::Tensor &t, const at::Tensor &factors, at::TensorList b,
+                                    at::IntArrayRef r0, at::IntArrayRef r1, at::IntArrayRef col0, double alpha,
+                                    const at::Tensor &out, bool cpu);
+
 // The fresh outputs of the functional ops. attention_output first refuses q sizes beyond
 // the C ABI's ints, naming the size (before allocating).
 at::Tensor linear_output(const at::Tensor &x, const at::Tensor &weight);

@@ -68,4 +68,7 @@ TORCH_LIBRARY(dda, m) {
   // why group_norm would refuse these inputs ("" if it runs them)
   m.def("group_norm_supported(Tensor x, int num_groups, Tensor? weight, Tensor? bias, Tensor? shift=None) -> str");
   m.def("cuda_built() -> bool", &cuda_built);
+  // LoRA's B side, one launch: out[..., col0_s : col0_s + n_s] += alpha * factors[r0_s] * t[..., r0_s:r1_s] @ b_s^T
+  // for every segment s (n_s = b_s.size(0)); segments with the same (col0, n) summed in fp32, added once
+  m.def("low_rank_accumulate(Tensor t, Tensor factors, Tensor[] b, int[] r0, int[] r1, int[] col0, float alpha, Tensor(a!) out) -> ()");
 }

@@ -16,10 +16,9 @@ projections is a block of rows of one ``[R, in]`` tensor, and PEFT's
   model-wide :mod:`..factor_pool`. ``set_adapters``, ``disable_lora`` / ``enable_lora``,
   ``fuse_lora`` / ``unfuse_lora`` and ``set_adapters(weights=...)`` only rewrite those
   values (host-side; one copy for every module, before the next kernels read them), so a
-  captured CUDA graph reads the new factors at replay. An inactive
-  adapter must add nothing (not ``0 * inf``), so while some factor is 0 the groups also zero
-  those ranks (one more small kernel per input); a graph is captured once with that step and
-  once without, and every later switch replays one of the two.
+  captured CUDA graph reads the new factors at replay: every switch replays the same graph.
+  An inactive adapter adds nothing (not ``0 * inf``): the kernel that adds the B side skips a
+  segment whose factor is 0.
 
 The bank is rebuilt (new tensors, a new :attr:`LoraBank.generation`, which is in the graph
 key) when the adapters' identity changes: one loaded or deleted, or a weight given new
@@ -65,12 +64,8 @@ class LoraBank:
         self._groups = ()
         self._blocks = ()  # (layer, adapter name, rank) per block of the factor vector, in order
         self._layers = ()  # the LoRA layers of the blocks, each once
-        # factor_pool.Slice of R_total entries: its float32 factors are the groups' scales, its
-        # zero flags the masked groups' inactive ranks
-        self._slice = None
+        self._slice = None  # factor_pool.Slice of R_total entries: the groups' scales are its slices
         self._written = None  # the tuner state the factors were last written for
-        self._masked = None  # the groups with the inactive ranks zeroed, while some factor is 0
-        self._masked_all = ()
         # what the per-call check compares (_unchanged, set by _relayout): the projections,
         # variant, dtype and device; each LoRA layer's adapter dicts and their Linears; each
         # Linear's weight (identity) and its data pointer
@@ -104,8 +99,7 @@ class LoraBank:
             return self.stacked(self._spec, dtype), ("per call", state)
         if state != self._written:
             self._write_factors()
-        masked = self._masked is not None
-        return (self._masked if masked else self._groups), ("bank", id(self), self.generation, masked)
+        return self._groups, ("bank", id(self), self.generation)
 
     def release(self) -> None:
         """Give every banked adapter weight its own storage again and forget the bank."""
@@ -113,7 +107,7 @@ class LoraBank:
             a = layer.lora_A[name].weight if name in layer.lora_A else None
             if a is not None:
                 a.data = a.data.clone()
-        self._layout, self._groups, self._masked, self._masked_all = None, (), None, ()
+        self._layout, self._groups = None, ()
         self._blocks, self._layers = (), ()
         if self._slice is not None:
             self._slice.release()
@@ -175,8 +169,8 @@ class LoraBank:
                 rows.setdefault(inp, []).append((target, m, name))
         total = sum(m.lora_A[name].weight.shape[0] for entries in rows.values() for _, m, name in entries)
         piece = factor_pool.reserve(total, device)
-        factors, inactive = piece.factors, piece.zero
-        groups, masked, offset = [], [], 0
+        factors = piece.factors
+        groups, offset = [], 0
         with torch.no_grad():
             for inp, _ in spec:
                 entries = rows.get(inp)
@@ -193,12 +187,9 @@ class LoraBank:
                     segments.append((target, r0, r0 + r, m.lora_B[name].weight))
                     blocks.append((m, name, r))
                     r0 += r
-                group = LowRankGroup(inp, a_all, factors[offset : offset + r0], tuple(segments))
-                groups.append(group)
-                masked.append(group._replace(inactive=inactive[offset : offset + r0]))
+                groups.append(LowRankGroup(inp, a_all, factors[offset : offset + r0], tuple(segments)))
                 offset += r0
         self._groups, self._blocks, self._slice, self._written = tuple(groups), tuple(blocks), piece, None
-        self._masked_all = tuple(masked)
         self._layout = self._layout_key(layers, dtype, device)  # after re-pointing the A weights
 
     @staticmethod
@@ -215,10 +206,7 @@ class LoraBank:
 
     def _write_factors(self) -> None:
         factors = {m: peft_lora.layer_factors(m) for m in self._layers}  # unmerges a disabled merged layer
-        any_zero = self._slice.write([(float(factors[m][name]), r) for m, name, r in self._blocks])
-        # an inactive adapter must add nothing, not 0 * inf: while some factor is 0 the
-        # groups also zero those ranks (a graph captured without it is keyed apart)
-        self._masked = self._masked_all if any_zero else None
+        self._slice.write([(float(factors[m][name]), r) for m, name, r in self._blocks])
         self._written = tuple([tuner_key(m) for m in self._layers])  # after any unmerge above
 
     @staticmethod
