@@ -35,7 +35,9 @@ tokens on every cross-attention, scale 0.6), random weights loaded as diffusers 
 real ones (deepspeed_diffusers_attn.random_adapters); its rows are named e.g.
 ``sdxl+lora2+ip``. With LoRA, the graph variants also time an adapter switch: three
 ``set_adapters`` calls, each followed by one step; ``switch_ms`` is the median of
-(the first step after ``set_adapters``) minus a plain step, ``set_adapters_ms`` the
+(the first step after ``set_adapters``) minus a step without a switch, both timed on the
+host from an idle GPU to the end of their kernels (``step_idle_ms``: so the call's own host
+time, which ``ms`` hides behind the previous step's kernels, is in both), ``set_adapters_ms`` the
 median time of diffusers' ``set_adapters`` call itself (the same for stock and ours), and
 ``captures`` how many graphs the variant captured in all (ours: 1; stock: one per
 adapter state). ``--adapters-only`` skips the plain pass.
@@ -184,27 +186,37 @@ def tear_down(row: dict, teardown) -> None:
     release_workspaces()
 
 
+def _synchronized_step(call, fn) -> float:
+    """Seconds from the call to the end of its kernels, starting from an idle GPU (so the
+    call's host time is not hidden behind the previous step's kernels, as it is in ``ms``)."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        call(fn)
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
 def measure_switch(unet, fn, call, row: dict) -> None:
     """Time adapter switches on a LoRA UNet (see the module doc), then put the adapters back
     as they were: ``set_adapters_ms`` (diffusers' own call), ``switch_ms`` (the first step
-    after it minus a plain step) and ``captures``."""
+    after it minus a step without a switch, both timed from an idle GPU), ``step_idle_ms``
+    (that step) and ``captures``."""
     names = list(unet.peft_config)
     before = (list(unet.active_adapters()), [1.0] + [0.5] * (len(names) - 1))
     settings = [(names[:1], [1.0]), (names, [1.0] + [0.5] * (len(names) - 1)), (names[-1:], [0.8])]
-    set_times, step_times = [], []
+    set_times, step_times, plain_times = [], [], []
     for adapters, weights in settings:
+        plain_times.append(_synchronized_step(call, fn))
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         unet.set_adapters(adapters, weights=weights)
-        t1 = time.perf_counter()
-        with torch.no_grad():
-            call(fn)
-        torch.cuda.synchronize()
-        set_times.append(t1 - t0)
-        step_times.append(time.perf_counter() - t1)
+        set_times.append(time.perf_counter() - t0)
+        step_times.append(_synchronized_step(call, fn))
     unet.set_adapters(*before)
     row["set_adapters_ms"] = round(sorted(set_times)[1] * 1e3, 2)
-    row["switch_ms"] = round(sorted(step_times)[1] * 1e3 - row["ms"], 2)
+    row["step_idle_ms"] = round(sorted(plain_times)[1] * 1e3, 2)
+    row["switch_ms"] = round((sorted(step_times)[1] - sorted(plain_times)[1]) * 1e3, 2)
     stats = getattr(unet.forward, "stats", None)
     if stats is not None:
         row["captures"] = stats["captures"]
@@ -329,7 +341,8 @@ def _fmt(row: dict) -> str:
         return f"{row['config']:>16} {row['variant']:<17} ERROR {row['error']}"
     err = "-" if row.get("rel_err") is None else f"{row['rel_err']:.2e}"
     first = "compile   " if "compile_s" in row else "first call"
-    switch = (f"  switch +{row['switch_ms']:.2f} ms (set_adapters {row['set_adapters_ms']:.1f} ms), "
+    switch = (f"  switch +{row['switch_ms']:.2f} ms over a {row['step_idle_ms']:.1f} ms step from idle "
+              f"(set_adapters {row['set_adapters_ms']:.1f} ms), "
               f"{row.get('captures', '?')} captures") if "switch_ms" in row else ""
     return (f"{row['config']:>16} {row['variant']:<17} {row['ms']:9.2f} ms  {first} {row['first_call_s']:7.2f} s  "
             f"peak {row['peak_mem_gb']:6.2f} GB  rel err vs stock {err}{'' if row['finite'] else '  NON-FINITE'}"

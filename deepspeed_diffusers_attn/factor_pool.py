@@ -72,7 +72,7 @@ class Slice:
                                "run one eager call after changing adapters")
         values = array("f")
         for value, count in runs:
-            values.extend((value,) * count)
+            values += array("f", (value,)) * count
         if len(values) != self.n:
             raise ValueError(f"factor slice of {self.n} entries given {len(values)} values")
         c, s = self._chunk, self._start

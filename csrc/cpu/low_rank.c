@@ -157,16 +157,3 @@ dda_status dda_low_rank_accumulate_cpu(const dda_low_rank_params *p) {
   }
   return DDA_OK;
 }
-
-#ifndef DDA_WITH_CUDA
-/* A CPU-only build: the CUDA entry points say so rather than fail to link. */
-const char *dda_low_rank_supported_cuda(const dda_low_rank_params *p) {
-  (void)p;
-  return "deepspeed_diffusers_attn was built without CUDA";
-}
-
-dda_status dda_low_rank_accumulate_cuda(const dda_low_rank_params *p, cudaStream_t stream) {
-  (void)p; (void)stream;
-  return DDA_ERR_NOT_BUILT;
-}
-#endif

@@ -49,3 +49,13 @@ dda_status dda_group_norm_cuda(const dda_group_norm_params *p, void *workspace, 
   (void)p; (void)workspace; (void)workspace_bytes; (void)stream;
   return DDA_ERR_NOT_BUILT;
 }
+
+const char *dda_low_rank_supported_cuda(const dda_low_rank_params *p) {
+  (void)p;
+  return "deepspeed_diffusers_attn was built without CUDA";
+}
+
+dda_status dda_low_rank_accumulate_cuda(const dda_low_rank_params *p, cudaStream_t stream) {
+  (void)p; (void)stream;
+  return DDA_ERR_NOT_BUILT;
+}

@@ -11,10 +11,9 @@
 // graphs of 20 calls (the pipelines replay graphs), median of 15 replays.
 //
 // Build (one line):
-//   nvcc -std=c++17 -O2 -I csrc/include -DDDA_WITH_CUDA -gencode=arch=compute_90a,code=sm_90a
+//   nvcc -std=c++17 -O2 -I csrc/include -gencode=arch=compute_90a,code=sm_90a
 //     csrc/tests/low_rank_harness.cu csrc/cuda/low_rank.cu csrc/cuda/linear.cu csrc/cpu/low_rank.c
 //     csrc/cpu/linear.c csrc/cpu/check.c csrc/cpu/status.c -lcublasLt -o /tmp/lowrank
-// (-DDDA_WITH_CUDA: low_rank.c then leaves out its CPU-only stand-ins for the CUDA entry points.)
 // Run: /tmp/lowrank [--no-bench]   (exit status 0 = all checks passed)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

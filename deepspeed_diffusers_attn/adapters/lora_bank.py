@@ -98,7 +98,7 @@ class LoraBank:
         if self.per_call:
             return self.stacked(self._spec, dtype), ("per call", state)
         if state != self._written:
-            self._write_factors()
+            self._write_factors(state)
         return self._groups, ("bank", id(self), self.generation)
 
     def release(self) -> None:
@@ -204,10 +204,12 @@ class LoraBank:
                         return f"LoRA adapter {name!r} of {target}: its B weight is not contiguous"
         return ""
 
-    def _write_factors(self) -> None:
+    def _write_factors(self, state: tuple) -> None:
         factors = {m: peft_lora.layer_factors(m) for m in self._layers}  # unmerges a disabled merged layer
         self._slice.write([(float(factors[m][name]), r) for m, name, r in self._blocks])
-        self._written = tuple([tuner_key(m) for m in self._layers])  # after any unmerge above
+        # a layer both disabled and merged (tuner_key: disabled flag, merged names) was unmerged above
+        unmerged = any(key[1] and key[2] for key in state)
+        self._written = tuple([tuner_key(m) for m in self._layers]) if unmerged else state
 
     @staticmethod
     def stacked(spec, dtype) -> tuple:

@@ -74,10 +74,15 @@ def adapter_factors(m: nn.Module) -> dict:
 def layer_factors(m: nn.Module) -> dict:
     """:func:`adapter_factors` of a layer known to be a PEFT LoRA layer (no check: the bank
     asks this for every layer it holds on every adapter switch)."""
-    if m.disable_adapters and m.merged:
+    # PEFT's own attributes read from __dict__ (its properties disable_adapters, merged and
+    # active_adapters wrap them): this runs for every adapter layer of a model on each switch
+    d = m.__dict__
+    if d["_disable_adapters"] and d["merged_adapters"]:
         m.unmerge()
-    names = m.lora_A.keys()
-    if m.disable_adapters or m.merged:
+    names = m._modules["lora_A"]._modules.keys()
+    if d["_disable_adapters"] or d["merged_adapters"]:
         return dict.fromkeys(names, 0.0)
-    active = m.active_adapters
-    return {name: m.scaling[name] if name in active else 0.0 for name in names}
+    active = d["_active_adapter"]
+    active = (active,) if isinstance(active, str) else active
+    scaling = d["scaling"]
+    return {name: scaling[name] if name in active else 0.0 for name in names}
