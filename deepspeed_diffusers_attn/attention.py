@@ -744,8 +744,8 @@ class LowRankGroup(NamedTuple):
         in self-attention), ``"context"`` (K/V in cross-attention) or ``"output"`` (the
         attention output: the output projection).
     a: ``[R, in]``, contiguous, in the module's dtype and on its device.
-    scale: ``[R]`` float32 on the same device, each segment's ranks sharing one value (a
-        fixed-address buffer, so a CUDA graph reads the current scales at replay), or None for 1.
+    scale: ``[R]`` float32 on the same device, or None for 1: a segment's factor is
+        ``scale[r0]`` (a fixed-address buffer, so a CUDA graph reads the current factors at replay).
     segments: ``((target, r0, r1, b), ...)``: target is ``"q"``, ``"k"``, ``"v"`` or ``"out"``;
         b ``[out_features, r1 - r0]`` contiguous.
     """
@@ -819,13 +819,26 @@ class LowRankUpdates(NamedTuple):
         return outputs
 
 
+def _per_segment(g: LowRankGroup, t: torch.Tensor, outputs: dict, factor: float, functional: bool,
+                 segments=None) -> None:
+    """One GEMM per segment, each adding ``factor * scale[r0] * t[..., r0:r1] b^T`` (nothing
+    where ``scale[r0]`` is 0): into a new tensor per target when ``functional`` (torch.compile
+    traces it), else in place. The same sums as :func:`.ops.low_rank_accumulate`, which the
+    eager path runs instead where it can."""
+    for target, r0, r1, b in (g.segments if segments is None else segments):
+        part = t[..., r0:r1]
+        if g.scale is not None:
+            f = g.scale[r0 : r0 + 1]
+            part = (part * f).to(t.dtype).masked_fill(f == 0, 0)
+        if functional:
+            outputs[target] = ops.linear(part, b, None, outputs[target], factor, 1.0)
+        else:
+            ops.linear_out(part, b, None, outputs[target], factor, 1.0, outputs[target])
+
+
 def _apply_functional(g: LowRankGroup, t: torch.Tensor, outputs: dict, factor: float) -> None:
-    """The traced form of :func:`_accumulate`: scale t, zero the ranks of 0 scales, one GEMM
-    per segment into a new tensor."""
-    if g.scale is not None:
-        t = (t * g.scale).to(t.dtype).masked_fill(g.scale == 0, 0)
-    for target, r0, r1, b in g.segments:
-        outputs[target] = ops.linear(t[..., r0:r1], b, None, outputs[target], factor, 1.0)
+    """The traced form of :func:`_accumulate` (new tensors, one GEMM per segment)."""
+    _per_segment(g, t, outputs, factor, functional=True)
 
 
 def _fused_columns(outputs: dict, targets) -> Optional[tuple]:
@@ -833,13 +846,15 @@ def _fused_columns(outputs: dict, targets) -> Optional[tuple]:
     outputs are column blocks of the same rows of one tensor (the fused Q/K/V result), else None."""
     views = [outputs[name] for name in targets]
     first = views[0]
+    if first.dim() < 2 or first.stride(-1) != 1:
+        return None
     for v in views[1:]:
-        if (v.shape != first.shape or v.stride() != first.stride()
+        if (v.shape != first.shape or v.stride() != first.stride() or v.dtype != first.dtype
                 or v.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()):
             return None
     lo = min(v.storage_offset() for v in views)
     hi = max(v.storage_offset() + v.shape[-1] for v in views)
-    if first.dim() < 2 or hi - lo > first.stride(-2):  # the blocks must lie in one row
+    if hi - lo > first.stride(-2):  # the blocks must lie in one row
         return None
     out = first.as_strided((*first.shape[:-1], hi - lo), first.stride(), lo)
     return out, {name: v.storage_offset() - lo for name, v in zip(targets, views)}
@@ -847,25 +862,26 @@ def _fused_columns(outputs: dict, targets) -> Optional[tuple]:
 
 def _accumulate(g: LowRankGroup, t: torch.Tensor, outputs: dict, factor: float) -> None:
     """Every segment of ``g`` into its output in place: one :func:`.ops.low_rank_accumulate`
-    launch when the outputs are column blocks of one tensor (else one per target)."""
-    scale = g.scale if g.scale is not None else torch.ones(t.shape[-1], dtype=torch.float32, device=t.device)
-    if len(g.segments) > ops.LOW_RANK_MAX_SEGMENTS or (t.is_cuda and t.dtype == torch.float32):
-        # more adapters than one launch takes, or float32 on CUDA: one GEMM per segment
-        t = t.mul_(scale).masked_fill_(scale == 0, 0)
-        for target, r0, r1, b in g.segments:
-            out = outputs[target]
-            ops.linear_out(t[..., r0:r1], b, None, out, factor, 1.0, out)
+    launch when the outputs are column blocks of one tensor and the segments fit one launch,
+    else one launch per target; one GEMM per segment for a target with more segments than a
+    launch takes, and for float32 on CUDA (the kernel runs float16 / bfloat16)."""
+    if t.is_cuda and t.dtype == torch.float32:
+        _per_segment(g, t, outputs, factor, functional=False)
         return
+    scale = g.scale if g.scale is not None else torch.ones(t.shape[-1], dtype=torch.float32, device=t.device)
     targets = list(dict.fromkeys(seg[0] for seg in g.segments))
-    fused = _fused_columns(outputs, targets)
+    fused = _fused_columns(outputs, targets) if len(g.segments) <= ops.LOW_RANK_MAX_SEGMENTS else None
     if fused is not None:
         out, col0 = fused
         ops.low_rank_accumulate(t, scale, [(r0, r1, col0[name], b) for name, r0, r1, b in g.segments], out,
                                 factor)
         return
     for name in targets:
-        ops.low_rank_accumulate(t, scale, [(r0, r1, 0, b) for target, r0, r1, b in g.segments if target == name],
-                                outputs[name], factor)
+        segments = [seg for seg in g.segments if seg[0] == name]
+        if len(segments) > ops.LOW_RANK_MAX_SEGMENTS:
+            _per_segment(g, t, outputs, factor, functional=False, segments=segments)
+        else:
+            ops.low_rank_accumulate(t, scale, [(r0, r1, 0, b) for _, r0, r1, b in segments], outputs[name], factor)
 
 
 class ImageKV(NamedTuple):

@@ -6,7 +6,8 @@ adapters' per-rank factors here. An adapter switch (``set_adapters``...) changes
 of every module; writing each module's slice with its own copies would cost a few tensor
 operations per module (milliseconds for a UNet's 140 modules). Here a bank writes its
 values into a host mirror (plain Python arrays, no tensor operation), and :func:`flush`
-copies each changed chunk to the device once, on the current stream, before anything
+copies the written range of each changed chunk to the device once (one copy per switch while
+the model's factors fit one chunk), on the current stream, before anything
 reads it: at the end of :meth:`.module_state.ModelState.key` (before a graph replays or
 is captured) and before a module's eager kernels run.
 
@@ -19,15 +20,22 @@ from array import array
 
 import torch
 
-__all__ = ["Slice", "reserve", "flush", "pending"]
+__all__ = ["Slice", "reserve", "flush", "pending", "capturing"]
 
-_CHUNK = 1 << 16  # entries per chunk (256 KiB of factors): a UNet's banks fit in one
+_CHUNK = 1 << 16  # entries per chunk (256 KiB): SDXL's 140 modules with 2 adapters of rank 32 take 36K
 _pools: dict = {}  # device -> list of live chunks, the last one open for new slices
 _dirty: dict = {}  # chunks written since their last flush (dict: insertion-ordered set)
 
 
-def _capturing() -> bool:
+def capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph (factors must not change then)."""
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _refuse_during_capture() -> None:
+    if capturing():
+        raise RuntimeError("deepspeed_diffusers_attn: fixed-address factors (LoRA adapter state) changed during a "
+                           "CUDA-graph capture; run one eager call after changing adapters")
 
 
 class _Chunk:
@@ -67,9 +75,7 @@ class Slice:
     def write(self, runs) -> None:
         """Stage the values given as runs ``((value, count), ...)`` (counts summing to n).
         Raises during a CUDA-graph capture (the capture would freeze them)."""
-        if _capturing():
-            raise RuntimeError("deepspeed_diffusers_attn: LoRA factors changed during a CUDA-graph capture; "
-                               "run one eager call after changing adapters")
+        _refuse_during_capture()
         values = array("f")
         for value, count in runs:
             values += array("f", (value,)) * count
@@ -117,9 +123,7 @@ def flush() -> None:
     CUDA-graph capture when something is pending."""
     if not _dirty:
         return
-    if _capturing():
-        raise RuntimeError("deepspeed_diffusers_attn: LoRA factors changed during a CUDA-graph capture; "
-                           "run one eager call after changing adapters")
+    _refuse_during_capture()
     chunks = list(_dirty)
     _dirty.clear()
     for c in chunks:

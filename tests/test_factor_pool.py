@@ -50,7 +50,8 @@ def test_a_chunk_is_freed_with_its_last_slice_once_another_is_open():
     big.write([(2.0, factor_pool._CHUNK)])
     big.release()
     assert first not in factor_pool._pools[CPU], "no live slice left in a closed chunk"
-    factor_pool.flush()  # the freed chunk's pending write is dropped, not copied
+    assert first not in factor_pool._dirty, "the freed chunk's pending write is dropped, not copied"
+    factor_pool.flush()
     small.release()
     assert small._chunk is None
 
@@ -107,3 +108,39 @@ def test_unpatch_releases_the_slices():
     n = len(patched_modules(unet))
     dda.unpatch(unet)
     assert chunk.live == live - n
+
+
+def test_changes_during_a_capture_raise_before_touching_peft(monkeypatch):
+    """A state change seen while a CUDA graph is being captured raises, and before PEFT's
+    unmerge of a disabled merged layer (which a capture would only record, leaving the
+    weights merged while PEFT believes them unmerged)."""
+    unet, _, inputs = patched_with_stock_twin()
+    run(unet, inputs)
+    unet.fuse_lora(adapter_names=["a"])
+    run(unet, inputs)
+    unet.disable_lora()  # disabled and merged: the next state read unmerges
+    layers = [m for m in unet.modules() if hasattr(m, "merged_adapters") and hasattr(m, "lora_A")]
+    merged = [list(m.merged_adapters) for m in layers]
+    assert any(merged)
+    monkeypatch.setattr(factor_pool, "capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="during a CUDA-graph capture"):
+        run(unet, inputs)
+    assert [list(m.merged_adapters) for m in layers] == merged, "PEFT's state was left as it was"
+    monkeypatch.undo()
+    factor_pool.flush()
+    run(unet, inputs)
+    assert not any(m.merged_adapters for m in layers)
+
+
+def test_a_pending_write_during_a_capture_raises(monkeypatch):
+    piece = factor_pool.reserve(2, CPU)
+    piece.write([(1.0, 2)])
+    monkeypatch.setattr(factor_pool, "capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="during a CUDA-graph capture"):
+        factor_pool.flush()
+    with pytest.raises(RuntimeError, match="during a CUDA-graph capture"):
+        piece.write([(2.0, 2)])
+    monkeypatch.undo()
+    factor_pool.flush()
+    assert piece.factors.tolist() == [1.0, 1.0]
+    piece.release()

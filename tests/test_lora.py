@@ -422,3 +422,23 @@ def test_an_inactive_adapter_adds_nothing_even_when_it_overflows():
     out = run(unet, inputs)
     assert torch.isfinite(out).all()
     assert rel(out, run(stock, inputs)) <= TOL
+
+
+@pytest.mark.parametrize("most", [0, 2], ids=["one GEMM per segment", "one launch per target"])
+def test_more_segments_than_one_launch_takes(monkeypatch, most):
+    """With more adapter segments than one low_rank_accumulate launch takes, a group runs one
+    launch per target, or one GEMM per segment when a target alone has too many: the same
+    result, inactive adapters included (the factor of a segment is its scale at r0)."""
+    from deepspeed_diffusers_attn import ops
+
+    monkeypatch.setattr(ops, "LOW_RANK_MAX_SEGMENTS", most)
+    unet, stock, inputs = patched_with_stock_twin()
+    assert rel(run(unet, inputs), run(stock, inputs)) <= TOL
+    for model in (stock, unet):
+        for n, p in model.named_parameters():
+            if "lora_A.b." in n:
+                p.data.fill_(float("inf"))
+        model.set_adapters(["a"], weights=[0.7])
+    out = run(unet, inputs)
+    assert torch.isfinite(out).all()
+    assert rel(out, run(stock, inputs)) <= TOL

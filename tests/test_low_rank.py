@@ -2,8 +2,8 @@
 float64 references: the C reference on the CPU, the tensor-core kernel on CUDA.
 
 Tolerance (STYLE.md 7): the op's error against float64 may be at most twice the error of
-PyTorch's own sequential computation in the same dtype (one addmm per segment into out, what
-LowRankUpdates.apply does today), plus a floor of a few units of rounding of the result.
+PyTorch's own sequential computation in the same dtype (one addmm per segment into out),
+plus a floor of a few units of rounding of the result.
 """
 import math
 

@@ -24,8 +24,8 @@ const char *dda_status_string(dda_status s) {
     case DDA_ERR_UNSUPPORTED:
       return "no attention kernel of the requested backend runs these inputs on this device";
     case DDA_ERR_GRID_LIMIT:
-      return "the attention kernel would need more than 2^31 - 1 = 2147483647 thread blocks in one launch "
-             "(the CUDA grid limit; blocks per (b, h) x B x H)";
+      return "the kernel would need more than 2^31 - 1 = 2147483647 thread blocks in one launch "
+             "(the CUDA grid limit)";
     case DDA_ERR_TENSOR_MAP:
       return "the CUDA driver refused a TMA tensor map of q, k or v (cuTensorMapEncodeTiled)";
   }

@@ -47,7 +47,7 @@ typedef enum {
   DDA_ERR_UNSUPPORTED = 10,       /* no attention kernel of the requested backend runs these inputs
                                      on this device (dda_attention_supported_cuda says why) */
   DDA_ERR_GRID_LIMIT = 11,        /* the kernel would need more than 2^31 - 1 thread blocks in one launch
-                                     (blocks per (b, h) x B x H); dda_attention_supported_cuda gives
+                                     (attention: blocks per (b, h) x B x H); dda_attention_supported_cuda gives
                                      the count */
   DDA_ERR_TENSOR_MAP = 12         /* the driver refused a TMA tensor map of q, k or v
                                      (dda_last_backend_error: its CUresult) */

@@ -343,10 +343,11 @@ class PatchedAttention(StandIn):
     after patching, and every adapter call (``set_adapters``, ``disable_lora``,
     ``fuse_lora``, ``delete_adapters``...) acts on them. The adapters' A weights live in a
     :class:`~.lora_bank.LoraBank` (PEFT's tensors become views of it) and their factors in
-    a fixed vector that each call (and each graph replay, through :meth:`graph_state`)
-    brings up to date; the fused module adds them as low-rank updates: the fused Q/K/V and
-    output GEMMs stay, one GEMM computes every A of the projections reading one input, and
-    each B adds one GEMM accumulated into the fused result. An adapter we cannot reproduce
+    a fixed vector of the model-wide :mod:`..factor_pool`, which each call (and each graph
+    replay, through :meth:`graph_state`) brings up to date; the fused module adds them as
+    low-rank updates: the fused Q/K/V and output GEMMs stay, one GEMM computes every A of
+    the projections reading one input, and one kernel adds every B of them into the fused
+    result. An adapter we cannot reproduce
     (DoRA, LoRA bias, active dropout) makes the module run stock for as long as it is there,
     and :attr:`stock_reason` says so.
 

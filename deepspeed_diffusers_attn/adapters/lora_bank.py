@@ -6,24 +6,26 @@ output projection). For each input, every loaded PEFT adapter's A matrix of thos
 projections is a block of rows of one ``[R, in]`` tensor, and PEFT's
 ``lora_A[name].weight`` becomes a view of its block. So:
 
-* one GEMM computes ``x A^T`` for every adapter of Q, K and V at once, and each B (PEFT's
-  own tensor) adds its columns of that result to its projection's output in one GEMM
-  accumulated into the fused result (:class:`~deepspeed_diffusers_attn.attention.LowRankGroup`);
+* one GEMM computes ``x A^T`` for every adapter of Q, K and V at once, and one kernel adds
+  every adapter's B (PEFT's own tensor) times its columns of that result to its projection's
+  output in the fused result (:class:`~deepspeed_diffusers_attn.attention.LowRankGroup`,
+  :func:`~deepspeed_diffusers_attn.ops.low_rank_accumulate`);
 * any write to the adapter weights, including PEFT's hotswap (``.data.copy_``, which no
   version counter sees), is what the kernels read;
 * each adapter's factor in the output (its ``scaling`` while active; 0 while inactive,
   disabled or merged) is one float32 entry per rank of a fixed vector, a slice of the
   model-wide :mod:`..factor_pool`. ``set_adapters``, ``disable_lora`` / ``enable_lora``,
   ``fuse_lora`` / ``unfuse_lora`` and ``set_adapters(weights=...)`` only rewrite those
-  values (host-side; one copy for every module, before the next kernels read them), so a
+  values (staged on the host, copied for every module at once before the next kernels read
+  them), so a
   captured CUDA graph reads the new factors at replay: every switch replays the same graph.
   An inactive adapter adds nothing (not ``0 * inf``): the kernel that adds the B side skips a
   segment whose factor is 0.
 
 The bank is rebuilt (new tensors, a new :attr:`LoraBank.generation`, which is in the graph
 key) when the adapters' identity changes: one loaded or deleted, or a weight given new
-storage (``.to()``, a hotswap to another rank). Inactive adapters cost their rank in the
-GEMMs (their factor is 0); that is the price of not re-capturing on every switch.
+storage (``.to()``, a hotswap to another rank). Inactive adapters cost their rank in the A
+GEMM (the B side skips them); that is the price of not re-capturing on every switch.
 
 Adapter weights in another dtype or on another device than the module (PEFT can keep
 adapters in float32 under a float16 model) cannot be views of the module-dtype bank: they
@@ -43,10 +45,6 @@ __all__ = ["LoraBank"]
 
 
 _data_ptr = torch.Tensor.data_ptr
-
-
-def _capturing() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 class LoraBank:
@@ -153,7 +151,7 @@ class LoraBank:
         return tuple(key)
 
     def _build(self, spec, layers, dtype, device) -> None:
-        if _capturing():
+        if factor_pool.capturing():
             raise RuntimeError("deepspeed_diffusers_attn: LoRA adapters were loaded, deleted or moved during a "
                                "CUDA-graph capture; run one eager call after changing adapters")
         if self._blocks:
@@ -205,6 +203,9 @@ class LoraBank:
         return ""
 
     def _write_factors(self, state: tuple) -> None:
+        if factor_pool.capturing():  # before layer_factors, whose unmerge a capture would only record
+            raise RuntimeError("deepspeed_diffusers_attn: the LoRA adapter state changed during a CUDA-graph "
+                               "capture; run one eager call after changing adapters")
         factors = {m: peft_lora.layer_factors(m) for m in self._layers}  # unmerges a disabled merged layer
         self._slice.write([(float(factors[m][name]), r) for m, name, r in self._blocks])
         # a layer both disabled and merged (tuner_key: disabled flag, merged names) was unmerged above
