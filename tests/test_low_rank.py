@@ -182,10 +182,14 @@ def test_cpu_bad_inputs_raise_clear_errors():
     def call(segs=segments, t=t, factors=factors, out=out):
         ops.low_rank_accumulate(t, factors, segs, out, 1.0)
 
-    with pytest.raises(RuntimeError, match="1 to 16 segments"):
-        call([segments[0]] * 17)
-    with pytest.raises(RuntimeError, match="1 to 16 segments"):
+    most = ops.LOW_RANK_MAX_SEGMENTS  # the Python side's copy of the C limit, which the glue enforces
+    with pytest.raises(RuntimeError, match=f"1 to {most} segments"):
+        call([segments[0]] * (most + 1))
+    with pytest.raises(RuntimeError, match=f"1 to {most} segments"):
         call([])
+    one = segments[0]
+    same = [(one[0], one[1], one[2], one[3])] * most  # the limit itself is taken
+    call(same)
     with pytest.raises(RuntimeError, match=r"segment 0 has ranks \[r0, r1\) = \[280, 320\)"):
         call([(280, 320, 0, torch.randn(80, 40))])
     with pytest.raises(RuntimeError, match=r"segment 0 has ranks"):
