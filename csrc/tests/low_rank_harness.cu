@@ -28,15 +28,8 @@
 #include <vector>
 
 #include "dda.h"
+#include "harness_common.h"
 
-#define CUDA_CHECK(call)                                                                    \
-  do {                                                                                      \
-    cudaError_t e_ = (call);                                                                \
-    if (e_ != cudaSuccess) {                                                                \
-      fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
-      exit(2);                                                                              \
-    }                                                                                       \
-  } while (0)
 
 namespace {
 
