@@ -2,7 +2,7 @@
 one host-to-device copy.
 
 The LoRA banks (:mod:`.adapters.lora_bank`) of every patched attention module keep their
-adapters' per-rank factors here. An adapter switch (``set_adapters``...) changes the factors
+adapters' factors here. An adapter switch (``set_adapters``...) changes the factors
 of every module; writing each module's slice with its own copies would cost a few tensor
 operations per module (milliseconds for a UNet's 140 modules). Here a bank writes its
 values into a host mirror (plain Python arrays, no tensor operation), and :func:`flush`
@@ -72,17 +72,15 @@ class Slice:
         self._chunk, self._start, self.n = chunk, start, n
         self.factors = chunk.factors[start : start + n]
 
-    def write(self, runs) -> None:
-        """Stage the values given as runs ``((value, count), ...)`` (counts summing to n).
-        Raises during a CUDA-graph capture (the capture would freeze them)."""
+    def write(self, entries) -> None:
+        """Stage ``((index, value), ...)``: those entries of the slice get those values (the
+        others keep theirs). Raises during a CUDA-graph capture (the capture would freeze them)."""
         _refuse_during_capture()
-        values = array("f")
-        for value, count in runs:
-            values += array("f", (value,)) * count
-        if len(values) != self.n:
-            raise ValueError(f"factor slice of {self.n} entries given {len(values)} values")
-        c, s = self._chunk, self._start
-        c.host_factors[s : s + self.n] = values
+        c, s, hf = self._chunk, self._start, self._chunk.host_factors
+        for i, value in entries:
+            if not 0 <= i < self.n:
+                raise IndexError(f"factor slice of {self.n} entries given index {i}")
+            hf[s + i] = value
         c.lo, c.hi = min(c.lo, s), max(c.hi, s + self.n)
         _dirty[c] = None
 

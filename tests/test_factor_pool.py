@@ -26,19 +26,22 @@ def test_writes_reach_the_device_only_at_flush_and_slices_never_move():
     a, b = factor_pool.reserve(3, CPU), factor_pool.reserve(2, CPU)
     ptr = a.factors.data_ptr()
     assert (a.factors == 0).all(), "unwritten entries are zero"
-    a.write([(1.5, 2), (0.0, 1)])
-    b.write([(0.25, 2)])
+    a.write([(0, 1.5), (1, 1.5), (2, 0.0)])
+    b.write([(0, 0.25), (1, 0.25)])
     assert factor_pool.pending() and (a.factors == 0).all(), "staged, not yet copied"
     factor_pool.flush()
     assert not factor_pool.pending()
     assert a.factors.tolist() == [1.5, 1.5, 0.0]
     assert b.factors.tolist() == [0.25, 0.25]
     assert a.factors.data_ptr() == ptr
-    a.write([(float("nan"), 3)])
+    a.write([(i, float("nan")) for i in range(3)])
     factor_pool.flush()
     assert a.factors.isnan().all()
-    with pytest.raises(ValueError, match="3 entries given 2"):
-        a.write([(1.0, 2)])
+    with pytest.raises(IndexError, match="3 entries given index 3"):
+        a.write([(3, 1.0)])
+    a.write([(1, 7.0)])  # only the entries given change
+    factor_pool.flush()
+    assert a.factors.isnan().tolist() == [True, False, True] and a.factors[1].item() == 7.0
     a.release(), b.release()
 
 
@@ -47,7 +50,7 @@ def test_a_chunk_is_freed_with_its_last_slice_once_another_is_open():
     first = big._chunk
     small = factor_pool.reserve(4, CPU)  # opens the next one
     assert small._chunk is not first and first in factor_pool._pools[CPU]
-    big.write([(2.0, factor_pool._CHUNK)])
+    big.write([(0, 2.0)])
     big.release()
     assert first not in factor_pool._pools[CPU], "no live slice left in a closed chunk"
     assert first not in factor_pool._dirty, "the freed chunk's pending write is dropped, not copied"
@@ -134,12 +137,12 @@ def test_changes_during_a_capture_raise_before_touching_peft(monkeypatch):
 
 def test_a_pending_write_during_a_capture_raises(monkeypatch):
     piece = factor_pool.reserve(2, CPU)
-    piece.write([(1.0, 2)])
+    piece.write([(0, 1.0), (1, 1.0)])
     monkeypatch.setattr(factor_pool, "capturing", lambda: True)
     with pytest.raises(RuntimeError, match="during a CUDA-graph capture"):
         factor_pool.flush()
     with pytest.raises(RuntimeError, match="during a CUDA-graph capture"):
-        piece.write([(2.0, 2)])
+        piece.write([(0, 2.0)])
     monkeypatch.undo()
     factor_pool.flush()
     assert piece.factors.tolist() == [1.0, 1.0]

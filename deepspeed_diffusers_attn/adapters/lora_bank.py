@@ -13,8 +13,8 @@ projections is a block of rows of one ``[R, in]`` tensor, and PEFT's
 * any write to the adapter weights, including PEFT's hotswap (``.data.copy_``, which no
   version counter sees), is what the kernels read;
 * each adapter's factor in the output (its ``scaling`` while active; 0 while inactive,
-  disabled or merged) is one float32 entry per rank of a fixed vector, a slice of the
-  model-wide :mod:`..factor_pool`. ``set_adapters``, ``disable_lora`` / ``enable_lora``,
+  disabled or merged) is the float32 entry at its first rank in a fixed vector, a slice of
+  the model-wide :mod:`..factor_pool`. ``set_adapters``, ``disable_lora`` / ``enable_lora``,
   ``fuse_lora`` / ``unfuse_lora`` and ``set_adapters(weights=...)`` only rewrite those
   values (staged on the host, copied for every module at once before the next kernels read
   them), so a
@@ -33,6 +33,8 @@ are then cast and stacked on every call (:attr:`LoraBank.per_call` says why), an
 graph key holds their state, so a switch re-captures once per new state.
 """
 from __future__ import annotations
+
+import itertools
 
 import torch
 
@@ -61,6 +63,7 @@ class LoraBank:
         self._layout = None  # identity of the adapters the bank holds
         self._groups = ()
         self._blocks = ()  # (layer, adapter name, rank) per block of the factor vector, in order
+        self._starts = ()  # each block's first entry in the factor vector
         self._layers = ()  # the LoRA layers of the blocks, each once
         self._slice = None  # factor_pool.Slice of R_total entries: the groups' scales are its slices
         self._written = None  # the tuner state the factors were last written for
@@ -106,7 +109,7 @@ class LoraBank:
             if a is not None:
                 a.data = a.data.clone()
         self._layout, self._groups = None, ()
-        self._blocks, self._layers = (), ()
+        self._blocks, self._layers, self._starts = (), (), ()
         if self._slice is not None:
             self._slice.release()
             self._slice = None
@@ -188,6 +191,7 @@ class LoraBank:
                 groups.append(LowRankGroup(inp, a_all, factors[offset : offset + r0], tuple(segments)))
                 offset += r0
         self._groups, self._blocks, self._slice, self._written = tuple(groups), tuple(blocks), piece, None
+        self._starts = tuple(itertools.accumulate((r for _, _, r in blocks), initial=0))[:-1]
         self._layout = self._layout_key(layers, dtype, device)  # after re-pointing the A weights
 
     @staticmethod
@@ -207,7 +211,8 @@ class LoraBank:
             raise RuntimeError("deepspeed_diffusers_attn: the LoRA adapter state changed during a CUDA-graph "
                                "capture; run one eager call after changing adapters")
         factors = {m: peft_lora.layer_factors(m) for m in self._layers}  # unmerges a disabled merged layer
-        self._slice.write([(float(factors[m][name]), r) for m, name, r in self._blocks])
+        # a segment's factor is read at its first rank (LowRankGroup.scale): one entry per block
+        self._slice.write([(r0, float(factors[m][name])) for (m, name, _), r0 in zip(self._blocks, self._starts)])
         # a layer both disabled and merged (tuner_key: disabled flag, merged names) was unmerged above
         unmerged = any(key[1] and key[2] for key in state)
         self._written = tuple([tuner_key(m) for m in self._layers]) if unmerged else state
