@@ -11,7 +11,8 @@ Public names: :func:`patch`, :func:`unpatch`, :class:`PatchReport`,
 (one diffusers attention module to a fused module, through its family's adapter in
 :mod:`.adapters`), :func:`bridge_stats` (the attention calls of "bridged" modules that our
 kernel served or that fell back to diffusers, per reason), and the raw ops in :mod:`.ops`
-(also ``torch.ops.dda.*``).
+(also ``torch.ops.dda.*``). :func:`cfg_parallel` / :func:`uncfg_parallel` (:mod:`.parallel`)
+split a classifier-free-guidance batch over the ranks of a torch.distributed group.
 """
 import torch  # noqa: F401  (must load before the extension)
 
@@ -33,6 +34,7 @@ from .attention import (
 from .adapters import from_diffusers, supports
 from .adapters.dispatch_bridge import bridge_stats
 from .patch import PatchReport, patch, unpatch
+from .parallel import cfg_parallel, uncfg_parallel
 
 __version__ = "0.1.0"
 
@@ -41,6 +43,8 @@ __all__ = [
     "patch",
     "unpatch",
     "PatchReport",
+    "cfg_parallel",
+    "uncfg_parallel",
     "from_diffusers",
     "supports",
     "bridge_stats",
