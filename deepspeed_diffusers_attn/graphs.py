@@ -609,6 +609,7 @@ def graph_module_forward(module: nn.Module, method: str = "forward", **options) 
     current = module.__dict__.get(method)
     if isinstance(current, GraphedCallable):
         raise ValueError(f"{type(module).__name__}.{method} is already graphed; ungraph_module() it first")
+    check_not_distributed(module, method)
     if not callable(getattr(module, method, None)):
         raise ValueError(f"{type(module).__name__} has no method {method!r}")
     sig_params = inspect.signature(getattr(module, method)).parameters
@@ -625,6 +626,16 @@ def graph_module_forward(module: nn.Module, method: str = "forward", **options) 
     return wrapper
 
 
+def check_not_distributed(module: nn.Module, method: Optional[str] = None) -> None:
+    """ValueError if ``module.<method>`` (any method when None) is wrapped by a wrapper that runs
+    collectives (:func:`.parallel.cfg_parallel`): a graph must not capture them, and the graph
+    wrapper below it cannot be removed first."""
+    for name, value in module.__dict__.items():
+        if (method is None or name == method) and getattr(value, "runs_collectives", False):
+            raise ValueError(f"{type(module).__name__}.{name} is cfg-parallel: call uncfg_parallel() first "
+                             "(cfg_parallel goes on after patch / graph_module_forward, and comes off before)")
+
+
 def graphed_methods(module: nn.Module) -> dict[str, GraphedCallable]:
     """The module's wrapped methods: name -> GraphedCallable."""
     return {k: v for k, v in module.__dict__.items() if isinstance(v, GraphedCallable)}
@@ -632,7 +643,9 @@ def graphed_methods(module: nn.Module) -> dict[str, GraphedCallable]:
 
 def ungraph_module(module: nn.Module, method: Optional[str] = None) -> list[str]:
     """Remove the wrapper(s) from ``module`` (all, or just ``method``), free their graphs,
-    restore the weights' memory format and the exact previous attribute. Returns the names."""
+    restore the weights' memory format and the exact previous attribute. Returns the names.
+    ValueError if a cfg-parallel wrapper sits on the method (uncfg_parallel() first)."""
+    check_not_distributed(module, method)
     removed = []
     for name, wrapper in list(graphed_methods(module).items()):
         if method is not None and name != method:

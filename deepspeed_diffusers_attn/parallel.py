@@ -75,9 +75,12 @@ class CFGParallel:
 
     fn: the callable it wraps (the bound method, or a :class:`.graphs.GraphedCallable`).
     group: the process group (None: the default group).
-    timeout: bound on each collective's wait (None: the process group's timeout).
+    timeout: bound on the wait of the failure-flag all-reduce and the all-gather (None, and for
+        the failure path's message exchange: the process group's timeout).
     name: for messages.
     """
+
+    runs_collectives = True  # graphs.check_not_distributed: no graph may capture or unwrap below it
 
     def __init__(self, fn: Callable, group: Optional[dist.ProcessGroup] = None,
                  timeout: Optional[datetime.timedelta] = None, name: str = "forward"):
@@ -120,15 +123,16 @@ class CFGParallel:
         lo = self.rank * n
         device = next(t.device for t in _tensors((args, kwargs)) if t.dim() >= 1)
         error: Optional[BaseException] = None
-        out = None
+        out, plan = None, None
         try:
             local = map_tensors((args, kwargs),
                                 lambda t: t[lo:lo + n] if t.dim() >= 1 and t.shape[0] == n_total else t)
             out = self.fn(*local[0], **local[1])
-        except Exception as e:  # noqa: BLE001  (re-raised below, after the other ranks learn of it)
+            plan = self._plan_gather(out, n)  # its allocations too, before the ranks agree that all went well
+        except BaseException as e:  # noqa: BLE001  (re-raised below, after the other ranks learn of it)
             error = e
         self._check_errors(error, device)
-        return self._gather(out, n)
+        return self._gather(out, n, plan)
 
     # ------------------------------------------------------------------ collectives
     def _wait(self, work) -> None:
@@ -142,7 +146,12 @@ class CFGParallel:
         flags = torch.zeros(self.world_size, dtype=torch.int32, device=device)
         if error is not None:
             flags[self.rank] = 1
-        self._wait(dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group, async_op=True))
+        try:
+            self._wait(dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group, async_op=True))
+        except Exception as comm:
+            if error is not None:
+                raise comm from error
+            raise
         failed = flags.nonzero().flatten().tolist()
         if not failed:
             return
@@ -159,34 +168,34 @@ class CFGParallel:
         detail = messages[first] or "(message unavailable)"
         raise RuntimeError(f"cfg_parallel({self.name}): rank {first} failed: {detail}")
 
-    def _gather(self, out, n: int):
-        """``out`` with every tensor whose dim 0 is ``n`` all-gathered to W·n rows, in rank order."""
+    def _plan_gather(self, out, n: int) -> list:
+        """Per dtype: (the output tensors with ``n`` rows, their dense forms, the packed local
+        rows, the receive buffer): every allocation of the all-gather, made before it."""
         local = [t for t in _tensors(out) if t.dim() >= 1 and t.shape[0] == n]
-        if not local:
+        plan = []
+        for dtype in dict.fromkeys(t.dtype for t in local):
+            tensors = [t for t in local if t.dtype == dtype]
+            dense = [_dense_order(t) for t in tensors]
+            packed = torch.cat([d.reshape(-1) for d, _ in dense])
+            plan.append((tensors, dense, packed, packed.new_empty((self.world_size, packed.numel()))))
+        return plan
+
+    def _gather(self, out, n: int, plan: list):
+        """``out`` with every tensor whose dim 0 is ``n`` all-gathered to W·n rows, in rank order:
+        one all-gather per dtype of the packed rows, each tensor in its own dense order
+        (channels-last stays channels-last), rank r's rows of tensor i at
+        ``buffer[r, offset_i : offset_i + numel_i]``."""
+        if not plan:
             return out
         gathered: dict[int, torch.Tensor] = {}
-        for dtype in dict.fromkeys(t.dtype for t in local):
-            group = [t for t in local if t.dtype == dtype]
-            for t, full in zip(group, self._all_gather(group, n)):
-                gathered[id(t)] = full
+        for tensors, dense, packed, buffer in plan:
+            self._wait(dist.all_gather(list(buffer.unbind(0)), packed, group=self.group, async_op=True))
+            offset = 0
+            for t, (d, restore) in zip(tensors, dense):
+                chunk = buffer[:, offset:offset + d.numel()].reshape(self.world_size * n, *d.shape[1:])
+                gathered[id(t)] = restore(chunk)
+                offset += d.numel()
         return map_tensors(out, lambda t: gathered.get(id(t), t))
-
-    def _all_gather(self, tensors: list[torch.Tensor], n: int) -> list[torch.Tensor]:
-        """One all-gather of ``tensors`` (one dtype and device) packed into one flat buffer.
-
-        Each tensor travels in its own dense order (channels-last stays channels-last), so
-        rank r's rows of tensor i are ``buffer[r, offset_i : offset_i + numel_i]``.
-        """
-        dense = [_dense_order(t) for t in tensors]
-        packed = torch.cat([d.reshape(-1) for d, _ in dense])
-        buffer = packed.new_empty((self.world_size, packed.numel()))
-        self._wait(dist.all_gather(list(buffer.unbind(0)), packed, group=self.group, async_op=True))
-        result, offset = [], 0
-        for d, restore in dense:
-            chunk = buffer[:, offset:offset + d.numel()].reshape(self.world_size * n, *d.shape[1:])
-            result.append(restore(chunk))
-            offset += d.numel()
-        return result
 
 
 def _dense_order(t: torch.Tensor):
@@ -208,7 +217,10 @@ def cfg_parallel(module: nn.Module, group: Optional[dist.ProcessGroup] = None, m
 
     Raises RuntimeError if torch.distributed is not available or not initialized, and
     ValueError if ``module`` has no such method or it is already cfg-parallel.
-    ``timeout`` bounds each collective's wait (None: the process group's timeout).
+    ``timeout`` bounds the wait of the failure-flag all-reduce and the all-gather (None: the
+    process group's timeout, which also bounds the failure path's message exchange). A
+    graph wrapper may be below it, never above it: :func:`.graphs.graph_module_forward`,
+    :func:`.graphs.ungraph_module` and :func:`.unpatch` raise on a cfg-parallel method.
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("cfg_parallel: torch.distributed is not initialized; call "
@@ -219,6 +231,8 @@ def cfg_parallel(module: nn.Module, group: Optional[dist.ProcessGroup] = None, m
     fn = getattr(module, method, None)
     if not callable(fn):
         raise ValueError(f"{type(module).__name__} has no method {method!r}")
+    if dist.get_rank(group) < 0:
+        raise ValueError("cfg_parallel: this process is not a member of the given process group")
     wrapper = CFGParallel(fn, group=group, timeout=timeout, name=f"{type(module).__name__}.{method}")
     wrapper._restore = (method in module.__dict__, current)
     module.__dict__[method] = wrapper

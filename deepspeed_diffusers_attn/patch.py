@@ -69,7 +69,8 @@ from . import adapters
 from .attention import DeepSpeedDiffusersAttention
 from .blocks import (ChannelsLastGroupNorm, FusedGEGLU, fusable_reasons, fuse_resnet, keep_output_layout,
                      restore_output_layout, restore_resnet)
-from .graphs import DEFAULT_MAX_GRAPHS, check_options, graph_module_forward, graphed_methods, ungraph_module
+from .graphs import (DEFAULT_MAX_GRAPHS, check_not_distributed, check_options, graph_module_forward, graphed_methods,
+                     ungraph_module)
 
 __all__ = ["patch", "unpatch", "PatchReport", "PatchRow"]
 
@@ -429,6 +430,8 @@ def unpatch(obj) -> PatchReport:
     are freed, the weights' memory format is restored (``report.wrapped`` lists them).
     Fused GEGLU / GroupNorm stand-ins give way to their originals (``report.blocks``).
     """
+    for _, module, method in _graph_targets(obj):  # before anything changes
+        check_not_distributed(module, method)
     wrapped = []
     for name, module, method in _graph_targets(obj):
         if ungraph_module(module, method):

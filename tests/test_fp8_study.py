@@ -136,3 +136,21 @@ def test_study_records_gate_and_a_per_tensor_fp8_scheme_fails_it():
     assert all("acc_err" in r for r in records if "-fp22" in r["scheme"])
     table = fs.table(records)
     assert table.count("\n") == len(records) + 1 and "fp8-tensor" in table and math.isfinite(rec["bf16"]["rel_err"])
+
+
+@pytest.mark.parametrize("scheme", fs.schemes(), ids=lambda s: s.name)
+def test_every_scheme_is_exact_attention_without_its_rounding(monkeypatch, scheme):
+    """With every rounding point made the identity, each scheme's emulation is the float64
+    reference: the scales, the P scale, the V-block scale folds and the two-level flush
+    all cancel, so any error a scheme reports comes from its rounding alone."""
+    identity = lambda x, *args, **kwargs: x  # noqa: E731
+    for name in ("round_bf16", "round_fp32", "round_e4m3", "round_int8", "round_mantissa"):
+        monkeypatch.setattr(fs, name, identity)
+    q, k, v = fs.make_inputs("outlier-k", HEADS, SEQ, DIM)
+    torch.testing.assert_close(fs.emulate(q, k, v, scheme), fs.reference(q, k, v), rtol=1e-11, atol=1e-12)
+
+
+def test_fp8_error_is_where_e4m3_puts_it():
+    """e4m3 keeps 3 mantissa bits to bf16's 7: the all-fp8 scheme lands near 2^4 = 16x bf16's error."""
+    ratio = error(by_name("fp8-tensor"), "normal") / error(by_name("bf16"), "normal")
+    assert 10 < ratio < 20, ratio

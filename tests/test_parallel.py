@@ -248,3 +248,32 @@ def test_stuck_rank_times_out(tmp_path):
     (res,) = _spawn(_stuck_rank_worker, tmp_path)
     assert res["raised"], "rank 0 returned although rank 1 never called"
     assert 2.5 < res["seconds"] < STUCK_S - 2, res
+
+
+def test_graph_wrappers_never_sit_above_or_come_off_below_cfg_parallel(tmp_path):
+    """A graph must not capture the collectives, and unpatch / ungraph_module must not pull the
+    graph wrapper out from under a cfg-parallel one: both raise, naming uncfg_parallel, and
+    unpatch changes nothing before it raises (one-rank group, in this process)."""
+    from deepspeed_diffusers_attn.graphs import graph_module_forward, ungraph_module
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        unet, inputs = make_unet("sd15", batch=2)
+        dda.patch(unet, channels_last=True)  # a graph-style wrapper (no CUDA graphs on the CPU)
+        below = unet.__dict__["forward"]
+        cfg_parallel(unet)
+        with pytest.raises(ValueError, match="uncfg_parallel"):
+            graph_module_forward(unet)
+        with pytest.raises(ValueError, match="uncfg_parallel"):
+            ungraph_module(unet)
+        with pytest.raises(ValueError, match="uncfg_parallel"):
+            dda.unpatch(unet)
+        assert unet.__dict__["forward"].fn is below and any(
+            type(m).__name__ == "PatchedAttention" for m in unet.modules()), "nothing was undone"
+        with torch.no_grad():
+            unet(**inputs)  # W == 1: straight through
+        assert uncfg_parallel(unet)
+        assert unet.__dict__["forward"] is below
+        assert dda.unpatch(unet).wrapped
+    finally:
+        dist.destroy_process_group()
