@@ -20,7 +20,7 @@ from .. import factor_pool
 from ..module_state import tuner_key
 from . import peft_lora
 from .lora_bank import LoraBank
-from .stand_in import StandIn, share_weights
+from .stand_in import StandIn, parameter_identities, share_weights
 
 __all__ = ["NAME", "claims", "supports", "from_diffusers", "convert", "PatchedAttention", "FusedAttnProcessor"]
 
@@ -375,13 +375,7 @@ class PatchedAttention(StandIn):
         return _shared_pairs(self, self.dda)
 
     def _pairs_key(self) -> tuple:
-        # the identities of the stock parameters the pairs hold (dict reads: asked every call)
-        key = []
-        for m in (*_projections(self), self._modules.get("group_norm")):
-            if m is not None:
-                params = m._modules.get("base_layer", m)._parameters
-                key += (id(params.get("weight")), id(params.get("bias")))
-        return tuple(key)
+        return parameter_identities((*_projections(self), self._modules.get("group_norm")))
 
     @property
     def stock_reason(self) -> str:

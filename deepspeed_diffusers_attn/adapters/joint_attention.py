@@ -30,7 +30,7 @@ from torch import nn
 from ..attention import unsupported_device_dtype, unsupported_head_dim
 from ..dit_attention import JointAttention, JointAttentionConfig, QKNorm, Stream
 from .attention_processor import FusedAttnProcessor
-from .stand_in import StandIn, share_weights
+from .stand_in import StandIn, parameter_identities, share_weights
 
 __all__ = ["NAME", "claims", "supports", "from_diffusers", "convert", "PatchedJointAttention", "DiTStandIn",
            "JOINT_NAMES", "joint_config"]
@@ -241,12 +241,7 @@ class DiTStandIn(StandIn):
         return weight_pairs(self, self._names, self.dda.views())
 
     def _pairs_key(self) -> tuple:
-        key = []
-        for path, _ in self._names:
-            m = child(self, path)
-            params = m._modules.get("base_layer", m)._parameters
-            key += (id(params.get("weight")), id(params.get("bias")))
-        return tuple(key)
+        return parameter_identities(child(self, path) for path, _ in self._names)
 
     @property
     def stock_reason(self) -> str:

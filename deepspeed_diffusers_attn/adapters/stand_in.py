@@ -130,6 +130,17 @@ class StandIn(nn.Module):
         return super()._apply(fn, recurse)
 
 
+def parameter_identities(modules) -> tuple:
+    """The identities of each module's own weight and bias (a PEFT layer's base layer's), for
+    :meth:`StandIn._pairs_key`; None entries are skipped. Dict reads only: asked on every call."""
+    key = []
+    for m in modules:
+        if m is not None:
+            params = m._modules.get("base_layer", m)._parameters
+            key += (id(params.get("weight")), id(params.get("bias")))
+    return tuple(key)
+
+
 def _bits(t: torch.Tensor) -> torch.Tensor:
     """The tensor's bits as integers of the same width, for bit-exact comparison."""
     ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
