@@ -67,6 +67,7 @@ import json
 import os
 import sys
 import time
+import traceback
 import warnings
 
 import torch
@@ -250,6 +251,7 @@ def measure(name: str, setup, teardown, inputs: dict, ref, args, cuda: bool, no_
                 row["graph_stats"] = dict(wrapper.stats)
     except Exception as e:  # noqa: BLE001  (report and go on with the other variants)
         row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+        row["traceback"] = traceback.format_exc()[-4000:]  # in results.json, for the cause
     finally:
         bench_unet.tear_down(row, teardown)
         torch._dynamo.reset()

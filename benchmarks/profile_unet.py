@@ -1,6 +1,7 @@
 """Where a UNet step's GPU time goes: a kernel breakdown from torch.profiler.
 
     python benchmarks/profile_unet.py --config sd15 [--variants stock+graph+cl,ours+graph+cl] [--steps 5] [--out profile_out]
+    python benchmarks/profile_unet.py --config sdxl --lora 2 --skip-vae   # with 2 LoRA adapters
     python benchmarks/profile_unet.py --cpu-smoke     # tiny scaled-down model on the CPU: checks the code paths only
 
 Conditions: bench_unet.py's (its builders, inputs and variant table): batch 2, fp16,
@@ -47,18 +48,21 @@ timing.add_repo_to_path()
 # (category, substrings of the lower-cased name). The first rule that matches wins, so the order
 # matters: cuDNN's SDPA kernels also contain "fprop", cuDNN's convolutions "gemm", CUTLASS's fmha
 # "cutlass", and torch.cat's kernel (CatArrayBatchedCopy) "copy". Ours are attention_fwd_* (CUDA)
-# and dda::attention (CPU); a bare "dda" would also match e.g. "...AddAnd...". Anything unmatched
+# and dda::attention (CPU), the LoRA B side low_rank_kernel (CUDA) and dda::low_rank_accumulate
+# (CPU); a bare "dda" would also match e.g. "...AddAnd...". Anything unmatched
 # is "other" (elementwise, activations, upsampling, concatenation, memset, reductions).
 RULES = (
     ("attention", ("attention", "flash", "fmha", "sdpa", "scaled_dot_product")),
     ("other", ("catarraybatchedcopy", "memset")),
+    ("low_rank", ("low_rank",)),
     ("layout", ("nchwtonhwc", "nhwctonchw", "transpose", "permute", "copy", "memcpy", "contiguous", "clone")),
     ("conv", ("conv", "fprop", "implicit_gemm", "winograd", "cudnn")),
     ("gemm", ("gemm", "gemv", "cutlass", "cublas", "xmma", "nvjet", "splitkreduce", "matmul", "addmm", "::mm",
               "bmm", "linear")),
     ("norm", ("norm", "rowwisemoments", "computefusedparams")),
 )
-LABELS = {"attention": "attention", "gemm": "GEMM", "conv": "convolution", "norm": "GroupNorm/LayerNorm",
+LABELS = {"attention": "attention", "low_rank": "LoRA B side (dda low_rank)", "gemm": "GEMM", "conv": "convolution",
+          "norm": "GroupNorm/LayerNorm",
           "layout": "layout/copy", "other": "elementwise/other"}
 CATEGORIES = tuple(LABELS)
 
@@ -181,18 +185,27 @@ def profile_section(title: str, variants: list[str], table: dict, call, steps: i
     return out
 
 
-def profile_unet(config_name: str, variants: list[str], steps: int, device: str, dtype, smoke: bool) -> dict:
+def profile_unet(config_name: str, variants: list[str], steps: int, device: str, dtype, smoke: bool,
+                 lora: int = 0, lora_rank: int = 32) -> dict:
+    """One section: the UNet of ``config_name``, with ``lora`` PEFT adapters of ``lora_rank`` on
+    every attention projection when asked (bench_unet's adapters and weights)."""
     from diffusers import UNet2DConditionModel
 
     import bench_unet as bu
     from deepspeed_diffusers_attn.configs import scaled_down
+    from deepspeed_diffusers_attn.random_adapters import add_random_lora
 
     config, latent, px = bu.CONFIGS[config_name]
     if smoke:
         config, latent, px = scaled_down(config), 16, 128
     unet = bu.build(UNet2DConditionModel, config, device, dtype)
     inputs = bu.unet_inputs(config, latent, device, dtype)
-    return profile_section(f"UNet {config_name} @ {px} px, B={bu.BATCH} (latent {latent})", variants,
+    label = config_name
+    if lora:
+        add_random_lora(unet, names=[chr(ord("a") + i) for i in range(lora)], rank=lora_rank)
+        unet.set_adapters(list(unet.peft_config), weights=[1.0] + [0.5] * (lora - 1))
+        label += f"+lora{lora} (rank {lora_rank})"
+    return profile_section(f"UNet {label} @ {px} px, B={bu.BATCH} (latent {latent})", variants,
                            bu.unet_variants(unet), lambda fn: fn(**inputs)[0], steps, device == "cuda")
 
 
@@ -281,6 +294,9 @@ def main() -> None:
     parser.add_argument("--vae-px", type=int, default=512, help="VAE decode size in pixels (multiple of 8)")
     parser.add_argument("--skip-vae", action="store_true")
     parser.add_argument("--steps", type=int, default=5, help="profiled calls per variant")
+    parser.add_argument("--lora", type=int, default=0,
+                        help="profile the UNet with N PEFT LoRA adapters on every attention projection")
+    parser.add_argument("--lora-rank", type=int, default=32)
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="scaled-down fp32 models on the CPU, CPU ops instead of kernels: checks the code only")
     parser.add_argument("--out", default="profile_out")
@@ -304,7 +320,8 @@ def main() -> None:
                 rules=[[c, list(n)] for c, n in RULES])
     print(timing.card_line(info), flush=True)
     t0 = time.perf_counter()
-    sections = [profile_unet(args.config, unet_vs, args.steps, device, dtype, args.cpu_smoke)]
+    sections = [profile_unet(args.config, unet_vs, args.steps, device, dtype, args.cpu_smoke, args.lora,
+                             args.lora_rank)]
     if cuda:
         gc.collect()  # the UNet went with profile_unet's frame
         torch.cuda.empty_cache()
@@ -312,7 +329,8 @@ def main() -> None:
         sections.append(profile_vae(args.vae_px, vae_vs, args.steps, device, dtype, args.cpu_smoke))
     info["total_s"] = round(time.perf_counter() - t0, 1)
 
-    stem = f"profile_{args.config}" + ("_cpu_smoke" if args.cpu_smoke else "")
+    stem = (f"profile_{args.config}" + (f"_lora{args.lora}" if args.lora else "")
+            + ("_cpu_smoke" if args.cpu_smoke else ""))
     title = (f"Kernel time per call, {args.config}, {info['card']}"
              + (" (CPU SMOKE RUN: CPU ops, scaled-down model; not a measurement)" if args.cpu_smoke else ""))
     lines = report(info, sections, title)

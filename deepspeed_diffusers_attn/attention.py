@@ -764,7 +764,7 @@ class LowRankUpdates(NamedTuple):
     image: tuple = ()  # ImageKV branches, set by forward(..., image_kv=...)
 
     def __bool__(self) -> bool:
-        return bool(self.groups or self.image)
+        return len(self.groups) > 0 or len(self.image) > 0  # (bool() of a tuple does not trace in torch 2.11)
 
     def reads(self, input: str) -> bool:
         """Whether a group reads ``input``."""

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -369,7 +369,7 @@ class JointAttention(nn.Module):
         return found
 
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
-                rope: Optional[Rope] = None, project: bool = True):
+                rope: Optional[Rope] = None, project: bool = True, parallel: Optional[Callable] = None):
         """Joint attention of ``x`` [B, Sx, Cx] and ``context`` [B, Sc, Cc] (or ``x`` alone).
 
         mask: None, ``[B, Sk]``, or anything broadcastable to ``[B, H, S, S]`` (bool: True =
@@ -377,14 +377,16 @@ class JointAttention(nn.Module):
         rope: a :class:`Rope` over all S tokens in the packed order, applied to q and k after
             their RMSNorm, or None.
         project: False returns every stream's attention output unprojected (``[B, S_i, inner]``).
+        parallel: None, or ``attend(q, k, v, scale)`` of :mod:`.context_parallel` when the tokens
+            given are this rank's shard of a context-parallel sequence (no mask then).
         Returns ``(y_x, y_context)``: each stream's output (projected if it has an output
         projection and ``project``), ``y_context`` None without a context. Outputs are new
         tensors (an unprojected one is a view of the new attention output).
         """
-        return _run_inference_only(lambda: self._forward(x, context, mask, rope, project), self,
+        return _run_inference_only(lambda: self._forward(x, context, mask, rope, project, parallel), self,
                                    (x, context, mask, *(rope or ())))
 
-    def _forward(self, x, context, mask, rope, project):
+    def _forward(self, x, context, mask, rope, project, parallel=None):
         cfg = self.config
         H, D, inner = cfg.heads, cfg.dim_head, cfg.inner_dim
         dtype, device = self.attn_qkvw.dtype, self.attn_qkvw.device
@@ -416,8 +418,13 @@ class JointAttention(nn.Module):
             start = end
 
         q, k, v = qkv.unbind(2)  # [B, S, H, D] views, row stride 3*inner
-        o = torch.empty((B, S, H, D), dtype=dtype, device=device)
-        ops.attention_out(q, k, v, _mask(mask, B, S), cfg.softmax_scale, o)
+        if parallel is None:
+            o = torch.empty((B, S, H, D), dtype=dtype, device=device)
+            ops.attention_out(q, k, v, _mask(mask, B, S), cfg.softmax_scale, o)
+        elif mask is not None:
+            raise ValueError("a mask under context parallelism: the sharded attention takes none")
+        else:
+            o = parallel(q, k, v, cfg.softmax_scale)
         o3 = o.view(B, S, inner)
 
         outputs = {"x": None, "context": None}

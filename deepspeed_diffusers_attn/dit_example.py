@@ -161,9 +161,18 @@ def cast_model(model, dtype: torch.dtype):
     tensor, except those of the class's ``_keep_in_fp32_modules``, which become float32 (as
     ``from_pretrained(torch_dtype=...)`` loads them). Returns ``model``."""
     keep = getattr(model, "_keep_in_fp32_modules", None) or ()
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if t.is_floating_point():
-            t.data = t.data.to(torch.float32 if any(k in name.split(".") for k in keep) else dtype)
+    for prefix, module in model.named_modules():
+        def target(name):
+            return torch.float32 if any(k in f"{prefix}.{name}".split(".") for k in keep) else dtype
+
+        for name, p in module._parameters.items():
+            if p is not None and p.is_floating_point():
+                p.data = p.data.to(target(name))
+        for name, b in module._buffers.items():
+            if b is not None and b.is_floating_point():
+                # A new tensor, not a .data swap: a buffer made as a view (SD3's pos_embed) would
+                # keep its float32 base, which torch.compile's fake tensors reject.
+                module._buffers[name] = b.to(target(name))
     return model
 
 

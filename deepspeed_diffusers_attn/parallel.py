@@ -136,37 +136,10 @@ class CFGParallel:
 
     # ------------------------------------------------------------------ collectives
     def _wait(self, work) -> None:
-        if self.timeout is None:
-            work.wait()
-        else:
-            work.wait(self.timeout)
+        wait(work, self.timeout)
 
     def _check_errors(self, error: Optional[BaseException], device: torch.device) -> None:
-        """All-reduce (MAX) a per-rank failure flag; raise on every rank if any rank failed."""
-        flags = torch.zeros(self.world_size, dtype=torch.int32, device=device)
-        if error is not None:
-            flags[self.rank] = 1
-        try:
-            self._wait(dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group, async_op=True))
-        except Exception as comm:
-            if error is not None:
-                raise comm from error
-            raise
-        failed = flags.nonzero().flatten().tolist()
-        if not failed:
-            return
-        # Failure path only: every rank saw the same flags, so all of them join this gather.
-        message = None if error is None else f"{type(error).__name__}: {error}"
-        messages: list = [None] * self.world_size
-        try:
-            dist.all_gather_object(messages, message, group=self.group)
-        except Exception:  # noqa: BLE001  (the rank is still named without its message)
-            messages = [None] * self.world_size
-        if error is not None:
-            raise error
-        first = failed[0]
-        detail = messages[first] or "(message unavailable)"
-        raise RuntimeError(f"cfg_parallel({self.name}): rank {first} failed: {detail}")
+        raise_if_any_failed(error, device, self.group, self.timeout, f"cfg_parallel({self.name})")
 
     def _plan_gather(self, out, n: int) -> list:
         """Per dtype: (the output tensors with ``n`` rows, their dense forms, the packed local
@@ -196,6 +169,48 @@ class CFGParallel:
                 gathered[id(t)] = restore(chunk)
                 offset += d.numel()
         return map_tensors(out, lambda t: gathered.get(id(t), t))
+
+
+def wait(work, timeout: Optional[datetime.timedelta]) -> None:
+    """Wait for an async collective, bounded by ``timeout`` (None: the process group's)."""
+    if timeout is None:
+        work.wait()
+    else:
+        work.wait(timeout)
+
+
+def raise_if_any_failed(error: Optional[BaseException], device: torch.device, group: Optional[dist.ProcessGroup],
+                        timeout: Optional[datetime.timedelta], name: str) -> None:
+    """The ranks' failure protocol: all-reduce (MAX) a per-rank failure flag; if any rank
+    failed, the failing rank re-raises ``error`` and every other rank raises
+    ``RuntimeError("<name>: rank R failed: <its message>")`` (the messages travel in one
+    all_gather_object, on the failure path only). Every rank of ``group`` must call it once
+    per call of the parallel operation, failed or not, so none is left waiting."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    flags = torch.zeros(world, dtype=torch.int32, device=device)
+    if error is not None:
+        flags[rank] = 1
+    try:
+        wait(dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group, async_op=True), timeout)
+    except Exception as comm:
+        if error is not None:
+            raise comm from error
+        raise
+    failed = flags.nonzero().flatten().tolist()
+    if not failed:
+        return
+    # Failure path only: every rank saw the same flags, so all of them join this gather.
+    message = None if error is None else f"{type(error).__name__}: {error}"
+    messages: list = [None] * world
+    try:
+        dist.all_gather_object(messages, message, group=group)
+    except Exception:  # noqa: BLE001  (the rank is still named without its message)
+        messages = [None] * world
+    if error is not None:
+        raise error
+    first = failed[0]
+    detail = messages[first] or "(message unavailable)"
+    raise RuntimeError(f"{name}: rank {first} failed: {detail}")
 
 
 def _dense_order(t: torch.Tensor):

@@ -7,8 +7,10 @@
 // poisoned with NaN: everything outside the target columns must keep the poison. Then a CUDA
 // graph is captured once and replayed after in-place factor changes (a segment to 0 and back).
 // Then times SDXL-like LoRA shapes: this kernel against the sequential way it replaces (one
-// cuBLASLt GEMM per segment accumulating into out, dda_linear_cuda with beta = 1), both as CUDA
-// graphs of 20 calls (the pipelines replay graphs), median of 15 replays.
+// cuBLASLt GEMM per segment accumulating into out, dda_linear_cuda with beta = 1), and the
+// projection's base GEMM (K = the width) alone and followed by this kernel (what LoRA adds to
+// a projection's B side); all as CUDA graphs of 20 calls (the pipelines replay graphs), median
+// of 15 replays.
 //
 // Build (one line):
 //   nvcc -std=c++17 -O2 -I csrc/include -gencode=arch=compute_90a,code=sm_90a
@@ -406,6 +408,42 @@ void run_bench() {
       printf("%-40s %s M=%5lld N=%5lld R=%4lld %2zu segs: %7.2f us (%6.0f GB/s)  sequential GEMMs %7.2f us  (%.2fx)\n",
              sh.what, dname(t), (long long)c.M, (long long)c.N, (long long)c.R, c.segs.size(), ms * 1e3,
              bytes / (ms * 1e-3) / 1e9, ms_seq * 1e3, ms_seq / ms);
+
+      // The whole projection (K = inner): its base GEMM alone, and followed by this kernel.
+      const int64_t K = sh.inner;
+      std::vector<uint16_t> hx((size_t)(c.M * K)), hw((size_t)(c.N * K));
+      for (auto &v : hx) v = to_bits(rng.uniform(), t);
+      for (auto &v : hw) v = to_bits(rng.uniform() / sqrtf((float)K), t);
+      uint16_t *dx = nullptr, *dw = nullptr;
+      CUDA_CHECK(cudaMalloc(&dx, hx.size() * 2));
+      CUDA_CHECK(cudaMalloc(&dw, hw.size() * 2));
+      CUDA_CHECK(cudaMemcpy(dx, hx.data(), hx.size() * 2, cudaMemcpyHostToDevice));
+      CUDA_CHECK(cudaMemcpy(dw, hw.data(), hw.size() * 2, cudaMemcpyHostToDevice));
+      dda_linear_params base;
+      memset(&base, 0, sizeof(base));
+      base.x = dx;
+      base.w = dw;
+      base.y = B.dout;
+      base.x_stride_m = K;
+      base.y_stride_m = B.out_stride;
+      base.M = c.M;
+      base.N = c.N;
+      base.K = K;
+      base.alpha = 1.0f;
+      base.dtype = t;
+      if (dda_linear_cuda(&base, g_workspace, DDA_LINEAR_WORKSPACE_BYTES, s) != DDA_OK) fail("base GEMM warm-up");
+      CUDA_CHECK(cudaStreamSynchronize(s));
+      const float ms_base = time_graph(s, 20, [&] {
+        if (dda_linear_cuda(&base, g_workspace, DDA_LINEAR_WORKSPACE_BYTES, s) != DDA_OK) fail("base GEMM");
+      });
+      const float ms_both = time_graph(s, 20, [&] {
+        if (dda_linear_cuda(&base, g_workspace, DDA_LINEAR_WORKSPACE_BYTES, s) != DDA_OK) fail("base GEMM");
+        if (dda_low_rank_accumulate_cuda(&dp, s) != DDA_OK) fail("accumulate");
+      });
+      printf("%-40s %s   K=%5lld: base GEMM %7.2f us, then this kernel %7.2f us (+%.2f)\n", "", dname(t),
+             (long long)K, ms_base * 1e3, ms_both * 1e3, (ms_both - ms_base) * 1e3);
+      CUDA_CHECK(cudaFree(dx));
+      CUDA_CHECK(cudaFree(dw));
       B.release();
     }
   CUDA_CHECK(cudaStreamDestroy(s));

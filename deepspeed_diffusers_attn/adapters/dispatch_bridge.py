@@ -34,7 +34,8 @@ Mechanism.
 What falls back to diffusers' own attention, per call, and why (see :func:`call_refusal`):
 dropout_p > 0, is_causal, K/V heads that differ from Q's (grouped-query attention), a V
 head dim that differs from K's, ``attention_kwargs`` (``return_lse``...), a context-parallel
-``parallel_config``, a backend other than diffusers' default ``"native"`` (chosen with
+``parallel_config`` our attention does not run (ring and Ulysses together, uneven shards; see
+:func:`.context_parallel.for_parallel_config`) or one with a mask, a backend other than diffusers' default ``"native"`` (chosen with
 ``set_attention_backend``, the ``attention_backend`` context manager or
 ``DIFFUSERS_ATTN_BACKEND``; an explicit ``"native"`` is served), a mask that is not bool
 or an additive mask in float32 or q's dtype or that does not broadcast to ``[B, H, Sq, Sk]``
@@ -44,8 +45,13 @@ inputs that need a gradient (our attention is inference-only), q/k/v that are no
 disagree in batch or head dim, empty inputs.
 Static reasons known at patch time (the stock processor is an ``nn.Module`` holding
 weights, an unsupported head dim or parameter dtype on their device, a backend already
-set, a context-parallel config, diffusers' private API not as expected) decline the
-module at patch time instead, with the reason in the report.
+set, a context-parallel config our attention does not run, diffusers' private API not as
+expected) decline the module at patch time instead, with the reason in the report.
+
+Context parallelism (diffusers' ``enable_parallelism``): a call with a context-parallel
+``parallel_config`` gets this rank's token shard; it is served by
+:mod:`.context_parallel` (Ulysses or ring over the config's mesh), diffusers' hooks having
+split the inputs and gathering the output.
 
 Under ``torch.autocast`` the inputs are cast as autocast casts them for SDPA (then judged
 in that dtype: CPU bf16 autocast falls back). Masks arrive in SDPA form: bool (True =
@@ -97,6 +103,7 @@ from torch import nn
 
 from .. import ops
 from ..attention import unsupported_device_dtype
+from ..context_parallel import for_parallel_config
 
 __all__ = ["NAME", "claims", "supports", "convert", "restore", "is_bridged", "BridgedProcessor", "bridge_stats",
            "call_refusal", "api_problem", "installed_in"]
@@ -272,8 +279,10 @@ def supports(module: nn.Module) -> list[str]:
     backend = getattr(processor, "_attention_backend", None)
     if backend is not None and _backend_name(backend) != _NATIVE:
         reasons.append(f"set_attention_backend chose diffusers' {_backend_name(backend)!r} backend")
-    if getattr(processor, "_parallel_config", None) is not None:
-        reasons.append("context parallelism (_parallel_config) runs diffusers' own attention")
+    try:
+        for_parallel_config(getattr(processor, "_parallel_config", None))
+    except ValueError as e:
+        reasons.append(str(e))
     head_dim = _head_dim(module)
     params = [p for p in module.parameters()]
     dtypes, devices = {p.dtype for p in params}, {p.device for p in params}
@@ -403,9 +412,11 @@ class _Shim:
                                parallel_config)
             if not why:
                 _count_served()
-                out, _ = ops.attention(_last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v),
-                                       _sdpa_mask(mask, q, k), scale)
-                return out
+                q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+                attend = None if parallel_config is _UNSET else for_parallel_config(parallel_config)
+                if attend is not None:  # this rank's token shard of a context-parallel sequence
+                    return attend(q, k, v, scale)
+                return ops.attention(q, k, v, _sdpa_mask(mask, q, k), scale)[0]
             _note_fallback(why)
         if parallel_config is _UNSET:
             return self.fn(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, attention_kwargs,
@@ -507,7 +518,12 @@ def call_refusal(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
     """Why one ``dispatch_attention_fn`` call runs diffusers' own attention ("" if our
     kernel serves it). Reads metadata only: no sync, no allocation."""
     if parallel_config is not None and parallel_config is not _UNSET:
-        return "context-parallel parallel_config (diffusers' own attention)"
+        try:
+            parallel = for_parallel_config(parallel_config) is not None
+        except ValueError as e:
+            return str(e)
+        if parallel and attn_mask is not None:
+            return "a mask under context parallelism (the sharded attention takes none)"
     chosen = backend if backend is not None else _api().registry._active_backend
     if _backend_name(chosen) != _NATIVE:
         return f"attention backend {_backend_name(chosen)!r} chosen (set_attention_backend, attention_backend() " \

@@ -33,8 +33,9 @@ import torch
 from torch import nn
 
 from ..dit_attention import JointAttention, Rope
-from .joint_attention import (JOINT_NAMES, DiTStandIn, child, convert_with, has_hooks, head_reasons, joint_config,
-                              load_fused, param_reasons, projection_reasons, qk_norm_spec, unwrap)
+from .joint_attention import (JOINT_NAMES, DiTStandIn, child, context_parallel_refusal, convert_with, has_hooks,
+                              head_reasons, joint_config, load_fused, param_reasons, projection_reasons, qk_norm_spec,
+                              unwrap)
 
 __all__ = ["NAME", "claims", "supports", "from_diffusers", "convert", "PatchedFluxAttention", "flux_rope"]
 
@@ -64,9 +65,7 @@ def supports(attn: nn.Module) -> list[str]:
     reasons = []
     if type(processor) is not _classes()[1]:
         reasons.append(f"processor {type(processor).__name__} is not reproduced; only FluxAttnProcessor")
-    if getattr(processor, "_parallel_config", None) is not None:
-        reasons.append("a context-parallel config is set on the processor (our attention sees only the local "
-                       "sequence shard)")
+    reasons += context_parallel_refusal(processor)
     if getattr(attn, "fused_projections", False) or child(attn, "to_qkv") is not None:
         reasons.append("fused projections (fuse_qkv_projections) are on; call unfuse_qkv_projections first")
     if has_hooks(attn):
@@ -168,5 +167,6 @@ class PatchedFluxAttention(DiTStandIn):
         seq = hidden_states.shape[1] + (0 if encoder_hidden_states is None else encoder_hidden_states.shape[1])
         rope = flux_rope(image_rotary_emb, seq, cfg.dim_head)
         project = encoder_hidden_states is not None
-        y, y_context = self.dda(hidden_states, encoder_hidden_states, attention_mask, rope, project=project)
+        y, y_context = self.dda(hidden_states, encoder_hidden_states, attention_mask, rope, project=project,
+                                parallel=self._context_parallel())
         return (y, y_context) if project else y

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..attention import unsupported_device_dtype, unsupported_head_dim
+from ..context_parallel import for_parallel_config
 from ..dit_attention import JointAttention, JointAttentionConfig, QKNorm, Stream
 from .attention_processor import FusedAttnProcessor
 from .stand_in import StandIn, parameter_identities, share_weights
@@ -136,6 +137,16 @@ def dropout_reasons(module: nn.Module) -> list[str]:
         elif m.p > 0 and (m.training or module.training):
             reasons.append(f"to_out dropout p={m.p} is active in training mode (call .eval())")
     return reasons
+
+
+def context_parallel_refusal(processor) -> list[str]:
+    """Why the context-parallel config diffusers' ``enable_parallelism`` set on ``processor``
+    is not one our attention runs (empty if none is set or we run it)."""
+    try:
+        for_parallel_config(getattr(processor, "_parallel_config", None))
+    except ValueError as e:
+        return [str(e)]
+    return []
 
 
 def head_reasons(heads: int, inner: int) -> tuple[Optional[int], list[str]]:
@@ -278,6 +289,11 @@ class DiTStandIn(StandIn):
     def get_processor(self, return_deprecated_lora: bool = False):
         """:attr:`processor`, as diffusers' ``attn_processors`` collects it."""
         return self.processor
+
+    def _context_parallel(self):
+        """The attention serving the context-parallel config that diffusers' ``enable_parallelism``
+        put on the processor (:func:`.context_parallel.for_parallel_config`), or None."""
+        return for_parallel_config(getattr(unwrap(self.processor), "_parallel_config", None))
 
     def _reproduced(self, processor):
         """The stock processor equivalent to ``processor`` that we reproduce, or None (a subclass may widen)."""

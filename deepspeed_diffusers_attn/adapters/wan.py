@@ -32,8 +32,8 @@ from torch import nn
 
 from ..dit_attention import (CrossAttentionConfig, JointAttention, JointAttentionConfig, QKNormCrossAttention, Rope,
                              Stream)
-from .joint_attention import (DiTStandIn, child, convert_with, has_hooks, head_reasons, load_fused, param_reasons,
-                              projection_reasons, qk_norm_spec, rms_norm_spec, unwrap)
+from .joint_attention import (DiTStandIn, child, context_parallel_refusal, convert_with, has_hooks, head_reasons,
+                              load_fused, param_reasons, projection_reasons, qk_norm_spec, rms_norm_spec, unwrap)
 
 __all__ = ["NAME", "claims", "supports", "from_diffusers", "convert", "PatchedWanAttention", "wan_rope",
            "TEXT_TOKENS"]
@@ -80,9 +80,7 @@ def supports(attn: nn.Module) -> list[str]:
     reasons = []
     if type(processor) is not _classes()[1]:
         reasons.append(f"processor {type(processor).__name__} is not reproduced; only WanAttnProcessor")
-    if getattr(processor, "_parallel_config", None) is not None:
-        reasons.append("a context-parallel config is set on the processor (our attention sees only the local "
-                       "sequence shard)")
+    reasons += context_parallel_refusal(processor)
     if getattr(attn, "fused_projections", False) or any(child(attn, p) is not None
                                                        for p in ("to_qkv", "to_kv", "to_added_kv")):
         reasons.append("fused projections (fuse_qkv_projections) are on; call unfuse_qkv_projections first")
@@ -193,7 +191,7 @@ class PatchedWanAttention(DiTStandIn):
                 raise ValueError("encoder_hidden_states given to a self-attention WanAttention (attn1); only the "
                                  "cross-attention (attn2) is patched to take a context")
             rope = wan_rope(rotary_emb, hidden_states.shape[1], self.dda.config.dim_head)
-            return self.dda(hidden_states, None, attention_mask, rope)[0]
+            return self.dda(hidden_states, None, attention_mask, rope, parallel=self._context_parallel())[0]
         if rotary_emb is not None:
             raise ValueError("rotary_emb given to a cross-attention WanAttention; the model passes none")
         context, image = encoder_hidden_states, None
