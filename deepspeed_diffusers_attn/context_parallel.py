@@ -88,6 +88,19 @@ def _agree(name: str, q: torch.Tensor, k: torch.Tensor, error: Optional[BaseExce
 
 
 
+def _start(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, error: Optional[BaseException],
+           check: bool, group: Optional[dist.ProcessGroup], timeout: Optional[datetime.timedelta]) -> bool:
+    """A call's start: this rank's checks (and ``error``, the caller's own), then with ``check``
+    the ranks' agreement (:func:`_agree`), raising where they fail. False when the group has
+    one rank (the caller then attends locally), True when the exchange is to run."""
+    error = _local_error(name, q, k, v) or error
+    if check:
+        _agree(name, q, k, error, group, timeout)
+    elif error is not None:
+        raise error
+    return dist.get_world_size(group) > 1
+
+
 def _global(group: Optional[dist.ProcessGroup], group_rank: int) -> int:
     return group_rank if group is None else dist.get_global_rank(group, group_rank)
 
@@ -100,15 +113,10 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     by the world size W. Returns ``[B, Sq, H, D]``."""
     name = "ulysses_attention"
     world = dist.get_world_size(group)
-    error: Optional[BaseException] = _local_error(name, q, k, v)
-    if error is None and q.shape[2] % world:
-        error = ValueError(f"{name}: {q.shape[2]} heads do not split over {world} ranks; use ring_attention "
-                           "for head counts the world size does not divide")
-    if check:
-        _agree(name, q, k, error, group, timeout)
-    elif error is not None:
-        raise error
-    if world == 1:
+    heads = None if q.dim() != 4 or q.shape[2] % world == 0 else ValueError(
+        f"{name}: {q.shape[2]} heads do not split over {world} ranks; use ring_attention for head counts the "
+        "world size does not divide")
+    if not _start(name, q, k, v, heads, check, group, timeout):
         return ops.attention(q, k, v, None, scale)[0]
     B, Sq, H, D = q.shape
     Sk, Hl = k.shape[1], H // world
@@ -125,6 +133,7 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     nq, nk = B * Sq * Hl * D, B * Sk * Hl * D
     qh, kh, vh = (whole_sequence(recv[:, :nq], Sq), whole_sequence(recv[:, nq:nq + nk], Sk),
                   whole_sequence(recv[:, nq + nk:], Sk))
+    error: Optional[BaseException] = None
     try:
         oh = ops.attention(qh, kh, vh, None, scale)[0]
     except BaseException as e:  # noqa: BLE001  (raised after the exchange, on every rank)
@@ -149,13 +158,9 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Opt
     ``[B, Sq, H, D]``."""
     name = "ring_attention"
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    error: Optional[BaseException] = _local_error(name, q, k, v)
-    if check:
-        _agree(name, q, k, error, group, timeout)
-    elif error is not None:
-        raise error
-    if world == 1:
+    if not _start(name, q, k, v, None, check, group, timeout):
         return ops.attention(q, k, v, None, scale)[0]
+    error: Optional[BaseException] = None
     nxt, prv = _global(group, (rank + 1) % world), _global(group, (rank - 1) % world)
     held = torch.stack((k, v))  # the K/V shard in hand: this rank's, then rank-1's, rank-2's, ...
     spare = torch.empty_like(held)

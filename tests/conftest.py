@@ -1,5 +1,5 @@
 """Shared test helpers: seeding, a CUDA skip marker, seeded diffusers Attention blocks,
-and the upcast-reference error check."""
+the upcast-reference error check, and spawned gloo ranks for the torch.distributed tests."""
 from __future__ import annotations
 
 import copy
@@ -128,3 +128,64 @@ def fake_capture(log: list):
         return replay, out
 
     return capture
+
+
+def raised(fn) -> tuple[str, str]:
+    """(exception type name, message) of what ``fn()`` raised, ("", "") if nothing: a spawned
+    rank's outcome, saved for the parent to assert."""
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001
+        return type(e).__name__, str(e)
+    return "", ""
+
+
+def gloo_rank(rank: int, init: str, out_dir: str, world: int, scenarios) -> None:
+    """A spawned rank's body: join the gloo group (30 s timeout), run ``scenarios(rank,
+    results)``, save ``results`` to ``out_dir/rank<rank>.pt`` (a crash as its traceback)."""
+    import datetime
+    import traceback
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    results: dict = {}
+    try:
+        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=30))
+        scenarios(rank, results)
+    except Exception:  # noqa: BLE001  (reported to the parent)
+        results["crash"] = traceback.format_exc()
+    finally:
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def spawn_ranks(target, out_dir, world: int, join_s: float, every_rank: bool = True) -> list:
+    """Run ``target(rank, init, out_dir)`` on ``world`` spawned processes (a file rendezvous in
+    ``out_dir``); fails if a rank is still running after ``join_s`` seconds, and with
+    ``every_rank`` unless every rank saved results without a crash (:func:`gloo_rank`).
+    Returns the results the ranks saved (``rank<r>.pt``), in rank order."""
+    import torch.multiprocessing as mp
+
+    init = f"file://{out_dir / 'rendezvous'}"
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=target, args=(r, init, str(out_dir))) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(join_s)
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    assert not hung, f"ranks {hung} still running after {join_s} s"
+    results = [torch.load(out_dir / f"rank{r}.pt", weights_only=False)
+               for r in range(world) if (out_dir / f"rank{r}.pt").exists()]
+    if every_rank:
+        assert len(results) == world, f"{world - len(results)} ranks saved no results"
+        for r, res in enumerate(results):
+            assert "crash" not in res, f"rank {r}:\n{res['crash']}"
+    return results

@@ -14,7 +14,6 @@ from __future__ import annotations
 import datetime
 import importlib
 import os
-import traceback
 
 import pytest
 import torch
@@ -22,6 +21,8 @@ import torch.distributed as dist
 
 from deepspeed_diffusers_attn import context_parallel, ops
 from deepspeed_diffusers_attn.context_parallel import ring_attention, ulysses_attention
+
+from conftest import gloo_rank, raised, spawn_ranks
 
 WORLD = 2
 JOIN_S = 120
@@ -49,14 +50,6 @@ def shards(rank: int, B=2, Sq=37, Sk=37, H=4, D=16, seed=0):
     return (q[:, rows], k[:, keys], v[:, keys]), single, ref
 
 
-def _raises(fn) -> tuple[str, str]:
-    try:
-        fn()
-    except Exception as e:  # noqa: BLE001
-        return type(e).__name__, str(e)
-    return "", ""
-
-
 def _scenarios(rank: int, results: dict) -> None:
     fns = {"ulysses": ulysses_attention, "ring": ring_attention}
     for label, fn in fns.items():
@@ -71,7 +64,7 @@ def _scenarios(rank: int, results: dict) -> None:
         results[f"{label}/w1"] = (fn(q, k, v, group=own), ops.attention(q, k, v)[0])
 
         (q, k, v), _, _ = shards(rank, Sq=37 - rank, seed=4)  # rank 1's shard is one token short
-        results[f"{label}/uneven"] = _raises(lambda: fn(q, k, v))
+        results[f"{label}/uneven"] = raised(lambda: fn(q, k, v))
 
         (q, k, v), single, ref = shards(rank, seed=5)
         if rank == 1:
@@ -80,7 +73,7 @@ def _scenarios(rank: int, results: dict) -> None:
             real = context_parallel.ops.attention
             context_parallel.ops.attention = boom
         try:
-            results[f"{label}/fail"] = _raises(lambda: fn(q, k, v, timeout=datetime.timedelta(seconds=20)))
+            results[f"{label}/fail"] = raised(lambda: fn(q, k, v, timeout=datetime.timedelta(seconds=20)))
         finally:
             if rank == 1:
                 context_parallel.ops.attention = real
@@ -88,8 +81,8 @@ def _scenarios(rank: int, results: dict) -> None:
 
     (q, k, v), single, ref = shards(rank, H=3, seed=6)
     results["ring/odd_heads"] = (ring_attention(q, k, v), single, ref)
-    results["ulysses/odd_heads"] = _raises(lambda: ulysses_attention(q, k, v))
-    results["bad_shapes"] = _raises(lambda: ring_attention(q, k[..., :8], v[..., :8]))
+    results["ulysses/odd_heads"] = raised(lambda: ulysses_attention(q, k, v))
+    results["bad_shapes"] = raised(lambda: ring_attention(q, k[..., :8], v[..., :8]))
 
 
 def _model_scenarios(rank: int, results: dict) -> None:
@@ -133,45 +126,19 @@ def _model_scenarios(rank: int, results: dict) -> None:
                 results[f"{key}/{mode}/{how}"] = (out, ref, summary, bridge_stats())
 
 
+def _all_scenarios(rank: int, results: dict) -> None:
+    _scenarios(rank, results)
+    _model_scenarios(rank, results)
+
+
 def _worker(rank: int, init: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    results: dict = {}
-    try:
-        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD,
-                                timeout=datetime.timedelta(seconds=30))
-        _scenarios(rank, results)
-        _model_scenarios(rank, results)
-    except Exception:  # noqa: BLE001  (reported to the parent)
-        results["crash"] = traceback.format_exc()
-    finally:
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    gloo_rank(rank, init, out_dir, WORLD, _all_scenarios)
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     """Each rank's results (a dict per rank), from one spawn of two gloo workers."""
-    import torch.multiprocessing as mp
-
-    out_dir = tmp_path_factory.mktemp("context_parallel")
-    ctx = mp.get_context("spawn")
-    init = f"file://{out_dir / 'rendezvous'}"
-    procs = [ctx.Process(target=_worker, args=(r, init, str(out_dir))) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(JOIN_S)
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    assert not hung, f"ranks {hung} still running after {JOIN_S} s"
-    results = [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-    for r, res in enumerate(results):
-        assert "crash" not in res, f"rank {r}:\n{res['crash']}"
-    return results
+    return spawn_ranks(_worker, tmp_path_factory.mktemp("context_parallel"), WORLD, JOIN_S)
 
 
 def _close(out, single, ref) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import traceback
 
 import pytest
 import torch
@@ -18,6 +17,8 @@ import torch.distributed as dist
 import deepspeed_diffusers_attn as dda
 from deepspeed_diffusers_attn.configs import SD15_UNET, SDXL_UNET, scaled_down, sdxl_added_cond_shapes
 from deepspeed_diffusers_attn.parallel import CFGParallel, cfg_parallel, uncfg_parallel
+
+from conftest import gloo_rank, raised, spawn_ranks
 
 WORLD = 2
 TOL = 2e-5  # fp32: a GEMM over 2 rows may round differently from one over 4 (1.6e-6 seen)
@@ -51,14 +52,6 @@ def make_unet(kind: str, batch: int = 4):
     return unet, inputs
 
 
-def _raises(fn) -> tuple[str, str]:
-    try:
-        fn()
-    except Exception as e:  # noqa: BLE001
-        return type(e).__name__, str(e)
-    return "", ""
-
-
 def _scenarios(rank: int, results: dict) -> None:
     unet, inputs = make_unet("sd15")
     with torch.no_grad():
@@ -79,18 +72,18 @@ def _scenarios(rank: int, results: dict) -> None:
         results["tuple"] = (type(tup).__name__, len(tup), tup[0], ref)
 
         odd = {k: v[:3] for k, v in inputs.items()}
-        results["odd"] = _raises(lambda: unet(**odd))
+        results["odd"] = raised(lambda: unet(**odd))
 
         if rank == 1:
             def fail(*args, **kwargs):
                 raise Boom("injected on rank 1")
             unet.conv_in.forward = fail  # inside the local call, so after the batch split
-        results["fail"] = _raises(lambda: unet(**inputs))
+        results["fail"] = raised(lambda: unet(**inputs))
         unet.conv_in.__dict__.pop("forward", None)
         results["after_fail"] = (unet(**inputs).sample, ref)  # the group is still usable
 
         results["uncfg"] = (uncfg_parallel(unet), "forward" in unet.__dict__, uncfg_parallel(unet))
-        results["double"] = _raises(lambda: (cfg_parallel(unet), cfg_parallel(unet)))
+        results["double"] = raised(lambda: (cfg_parallel(unet), cfg_parallel(unet)))
         uncfg_parallel(unet)
 
         dda.patch(unet)
@@ -118,18 +111,7 @@ def _scenarios(rank: int, results: dict) -> None:
 
 
 def _worker(rank: int, init: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    results: dict = {}
-    try:
-        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD,
-                                timeout=datetime.timedelta(seconds=30))
-        _scenarios(rank, results)
-    except Exception:  # noqa: BLE001  (reported to the parent)
-        results["crash"] = traceback.format_exc()
-    finally:
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    gloo_rank(rank, init, out_dir, WORLD, _scenarios)
 
 
 def _stuck_rank_worker(rank: int, init: str, out_dir: str) -> None:
@@ -145,41 +127,16 @@ def _stuck_rank_worker(rank: int, init: str, out_dir: str) -> None:
         time.sleep(STUCK_S)
         os._exit(0)
     start = time.perf_counter()
-    kind, message = _raises(lambda: layer(torch.ones(4, 3)))
+    kind, message = raised(lambda: layer(torch.ones(4, 3)))
     torch.save({"raised": kind, "message": message, "seconds": time.perf_counter() - start},
                os.path.join(out_dir, "rank0.pt"))
     os._exit(0)  # the group is broken: skip destroy_process_group
 
 
-def _spawn(target, out_dir) -> list[dict]:
-    """Run ``target(rank, init, out_dir)`` on WORLD spawned processes; each rank's saved results."""
-    import torch.multiprocessing as mp
-
-    init = f"file://{out_dir / 'rendezvous'}"
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=target, args=(r, init, str(out_dir))) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(JOIN_S)
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    assert not hung, f"ranks {hung} still running after {JOIN_S} s"
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False)
-            for r in range(WORLD) if (out_dir / f"rank{r}.pt").exists()]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     """Each rank's results (a dict per rank), from one spawn of two gloo workers."""
-    results = _spawn(_worker, tmp_path_factory.mktemp("cfg_parallel"))
-    assert len(results) == WORLD
-    for r, res in enumerate(results):
-        assert "crash" not in res, f"rank {r}:\n{res['crash']}"
-    return results
+    return spawn_ranks(_worker, tmp_path_factory.mktemp("cfg_parallel"), WORLD, JOIN_S)
 
 
 def _close(out: torch.Tensor, ref: torch.Tensor) -> None:
@@ -245,7 +202,7 @@ def test_needs_initialized_process_group():
 
 
 def test_stuck_rank_times_out(tmp_path):
-    (res,) = _spawn(_stuck_rank_worker, tmp_path)
+    (res,) = spawn_ranks(_stuck_rank_worker, tmp_path, WORLD, JOIN_S, every_rank=False)
     assert res["raised"], "rank 0 returned although rank 1 never called"
     assert 2.5 < res["seconds"] < STUCK_S - 2, res
 
