@@ -23,15 +23,17 @@ Both take no mask (the DiTs they serve attend unmasked); scale defaults to ``1/s
 Communication is ``torch.distributed`` only (gloo on the CPU, NCCL on GPUs); ``group`` is the
 process group (None: the default one), ``timeout`` bounds every wait (None: the group's).
 
-Checks and errors (``check=True``, the default): a call starts with one small all-reduce in
-which the ranks agree on the sizes and dtype; a mismatch, or a rank whose own checks fail
-(Ulysses with H not divisible by W, shapes that do not fit), raises ValueError on every rank
-before any data moves. A rank whose attention raises still joins the remaining exchanges, and
-the call ends with the failure protocol of :func:`.parallel.raise_if_any_failed`: the failing
-rank re-raises, every other rank raises RuntimeError naming it, and none hangs. That is two
-small all-reduces and a host read per call; ``check=False`` skips them (a mismatch then
-surfaces as the collective's own error or timeout, and a failing rank leaves the others
-waiting until ``timeout``). Inference only: no gradient flows through the exchanges.
+Checks and errors (``check=True``, the default): a call first allocates every buffer its
+exchanges need, then makes one small all-reduce in which the ranks agree on the sizes and
+dtype and on whether each passed its own checks (shapes that fit, Ulysses' H divisible by W,
+the allocations), before any data moves. Shards whose sizes differ raise ValueError on every
+rank; a rank whose own check failed re-raises its error and every other rank raises
+RuntimeError naming it (group rank). A rank whose attention raises still joins the remaining
+exchanges, and the call ends with the same failure protocol
+(:func:`.parallel.raise_if_any_failed`), so no rank hangs. That is two small all-reduces and
+a few host reads of them per call; ``check=False`` skips them (a mismatch then surfaces as
+the collective's own error or timeout, and a failing rank leaves the others waiting until
+``timeout``). Inference only: no gradient flows through the exchanges.
 """
 from __future__ import annotations
 
@@ -87,18 +89,28 @@ def _agree(name: str, q: torch.Tensor, k: torch.Tensor, error: Optional[BaseExce
                          "D and dtype")
 
 
-
 def _start(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, error: Optional[BaseException],
-           check: bool, group: Optional[dist.ProcessGroup], timeout: Optional[datetime.timedelta]) -> bool:
-    """A call's start: this rank's checks (and ``error``, the caller's own), then with ``check``
-    the ranks' agreement (:func:`_agree`), raising where they fail. False when the group has
-    one rank (the caller then attends locally), True when the exchange is to run."""
+           allocate: Callable[[], tuple], check: bool, group: Optional[dist.ProcessGroup],
+           timeout: Optional[datetime.timedelta]) -> Optional[tuple]:
+    """A call's start: this rank's checks (and ``error``, the caller's own), then ``allocate()``
+    (every buffer the exchanges need, so that an out-of-memory there is one more failure the
+    ranks agree on), then with ``check`` the ranks' agreement (:func:`_agree`), raising where
+    they fail. Returns the buffers, or None when the group has one rank (the caller then
+    attends locally)."""
     error = _local_error(name, q, k, v) or error
+    buffers = None
+    if error is None and dist.get_world_size(group) > 1:
+        try:
+            buffers = allocate()
+        except BaseException as e:  # noqa: BLE001  (raised below, on every rank)
+            if not check:
+                raise
+            error = e
     if check:
         _agree(name, q, k, error, group, timeout)
     elif error is not None:
         raise error
-    return dist.get_world_size(group) > 1
+    return buffers
 
 
 def _global(group: Optional[dist.ProcessGroup], group_rank: int) -> int:
@@ -116,32 +128,38 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     heads = None if q.dim() != 4 or q.shape[2] % world == 0 else ValueError(
         f"{name}: {q.shape[2]} heads do not split over {world} ranks; use ring_attention for head counts the "
         "world size does not divide")
-    if not _start(name, q, k, v, heads, check, group, timeout):
-        return ops.attention(q, k, v, None, scale)[0]
-    B, Sq, H, D = q.shape
-    Sk, Hl = k.shape[1], H // world
 
     def by_head_group(t: torch.Tensor) -> torch.Tensor:  # [B, S, H, D] -> [W, B·S·Hl·D], group j for rank j
-        return t.reshape(B, t.shape[1], world, Hl, D).permute(2, 0, 1, 3, 4).reshape(world, -1)
+        B, S, H, D = t.shape
+        return t.reshape(B, S, world, H // world, D).permute(2, 0, 1, 3, 4).reshape(world, -1)
+
+    def allocate() -> tuple:  # the packed q/k/v to send, its receive buffer, the output's send and receive buffers
+        send = torch.cat([by_head_group(t) for t in (q, k, v)], dim=1)
+        n_out = q.numel() // world
+        return send, torch.empty_like(send), q.new_empty(world, n_out), q.new_empty(world, n_out)
+
+    buffers = _start(name, q, k, v, heads, allocate, check, group, timeout)
+    if buffers is None:
+        return ops.attention(q, k, v, None, scale)[0]
+    send, recv, back, out = buffers
+    B, Sq, H, D = q.shape
+    Sk, Hl = k.shape[1], H // world
 
     def whole_sequence(chunk: torch.Tensor, S: int) -> torch.Tensor:  # [W, B·S·Hl·D] from each rank -> [B, W·S, Hl, D]
         return chunk.reshape(world, B, S, Hl, D).permute(1, 0, 2, 3, 4).reshape(B, world * S, Hl, D)
 
-    send = torch.cat([by_head_group(t) for t in (q, k, v)], dim=1)
-    recv = torch.empty_like(send)
     wait(dist.all_to_all_single(recv, send, group=group, async_op=True), timeout)
     nq, nk = B * Sq * Hl * D, B * Sk * Hl * D
-    qh, kh, vh = (whole_sequence(recv[:, :nq], Sq), whole_sequence(recv[:, nq:nq + nk], Sk),
-                  whole_sequence(recv[:, nq + nk:], Sk))
     error: Optional[BaseException] = None
     try:
+        qh, kh, vh = (whole_sequence(recv[:, :nq], Sq), whole_sequence(recv[:, nq:nq + nk], Sk),
+                      whole_sequence(recv[:, nq + nk:], Sk))
         oh = ops.attention(qh, kh, vh, None, scale)[0]
-    except BaseException as e:  # noqa: BLE001  (raised after the exchange, on every rank)
+        back.view(world, B, Sq, Hl, D).copy_(oh.view(B, world, Sq, Hl, D).permute(1, 0, 2, 3, 4))
+    except BaseException as e:  # noqa: BLE001  (the exchange goes on; raised after it, on every rank)
         if not check:
             raise
-        error, oh = e, qh.new_zeros(qh.shape)
-    back = oh.reshape(B, world, Sq, Hl, D).permute(1, 0, 2, 3, 4).reshape(world, -1)
-    out = torch.empty_like(back)
+        error = e  # back is sent as it is; every rank raises below
     wait(dist.all_to_all_single(out, back, group=group, async_op=True), timeout)
     if check:
         raise_if_any_failed(error, q.device, group, timeout, name)
@@ -158,12 +176,17 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Opt
     ``[B, Sq, H, D]``."""
     name = "ring_attention"
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    if not _start(name, q, k, v, None, check, group, timeout):
+
+    def allocate() -> tuple:  # the K/V shard in hand (this rank's, then rank-1's, ...) and the one arriving
+        held = torch.stack((k, v))
+        return held, torch.empty_like(held)
+
+    buffers = _start(name, q, k, v, None, allocate, check, group, timeout)
+    if buffers is None:
         return ops.attention(q, k, v, None, scale)[0]
+    held, spare = buffers
     error: Optional[BaseException] = None
     nxt, prv = _global(group, (rank + 1) % world), _global(group, (rank - 1) % world)
-    held = torch.stack((k, v))  # the K/V shard in hand: this rank's, then rank-1's, rank-2's, ...
-    spare = torch.empty_like(held)
     acc: Optional[torch.Tensor] = None  # fp32 [B, Sq, H, D]
     lse: Optional[torch.Tensor] = None  # fp32 [B, H, Sq]
     for step in range(world):
@@ -246,14 +269,18 @@ def enable(model, mode: str, degree: Optional[int] = None) -> None:
         model.enable_parallelism(config=cp)
         return
     from diffusers.hooks.context_parallel import apply_context_parallel
+    from diffusers.models.attention import AttentionModuleMixin
+    from diffusers.models.attention_processor import Attention, MochiAttention
     from torch.distributed.device_mesh import init_device_mesh
 
     config = ParallelConfig(context_parallel_config=cp)
     config.setup(dist.get_rank(), dist.get_world_size(), torch.device("cpu"),
                  mesh=init_device_mesh("cpu", cp.mesh_shape, mesh_dim_names=cp.mesh_dim_names))
     model._parallel_config = config
-    for module in model.modules():
-        processor = getattr(module, "processor", None)
+    for module in model.modules():  # the modules diffusers' own call reaches
+        if not isinstance(module, (Attention, MochiAttention, AttentionModuleMixin)):
+            continue
+        processor = module.processor
         if processor is not None and hasattr(processor, "_parallel_config"):
             processor._parallel_config = config
     apply_context_parallel(model, cp, model._cp_plan)

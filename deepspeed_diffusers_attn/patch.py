@@ -171,6 +171,14 @@ def _roots(obj) -> list[tuple[str, nn.Module]]:
     raise TypeError(f"expected a diffusers pipeline or a torch.nn.Module, got {type(obj).__name__}")
 
 
+def _root_of(obj, name: str) -> nn.Module:
+    """The root of :func:`_roots` (the model, or the pipeline component) that holds the module
+    at qualified name ``name``."""
+    roots = _roots(obj)
+    return next((m for prefix, m in roots if not prefix or name == prefix or name.startswith(prefix + ".")),
+                roots[0][1])
+
+
 def _sites(obj, kinds=(), *, want=None, stop=()) -> dict[int, list[tuple[str, nn.Module, str, nn.Module]]]:
     """Every place a module of ``kinds`` (or one ``want(module)`` picks) is held:
     id -> [(qualified name, parent, attribute, module)].
@@ -410,6 +418,8 @@ def patch(obj, *, cuda_graph: bool = False, channels_last: bool = False, kv_cach
             continue
         for _, parent, attr, _ in places:
             setattr(parent, attr, stand_in)
+        if hasattr(stand_in, "follow_parallel_config"):  # DiT stand-ins: enable_parallelism on the model
+            stand_in.follow_parallel_config(_root_of(obj, name))
         rows.append(PatchRow(name, PATCHED, earlier, adapter.NAME))
     blocks, blocks_declined = _fuse_blocks(obj) if fuse_blocks else ({}, ())
     wrapped = _wrap(obj, cuda_graph, channels_last, max_graphs, clone_outputs) if cuda_graph or channels_last else ()

@@ -79,6 +79,17 @@ def _scenarios(rank: int, results: dict) -> None:
                 context_parallel.ops.attention = real
         results[f"{label}/after_fail"] = (fn(q, k, v), single, ref)  # the group is still usable
 
+    (q, k, v), _, _ = shards(rank, seed=7)  # an allocation before the ring fails on rank 1
+    real_stack = torch.stack
+    if rank == 1:
+        def failing_stack(*args, **kwargs):
+            raise Boom("allocation on rank 1")
+        torch.stack = failing_stack
+    try:
+        results["ring/alloc_fail"] = raised(lambda: ring_attention(q, k, v, timeout=datetime.timedelta(seconds=20)))
+    finally:
+        torch.stack = real_stack
+
     (q, k, v), single, ref = shards(rank, H=3, seed=6)
     results["ring/odd_heads"] = (ring_attention(q, k, v), single, ref)
     results["ulysses/odd_heads"] = raised(lambda: ulysses_attention(q, k, v))
@@ -194,6 +205,12 @@ def test_a_shard_that_does_not_fit_raises_on_every_rank(ranks):
     for res in ranks:
         kind, message = res["bad_shapes"]
         assert kind == "ValueError" and "differ in B, H or D" in message
+
+
+def test_an_allocation_failing_before_the_exchange_raises_on_every_rank(ranks):
+    assert ranks[1]["ring/alloc_fail"] == ("Boom", "allocation on rank 1")
+    kind, message = ranks[0]["ring/alloc_fail"]
+    assert kind == "RuntimeError" and "ring_attention: rank 1 failed: Boom: allocation on rank 1" in message
 
 
 @pytest.mark.parametrize("fn", ["ulysses", "ring"])

@@ -19,7 +19,12 @@ attention mask is passed to the kernel as diffusers' dispatcher passes it to SDP
 double-stream module called without ``encoder_hidden_states`` (where the processor fails)
 raises ValueError.
 
-Declined: other processors (IP-Adapter's), a context-parallel config, fused projections
+Context parallelism (diffusers' ``enable_parallelism``, before or after patching): the
+attention runs over the ranks' token shards with :mod:`..context_parallel` (Ulysses or ring);
+a mask then raises ValueError.
+
+Declined: other processors (IP-Adapter's), a context-parallel config our attention does not run
+(:func:`..context_parallel.for_parallel_config`), fused projections
 (``fuse_qkv_projections``: call ``unfuse_qkv_projections`` first), LoRA (PEFT) layers on the
 projections (these kernels do not run them; ``patch`` then asks the dispatcher bridge). The
 processor's attention backend (``set_attention_backend``) is not consulted: a patched

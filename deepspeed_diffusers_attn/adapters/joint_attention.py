@@ -239,6 +239,7 @@ class DiTStandIn(StandIn):
     """
 
     _processor_class: type = type(None)
+    _parallel_owner = None  # the model whose _parallel_config applies (follow_parallel_config)
 
     def __init__(self, original: nn.Module, fused: nn.Module, names):
         super().__init__(original, fused)
@@ -290,10 +291,22 @@ class DiTStandIn(StandIn):
         """:attr:`processor`, as diffusers' ``attn_processors`` collects it."""
         return self.processor
 
+    def follow_parallel_config(self, model: nn.Module) -> None:
+        """Read the context-parallel config from ``model`` (the diffusers model this stand-in sits
+        in) too: diffusers' ``enable_parallelism`` records it there, but puts it on the processors
+        of diffusers' attention classes only, which a stand-in is not. A plain reference, not a
+        submodule (outside ``modules()`` and ``state_dict()``), so that a deep copy of the model
+        follows its copy."""
+        object.__setattr__(self, "_parallel_owner", model)
+
     def _context_parallel(self):
-        """The attention serving the context-parallel config that diffusers' ``enable_parallelism``
-        put on the processor (:func:`.context_parallel.for_parallel_config`), or None."""
-        return for_parallel_config(getattr(unwrap(self.processor), "_parallel_config", None))
+        """The attention serving the context-parallel config of the processor, else of the model
+        (:meth:`follow_parallel_config`), as :func:`.context_parallel.for_parallel_config` maps it;
+        None when neither has one."""
+        config = getattr(unwrap(self.processor), "_parallel_config", None)
+        if config is None and self._parallel_owner is not None:
+            config = getattr(self._parallel_owner, "_parallel_config", None)
+        return for_parallel_config(config)
 
     def _reproduced(self, processor):
         """The stock processor equivalent to ``processor`` that we reproduce, or None (a subclass may widen)."""

@@ -16,7 +16,12 @@
   processor splits them) for a second attention added to the first. It runs on
   :class:`~deepspeed_diffusers_attn.dit_attention.QKNormCrossAttention`.
 
-Declined: other processors, a context-parallel config, fused projections
+Context parallelism (diffusers' ``enable_parallelism``, before or after patching): the
+self-attention runs over the ranks' token shards with :mod:`..context_parallel` (Ulysses or
+ring; diffusers keeps the cross-attention local); a mask then raises ValueError.
+
+Declined: other processors, a context-parallel config our attention does not run
+(:func:`..context_parallel.for_parallel_config`), fused projections
 (``fuse_qkv_projections``: call ``unfuse_qkv_projections`` first), K/V heads of another size
 (``cross_attention_dim_head`` != head dim), LoRA (PEFT) layers on the projections (these
 kernels do not run them; ``patch`` then asks the dispatcher bridge). The processor's attention backend is not consulted: a patched module always
