@@ -17,7 +17,10 @@ same model parallel over the W ranks (diffusers' context-parallel hooks with our
 Reported: ms per step (median of CUDA-event-timed calls after warm-up, the slowest rank's),
 speedup = 1-GPU ms / parallel ms, scaling efficiency = speedup / W, the share of the parallel
 step's kernel time in communication kernels (NCCL, from torch.profiler, rank 0), peak memory
-per rank, and the error of the parallel output against the 1-GPU output. Eager (no CUDA
+per rank (it includes the unsharded model kept for the 1-GPU run: an upper bound), and the
+error of the parallel output against the 1-GPU output. A rank whose case raises records the
+error and goes on, so a failure on some ranks only can leave the others in a collective until
+the process group's timeout. Eager (no CUDA
 graphs: the exchanges check shapes and failures on the host). Targets (issue): Wan 1.8x on
 2 GPUs and 3.3x on 4, SDXL CFG 1.8x on 2, Flux 1.7x on 2.
 
