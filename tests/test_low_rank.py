@@ -139,9 +139,10 @@ def test_cpu_leading_dims_and_strided_out():
     assert_matches(view, t, factors, segments, out, 0.5)
 
 
-def test_cpu_zero_factor_skips_inf():
-    """A segment whose factor is 0 adds nothing, even with inf in its ranks of t (no 0 * inf)."""
-    t, factors, segments, out = make_case(77, "qkv", torch.float32, "cpu")
+def check_zero_factor_skips_inf(M, dtype, device):
+    """A segment whose factor is 0 adds nothing, even with inf in its ranks of t (no 0 * inf).
+    Returns the case (t, factors, segments, out after the call)."""
+    t, factors, segments, out = make_case(M, "qkv", dtype, device)
     r0, r1 = segments[4][0], segments[4][1]
     t[:, r0:r1] = float("inf")
     factors[r0:r1] = 0.0
@@ -149,6 +150,20 @@ def test_cpu_zero_factor_skips_inf():
     ops.low_rank_accumulate(t, factors, segments, out, 1.0)
     assert torch.isfinite(out).all()
     assert_matches(out, t, factors, segments, out0, 1.0)
+    return t, factors, segments, out
+
+
+def check_nan_factor_propagates(M, dtype, device):
+    """A NaN factor gives NaN in its target's columns (3 .. 80) and nowhere else."""
+    t, factors, segments, out = make_case(M, "odd", dtype, device)
+    factors[0:20] = float("nan")  # the first target
+    ops.low_rank_accumulate(t, factors, segments, out, 1.0)
+    assert torch.isnan(out[:, 3:80]).all()
+    assert torch.isfinite(out[:, 80:]).all()
+
+
+def test_cpu_zero_factor_skips_inf():
+    check_zero_factor_skips_inf(77, torch.float32, "cpu")
 
 
 def test_cpu_all_zero_target_untouched():
@@ -163,11 +178,7 @@ def test_cpu_all_zero_target_untouched():
 
 
 def test_cpu_nan_factor_propagates():
-    t, factors, segments, out = make_case(33, "odd", torch.float32, "cpu")
-    factors[0:20] = float("nan")  # the first target
-    ops.low_rank_accumulate(t, factors, segments, out, 1.0)
-    assert torch.isnan(out[:, 3:80]).all()
-    assert torch.isfinite(out[:, 80:]).all()
+    check_nan_factor_propagates(33, torch.float32, "cpu")
 
 
 def test_cpu_empty_rows_is_a_no_op():
@@ -313,25 +324,14 @@ def test_cuda_sixteen_segments():
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_zero_factor_inf_nan_and_untouched(dtype):
-    t, factors, segments, out = make_case(97, "qkv", dtype, "cuda")
-    r0, r1 = segments[4][0], segments[4][1]
-    t[:, r0:r1] = float("inf")
-    factors[r0:r1] = 0.0
-    out0 = out.clone()
-    ops.low_rank_accumulate(t, factors, segments, out, 1.0)
-    assert torch.isfinite(out).all()
-    assert_matches(out, t, factors, segments, out0, 1.0)
+    t, factors, segments, out = check_zero_factor_skips_inf(97, dtype, "cuda")
 
     factors.zero_()  # every factor 0: nothing written, bit for bit
     before = out.clone()
     ops.low_rank_accumulate(t, factors, segments, out, 1.0)
     assert torch.equal(out.view(torch.int16), before.view(torch.int16))
 
-    t, factors, segments, out = make_case(97, "odd", dtype, "cuda")
-    factors[0:20] = float("nan")
-    ops.low_rank_accumulate(t, factors, segments, out, 1.0)
-    assert torch.isnan(out[:, 3:80]).all()
-    assert torch.isfinite(out[:, 80:]).all()
+    check_nan_factor_propagates(97, dtype, "cuda")
 
 
 @requires_cuda
