@@ -496,13 +496,6 @@ static void run_bench() {
 }
 
 int main(int argc, char **argv) {
-  setvbuf(stdout, nullptr, _IOLBF, 0);  // progress shows even when piped
-  const bool bench = !(argc > 1 && strcmp(argv[1], "--no-bench") == 0);
-  CUDA_CHECK(cudaMalloc(&g_workspace, DDA_LINEAR_WORKSPACE_BYTES));
-  run_correctness();
-  run_capture();
-  if (bench) run_bench();
-  CUDA_CHECK(cudaFree(g_workspace));
-  printf("\n%s: %d failure(s)\n", g_failures ? "FAILED" : "PASSED", g_failures);
-  return g_failures ? 1 : 0;
+  return harness_main(argc, argv, &g_workspace, DDA_LINEAR_WORKSPACE_BYTES, &g_failures, run_correctness,
+                      run_capture, run_bench);
 }
