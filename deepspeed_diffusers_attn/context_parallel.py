@@ -47,7 +47,7 @@ import torch.distributed as dist
 from . import ops
 from .parallel import raise_if_any_failed, wait
 
-__all__ = ["enable", "for_parallel_config", "ring_attention", "ulysses_attention"]
+__all__ = ["enable", "for_parallel_config", "processor_refusal", "ring_attention", "ulysses_attention"]
 
 _SIZES = ("B", "Sq", "Sk", "H", "D", "dtype")
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}  # "dtype" in _agree
@@ -251,6 +251,17 @@ def for_parallel_config(parallel_config) -> Optional[Callable]:
     if mesh is None:
         raise ValueError("the context-parallel config has no device mesh (enable_parallelism sets it up)")
     return functools.partial(ulysses_attention if ulysses > 1 else ring_attention, group=mesh.get_group())
+
+
+def processor_refusal(processor) -> list[str]:
+    """Why the context-parallel config that diffusers' ``enable_parallelism`` set on
+    ``processor`` is not one our attention runs (:func:`for_parallel_config`'s ValueError);
+    empty if none is set or we run it. The patch-time reason of the adapters."""
+    try:
+        for_parallel_config(getattr(processor, "_parallel_config", None))
+    except ValueError as e:
+        return [str(e)]
+    return []
 
 
 def enable(model, mode: str, degree: Optional[int] = None) -> None:

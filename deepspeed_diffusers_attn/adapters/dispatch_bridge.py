@@ -103,7 +103,7 @@ from torch import nn
 
 from .. import ops
 from ..attention import unsupported_device_dtype
-from ..context_parallel import for_parallel_config
+from ..context_parallel import for_parallel_config, processor_refusal
 
 __all__ = ["NAME", "claims", "supports", "convert", "restore", "is_bridged", "BridgedProcessor", "bridge_stats",
            "call_refusal", "api_problem", "installed_in"]
@@ -279,10 +279,7 @@ def supports(module: nn.Module) -> list[str]:
     backend = getattr(processor, "_attention_backend", None)
     if backend is not None and _backend_name(backend) != _NATIVE:
         reasons.append(f"set_attention_backend chose diffusers' {_backend_name(backend)!r} backend")
-    try:
-        for_parallel_config(getattr(processor, "_parallel_config", None))
-    except ValueError as e:
-        reasons.append(str(e))
+    reasons += processor_refusal(processor)
     head_dim = _head_dim(module)
     params = [p for p in module.parameters()]
     dtypes, devices = {p.dtype for p in params}, {p.device for p in params}

@@ -37,10 +37,10 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..context_parallel import processor_refusal
 from ..dit_attention import JointAttention, Rope
-from .joint_attention import (JOINT_NAMES, DiTStandIn, child, context_parallel_refusal, convert_with, has_hooks,
-                              head_reasons, joint_config, load_fused, param_reasons, projection_reasons, qk_norm_spec,
-                              unwrap)
+from .joint_attention import (JOINT_NAMES, DiTStandIn, child, convert_with, has_hooks, head_reasons, joint_config,
+                              load_fused, param_reasons, projection_reasons, qk_norm_spec, unwrap)
 
 __all__ = ["NAME", "claims", "supports", "from_diffusers", "convert", "PatchedFluxAttention", "flux_rope"]
 
@@ -70,7 +70,7 @@ def supports(attn: nn.Module) -> list[str]:
     reasons = []
     if type(processor) is not _classes()[1]:
         reasons.append(f"processor {type(processor).__name__} is not reproduced; only FluxAttnProcessor")
-    reasons += context_parallel_refusal(processor)
+    reasons += processor_refusal(processor)
     if getattr(attn, "fused_projections", False) or child(attn, "to_qkv") is not None:
         reasons.append("fused projections (fuse_qkv_projections) are on; call unfuse_qkv_projections first")
     if has_hooks(attn):

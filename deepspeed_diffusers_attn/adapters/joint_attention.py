@@ -139,16 +139,6 @@ def dropout_reasons(module: nn.Module) -> list[str]:
     return reasons
 
 
-def context_parallel_refusal(processor) -> list[str]:
-    """Why the context-parallel config diffusers' ``enable_parallelism`` set on ``processor``
-    is not one our attention runs (empty if none is set or we run it)."""
-    try:
-        for_parallel_config(getattr(processor, "_parallel_config", None))
-    except ValueError as e:
-        return [str(e)]
-    return []
-
-
 def head_reasons(heads: int, inner: int) -> tuple[Optional[int], list[str]]:
     """(head_dim, reasons): inner must split into ``heads`` heads of a size the kernels take."""
     if heads < 1 or inner % heads:

@@ -35,10 +35,11 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..context_parallel import processor_refusal
 from ..dit_attention import (CrossAttentionConfig, JointAttention, JointAttentionConfig, QKNormCrossAttention, Rope,
                              Stream)
-from .joint_attention import (DiTStandIn, child, context_parallel_refusal, convert_with, has_hooks, head_reasons,
-                              load_fused, param_reasons, projection_reasons, qk_norm_spec, rms_norm_spec, unwrap)
+from .joint_attention import (DiTStandIn, child, convert_with, has_hooks, head_reasons, load_fused, param_reasons,
+                              projection_reasons, qk_norm_spec, rms_norm_spec, unwrap)
 
 __all__ = ["NAME", "claims", "supports", "from_diffusers", "convert", "PatchedWanAttention", "wan_rope",
            "TEXT_TOKENS"]
@@ -85,7 +86,7 @@ def supports(attn: nn.Module) -> list[str]:
     reasons = []
     if type(processor) is not _classes()[1]:
         reasons.append(f"processor {type(processor).__name__} is not reproduced; only WanAttnProcessor")
-    reasons += context_parallel_refusal(processor)
+    reasons += processor_refusal(processor)
     if getattr(attn, "fused_projections", False) or any(child(attn, p) is not None
                                                        for p in ("to_qkv", "to_kv", "to_added_kv")):
         reasons.append("fused projections (fuse_qkv_projections) are on; call unfuse_qkv_projections first")
