@@ -265,10 +265,13 @@ def test_cuda_matches_float64(dtype, M, layout):
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("r", [1, 4, 20, 32, 64, 130, 200])
+@pytest.mark.parametrize("r", [1, 4, 8, 20, 24, 32, 64, 72, 130, 200])
 def test_cuda_ranks_and_wide_targets(dtype, r):
     """Ranks below, at and above one 64-rank chunk (130, 200: several chunks and a tail), targets
-    wider than one 128-column tile (300 = 2 full + a partial tile), two adapters on one target."""
+    wider than one 128-column tile (300 = 2 full + a partial tile), two adapters on one target.
+    The resident kernel runs r = 8, 24 (ranks zero-padded to 16), 32 and 64 (two adapters: its
+    limit of 128 ranks a target); the general one r = 72 (past it) and the ranks that are not
+    multiples of 8."""
     gen = torch.Generator().manual_seed(r)
     M, N = 200, 700
     t = torch.randn(M, 2 * r, generator=gen).to("cuda", dtype)

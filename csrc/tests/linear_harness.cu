@@ -378,7 +378,7 @@ static void run_capture() {
     CUDA_CHECK(cudaGraphDestroy(graph));
   }
   printf("%s capture: new shape refused with \"%s\"\n",
-         new_shape == DDA_ERR_INVALID_ARGUMENT ? "ok  " : "FAIL", dda_status_string(new_shape));
+         new_shape == DDA_ERR_UNPLANNED_IN_CAPTURE ? "ok  " : "FAIL", dda_status_string(new_shape));
 
   // Argument errors (rejected before any launch).
   dda_linear_params e = p;
@@ -443,6 +443,11 @@ static void run_bench() {
       {8192, 960, 320, false, false, "SD1.5 64x64 self-attn QKV"},
       {2048, 1920, 640, false, false, "SD1.5 32x32 self-attn QKV"},
       {8192, 320, 320, true, true, "SD1.5 64x64 out proj + bias + residual"},
+      {2048, 192, 1280, false, false, "LoRA A side: SDXL 32x32 Q/K/V, 2 x r32"},
+      {2048, 64, 1280, false, false, "LoRA A side: SDXL 32x32 Q or out, 2 x r32"},
+      {8192, 192, 640, false, false, "LoRA A side: SDXL 64x64 Q/K/V, 2 x r32"},
+      {8192, 64, 640, false, false, "LoRA A side: SDXL 64x64 Q or out, 2 x r32"},
+      {154, 128, 2048, false, false, "LoRA A side: SDXL context K/V, 2 x r32"},
   };
   cudaDeviceProp prop;
   int dev = 0;

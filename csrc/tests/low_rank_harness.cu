@@ -3,7 +3,8 @@
 // Checks the kernel against the C reference dda_low_rank_accumulate_cpu run on the same f16 /
 // bf16 storage: odd M, ranks 1 .. 200, several segments per target, several targets, odd col0
 // and n, t / out / b at misaligned offsets with odd row strides, 16 segments, a zero factor over
-// inf in t, a NaN factor, every factor 0 (nothing written). out sits inside a wider buffer
+// inf in t, a NaN factor, every factor 0 (nothing written), ranks padded to 16 and the
+// resident kernel's rank limit and one past it (low_rank.cu runs two kernels). out sits inside a wider buffer
 // poisoned with NaN: everything outside the target columns must keep the poison. Then a CUDA
 // graph is captured once and replayed after in-place factor changes (a segment to 0 and back).
 // Then times SDXL-like LoRA shapes: this kernel against the sequential way it replaces (one
@@ -17,6 +18,8 @@
 //     csrc/tests/low_rank_harness.cu csrc/cuda/low_rank.cu csrc/cuda/linear.cu csrc/cpu/low_rank.c
 //     csrc/cpu/linear.c csrc/cpu/check.c csrc/cpu/status.c -lcublasLt -o /tmp/lowrank
 // Run: /tmp/lowrank [--no-bench]   (exit status 0 = all checks passed)
+// Adding -DDDA_LOW_RANK_GENERAL_ONLY builds one that runs the general kernel for everything:
+// the two binaries' timings compare the kernels.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -231,6 +234,12 @@ std::vector<Case> cases() {
   v.push_back({"zero factor over inf in t", 97, 288, 240, qkv, 0, 0, 0, 0, false, 1});
   v.push_back({"NaN factor", 97, 52, 130, {{0, 20, 3, 77}, {20, 52, 88, 40}}, 0, 0, 0, 0, false, 2});
   v.push_back({"every factor 0", 97, 288, 240, qkv, 0, 0, 0, 0, false, 3});
+  v.push_back({"ranks 8 and 24 (zero-padded to 16 and 32), 2 targets", 130, 64, 256,
+               {{0, 8, 0, 128}, {8, 32, 0, 128}, {32, 64, 128, 128}}, 0, 0, 0, 0, false, 0});
+  v.push_back({"ranks 64 + 64 on one target (the resident limit)", 200, 128, 192,
+               {{0, 64, 0, 192}, {64, 128, 0, 192}}, 0, 0, 0, 0, false, 0});
+  v.push_back({"ranks 64 + 72 on one target (past it)", 200, 136, 192,
+               {{0, 64, 0, 192}, {64, 136, 0, 192}}, 0, 0, 0, 0, false, 0});
   v.push_back({"300001 rows, 2 targets", 300001, 32, 136, {{0, 16, 0, 64}, {16, 32, 64, 72}}, 0, 0, 0, 0, false, 0});
   return v;
 }
@@ -351,6 +360,10 @@ void run_bench() {
       {"SDXL 64x64 B=2 Q/K/V, 2 adapters", 8192, 640, 3, 2, 64},
       {"SDXL 64x64 B=2 out proj, 2 adapters", 8192, 640, 1, 2, 64},
       {"SDXL 64x64 B=2 Q/K/V, 2 adapters r 128", 8192, 640, 3, 2, 128},
+      {"SDXL 32x32 B=2 Q/K/V, 2 adapters r 32", 2048, 1280, 3, 2, 32},
+      {"SDXL 32x32 B=2 out proj, 2 adapters r 32", 2048, 1280, 1, 2, 32},
+      {"SDXL 64x64 B=2 Q/K/V, 2 adapters r 32", 8192, 640, 3, 2, 32},
+      {"SDXL 64x64 B=2 out proj, 2 adapters r 32", 8192, 640, 1, 2, 32},
       {"SDXL 32x32 B=2 Q/K/V, 1 adapter r 16", 2048, 1280, 3, 1, 16},
   };
   cudaDeviceProp prop;
