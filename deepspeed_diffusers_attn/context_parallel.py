@@ -129,12 +129,23 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
         f"{name}: {q.shape[2]} heads do not split over {world} ranks; use ring_attention for head counts the "
         "world size does not divide")
 
-    def by_head_group(t: torch.Tensor) -> torch.Tensor:  # [B, S, H, D] -> [W, B·S·Hl·D], group j for rank j
-        B, S, H, D = t.shape
-        return t.reshape(B, S, world, H // world, D).permute(2, 0, 1, 3, 4).reshape(world, -1)
+    def pieces(buf: torch.Tensor, B: int, Sq: int, Sk: int, Hl: int, D: int) -> tuple:
+        """q, k, v of a send / receive buffer [W, ...] as [W, S, B, Hl, D] views: row j is rank
+        j's (to send: head group j of this rank's tokens; received: this rank's head group of
+        rank j's tokens), token-major. With Sq == Sk a token's q, k and v sit side by side."""
+        if Sq == Sk:
+            six = buf.view(world, Sq, 3, B, Hl, D)
+            return six[:, :, 0], six[:, :, 1], six[:, :, 2]
+        nq, nk = Sq * B * Hl * D, Sk * B * Hl * D
+        return (buf[:, :nq].view(world, Sq, B, Hl, D), buf[:, nq:nq + nk].view(world, Sk, B, Hl, D),
+                buf[:, nq + nk:].view(world, Sk, B, Hl, D))
 
     def allocate() -> tuple:  # the packed q/k/v to send, its receive buffer, the output's send and receive buffers
-        send = torch.cat([by_head_group(t) for t in (q, k, v)], dim=1)
+        B, Sq, H, D = q.shape
+        Sk = k.shape[1]
+        send = q.new_empty(world, (Sq + 2 * Sk) * B * (H // world) * D)
+        for piece, t in zip(pieces(send, B, Sq, Sk, H // world, D), (q, k, v)):
+            piece.copy_(t.reshape(B, t.shape[1], world, H // world, D).permute(2, 1, 0, 3, 4))
         n_out = q.numel() // world
         return send, torch.empty_like(send), q.new_empty(world, n_out), q.new_empty(world, n_out)
 
@@ -145,17 +156,18 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     B, Sq, H, D = q.shape
     Sk, Hl = k.shape[1], H // world
 
-    def whole_sequence(chunk: torch.Tensor, S: int) -> torch.Tensor:  # [W, B·S·Hl·D] from each rank -> [B, W·S, Hl, D]
-        return chunk.reshape(world, B, S, Hl, D).permute(1, 0, 2, 3, 4).reshape(B, world * S, Hl, D)
+    def whole_sequence(piece: torch.Tensor) -> torch.Tensor:
+        """[W, S, B, Hl, D] (rank w's tokens) -> [1, W·S, B·Hl, D]: the batch folded into the heads
+        (attention treats every (b, h) alike, and takes no mask here). A strided view of the
+        receive buffer when q, k and v are interleaved; a copy otherwise."""
+        return piece.reshape(world * piece.shape[1], B * Hl, D).unsqueeze(0)
 
     wait(dist.all_to_all_single(recv, send, group=group, async_op=True), timeout)
-    nq, nk = B * Sq * Hl * D, B * Sk * Hl * D
     error: Optional[BaseException] = None
     try:
-        qh, kh, vh = (whole_sequence(recv[:, :nq], Sq), whole_sequence(recv[:, nq:nq + nk], Sk),
-                      whole_sequence(recv[:, nq + nk:], Sk))
-        oh = ops.attention(qh, kh, vh, None, scale)[0]
-        back.view(world, B, Sq, Hl, D).copy_(oh.view(B, world, Sq, Hl, D).permute(1, 0, 2, 3, 4))
+        qh, kh, vh = map(whole_sequence, pieces(recv, B, Sq, Sk, Hl, D))
+        # written straight into the buffer sent back: row j = rank j's tokens, this head group
+        ops.attention_out(qh, kh, vh, None, scale, back.view(1, world * Sq, B * Hl, D))
     except BaseException as e:  # noqa: BLE001  (the exchange goes on; raised after it, on every rank)
         if not check:
             raise
@@ -163,8 +175,8 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     wait(dist.all_to_all_single(out, back, group=group, async_op=True), timeout)
     if check:
         raise_if_any_failed(error, q.device, group, timeout, name)
-    # out[j]: head group j of this rank's tokens
-    return out.reshape(world, B, Sq, Hl, D).permute(1, 2, 0, 3, 4).reshape(B, Sq, H, D).contiguous()
+    # out[j]: head group j of this rank's tokens, [Sq, B, Hl, D]
+    return out.view(world, Sq, B, Hl, D).permute(2, 1, 0, 3, 4).reshape(B, Sq, H, D).contiguous()
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,

@@ -67,16 +67,19 @@ def _scenarios(rank: int, results: dict) -> None:
         results[f"{label}/uneven"] = raised(lambda: fn(q, k, v))
 
         (q, k, v), single, ref = shards(rank, seed=5)
+        attention_ops = ("attention", "attention_out")  # every way the functions call the kernel
         if rank == 1:
             def boom(*args, **kwargs):
                 raise Boom("injected on rank 1")
-            real = context_parallel.ops.attention
-            context_parallel.ops.attention = boom
+            real = {name: getattr(context_parallel.ops, name) for name in attention_ops}
+            for name in attention_ops:
+                setattr(context_parallel.ops, name, boom)
         try:
             results[f"{label}/fail"] = raised(lambda: fn(q, k, v, timeout=datetime.timedelta(seconds=20)))
         finally:
             if rank == 1:
-                context_parallel.ops.attention = real
+                for name in attention_ops:
+                    setattr(context_parallel.ops, name, real[name])
         results[f"{label}/after_fail"] = (fn(q, k, v), single, ref)  # the group is still usable
 
     (q, k, v), _, _ = shards(rank, seed=7)  # an allocation before the ring fails on rank 1
