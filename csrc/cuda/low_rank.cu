@@ -124,35 +124,31 @@ __device__ __forceinline__ float2 unpack2(uint32_t u) {
 
 using Frag = float[2][8][4];  // one warp's 32 x 64 accumulators
 
-__device__ __forceinline__ void frag_zero(Frag &a) {
+/* f(i, j, e) for every accumulator of a warp tile (unrolled). */
+template <typename F>
+__device__ __forceinline__ void frag_each(F f) {
 #pragma unroll
   for (int i = 0; i < 2; ++i)
 #pragma unroll
     for (int j = 0; j < 8; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) a[i][j][e] = 0.0f;
+      for (int e = 0; e < 4; ++e) f(i, j, e);
+}
+
+__device__ __forceinline__ void frag_zero(Frag &a) {
+  frag_each([&](int i, int j, int e) { a[i][j][e] = 0.0f; });
 }
 
 /* acc += f * part; part = 0 */
 __device__ __forceinline__ void frag_axpy_clear(Frag &acc, float f, Frag &part) {
-#pragma unroll
-  for (int i = 0; i < 2; ++i)
-#pragma unroll
-    for (int j = 0; j < 8; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        acc[i][j][e] += f * part[i][j][e];
-        part[i][j][e] = 0.0f;
-      }
+  frag_each([&](int i, int j, int e) {
+    acc[i][j][e] += f * part[i][j][e];
+    part[i][j][e] = 0.0f;
+  });
 }
 
 __device__ __forceinline__ void frag_scale(Frag &acc, float f) {
-#pragma unroll
-  for (int i = 0; i < 2; ++i)
-#pragma unroll
-    for (int j = 0; j < 8; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[i][j][e] *= f;
+  frag_each([&](int i, int j, int e) { acc[i][j][e] *= f; });
 }
 
 /* part += t[warp rows] . b[warp cols]^T over ksteps (<= kMax) k-steps of 16, both row-major in
@@ -494,18 +490,13 @@ __global__ void __launch_bounds__(kThreads, 3) low_rank_general_kernel(const __g
   } else {
     const int g = lane >> 2, c = lane & 3;
     T *o = reinterpret_cast<T *>(out);
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-      for (int j = 0; j < 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int row = wm * 32 + 16 * i + g + 8 * (e >> 1), col = wn * 64 + 8 * j + 2 * c + (e & 1);
-          if (row < nrows && col < ncols) {
-            T *q = o + row * p.out_stride + col;
-            *q = from_f32<T>(to_f32(*q) + p.alpha * acc[i][j][e]);
-          }
-        }
+    frag_each([&](int i, int j, int e) {
+      const int row = wm * 32 + 16 * i + g + 8 * (e >> 1), col = wn * 64 + 8 * j + 2 * c + (e & 1);
+      if (row < nrows && col < ncols) {
+        T *q = o + row * p.out_stride + col;
+        *q = from_f32<T>(to_f32(*q) + p.alpha * acc[i][j][e]);
+      }
+    });
   }
 }
 
