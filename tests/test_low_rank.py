@@ -268,7 +268,7 @@ def test_cuda_matches_float64(dtype, M, layout):
 @pytest.mark.parametrize("r", [1, 4, 8, 20, 24, 32, 64, 72, 130, 200])
 def test_cuda_ranks_and_wide_targets(dtype, r):
     """Ranks below, at and above one 64-rank chunk (130, 200: several chunks and a tail), targets
-    wider than one 128-column tile (300 = 2 full + a partial tile), two adapters on one target.
+    wider than one 128-column tile (296 = 2 full + a partial tile), two adapters on one target.
     The resident kernel runs r = 8, 24 (ranks zero-padded to 16), 32 and 64 (two adapters: its
     limit of 128 ranks a target); the general one r = 72 (past it) and the ranks that are not
     multiples of 8."""
@@ -277,8 +277,8 @@ def test_cuda_ranks_and_wide_targets(dtype, r):
     t = torch.randn(M, 2 * r, generator=gen).to("cuda", dtype)
     out = torch.randn(M, N, generator=gen).to("cuda", dtype)
     factors = torch.cat([torch.full((r,), 0.8), torch.full((r,), -1.3)]).cuda()
-    segs = [(0, r, 8, torch.randn(300, r, generator=gen).div(math.sqrt(r)).to("cuda", dtype)),
-            (r, 2 * r, 8, torch.randn(300, r, generator=gen).div(math.sqrt(r)).to("cuda", dtype)),
+    segs = [(0, r, 8, torch.randn(296, r, generator=gen).div(math.sqrt(r)).to("cuda", dtype)),
+            (r, 2 * r, 8, torch.randn(296, r, generator=gen).div(math.sqrt(r)).to("cuda", dtype)),
             (0, r, 400, torch.randn(256, r, generator=gen).div(math.sqrt(r)).to("cuda", dtype))]
     run(t, factors, segs, out, 1.0)
 

@@ -26,9 +26,10 @@
 //     every segment are loaded once and stay in shared memory. Where all tiles fit on the GPU
 //     at once, each is its own block (one stage); else the grid fills the GPU once (occupancy x
 //     SMs), each block an equal run of row tiles streamed through two cp.async stages (out tile
-//     + the target's t columns), so the next tile's reads are in flight while one computes and
-//     stores. Launched with programmatic stream serialization: a block's set-up overlaps the end
-//     of the previous kernel, and it reads global memory only after that kernel is done.
+//     + the target's t columns; one stage where the device's shared memory per block is too
+//     small for two), so the next tile's reads are in flight while one computes and stores. On
+//     sm_90 it is launched with programmatic stream serialization: a block's set-up overlaps
+//     the end of the previous kernel, and it reads global memory only after that kernel is done.
 //   general: everything else (any rank, any alignment). One block per (row tile, column tile):
 //     it copies the out tile, then walks the chunks (kKC ranks of one segment: t[64 x kKC] and
 //     b[128 x kKC]) double-buffered. t or b chunks are copied element by element where the
@@ -105,7 +106,7 @@ struct KParams {
   float alpha;
   int num_targets, col_tiles;
   int ld;                   // resident kernel: row stride (elements) of staged t and b
-  int64_t tiles_per_block;  // resident kernel: row tiles per block (block i: tiles i*tpb ..)
+  int64_t tiles_per_block;  // resident kernel: row tiles per run (run r = blockIdx.x / col_tiles: tiles r*tpb ..)
   int stages;               // resident kernel: 1 (one tile per block) or kMaxStages
   KTarget targets[kMaxSeg];
   KSeg segs[kMaxSeg];  // grouped by target, in the caller's order within a target
@@ -295,8 +296,9 @@ __global__ void __launch_bounds__(kThreads, 3) low_rank_resident_kernel(const __
     }
   }
   __syncthreads();
-  // Launched with programmatic stream serialization: everything above ran while the previous
-  // kernel on the stream was finishing; nothing is read from global memory before it is done.
+  // With programmatic stream serialization (launch_resident, sm_90 images) everything above may
+  // run while the previous kernel on the stream finishes; nothing is read from global memory
+  // before it is done.
   wait_for_previous_grid();
 
   // b for this column tile, every segment, once.
@@ -579,17 +581,26 @@ dda_status launch_general(const KParams &kp, int64_t blocks, cudaStream_t stream
 }
 
 /* The resident grid: col_tiles x (row-tile runs). Where every tile fits on the GPU at once as
- * its own block with one stage (resident blocks per SM x SMs), that; else two stages and equal
- * runs of row tiles, as many runs as fill the GPU once. */
+ * its own block with one stage (resident blocks per SM x SMs), that; else equal runs of row
+ * tiles, at most as many blocks as fit at once, streamed through two stages where the
+ * device's shared memory per block allows them (through one otherwise: 99 KB devices at 128
+ * ranks a target). */
 template <typename T, bool MULTI>
 dda_status launch_resident(KParams kp, cudaStream_t stream) {
   auto kernel = low_rank_resident_kernel<T, MULTI>;
-  static std::atomic<unsigned long long> raised{0};
-  cudaError_t e = raise_smem_once(kernel, resident_smem(kResRanks + 8, kMaxStages), raised);
-  int dev = 0, sms = 0, per_sm = 0, major = 0;
-  if (e == cudaSuccess) e = cudaGetDevice(&dev);
+  int dev = 0, sms = 0, optin = 0, per_sm = 0;
+  cudaFuncAttributes fa = {};
+  cudaError_t e = cudaGetDevice(&dev);
   if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (e == cudaSuccess) e = cudaFuncGetAttributes(&fa, kernel);
+  if (e != cudaSuccess) return cuda_fail(e);
+  // the dynamic limit: two stages of the widest layout, or what the device gives a block
+  const size_t widest = resident_smem(kResRanks + 8, kMaxStages);
+  const size_t device_max = static_cast<size_t>(optin) - fa.sharedSizeBytes;
+  const size_t limit = widest < device_max ? widest : device_max;
+  static std::atomic<unsigned long long> raised{0};
+  e = raise_smem_once(kernel, limit, raised);
   if (e == cudaSuccess)
     e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, resident_smem(kp.ld, 1));
   if (e != cudaSuccess) return cuda_fail(e);
@@ -598,30 +609,32 @@ dda_status launch_resident(KParams kp, cudaStream_t stream) {
   kp.stages = 1;
   kp.tiles_per_block = 1;
   if (m_tiles * kp.col_tiles > static_cast<int64_t>(sms) * per_sm) {
-    kp.stages = kMaxStages;
-    e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, resident_smem(kp.ld, kMaxStages));
-    if (e != cudaSuccess) return cuda_fail(e);
+    if (resident_smem(kp.ld, kMaxStages) <= limit) {
+      kp.stages = kMaxStages;
+      e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, resident_smem(kp.ld, kMaxStages));
+      if (e != cudaSuccess) return cuda_fail(e);
+    }
     const int64_t slots = static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : 1);
-    runs = (slots + kp.col_tiles - 1) / kp.col_tiles;
-    runs = runs < m_tiles ? runs : m_tiles;
+    runs = slots / kp.col_tiles;  // rounded down: the blocks fit at once
+    runs = runs < 1 ? 1 : runs < m_tiles ? runs : m_tiles;
     kp.tiles_per_block = (m_tiles + runs - 1) / runs;
     runs = (m_tiles + kp.tiles_per_block - 1) / kp.tiles_per_block;
   }
-  const size_t smem = resident_smem(kp.ld, kp.stages);
-  // Programmatic stream serialization (sm_90 on): the blocks may be scheduled, and run their
-  // prologue up to wait_for_previous_grid, while the previous kernel (the A-side GEMM) drains.
+  // Programmatic stream serialization: the blocks may be scheduled, and run their prologue up
+  // to wait_for_previous_grid, while the previous kernel (the A-side GEMM) drains. Only for a
+  // kernel image compiled for sm_90 on (an older one, JIT-compiled from compute_80 PTX, has no
+  // wait in it).
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(static_cast<unsigned>(runs * kp.col_tiles));
   cfg.blockDim = dim3(kThreads);
-  cfg.dynamicSmemBytes = smem;
+  cfg.dynamicSmemBytes = resident_smem(kp.ld, kp.stages);
   cfg.stream = stream;
   cfg.attrs = attr;
-  cfg.numAttrs = major >= 9 ? 1 : 0;
+  cfg.numAttrs = fa.ptxVersion >= 90 ? 1 : 0;
   e = cudaLaunchKernelEx(&cfg, kernel, kp);
-  if (e == cudaSuccess) e = cudaGetLastError();
   return e == cudaSuccess ? DDA_OK : cuda_fail(e);
 }
 
