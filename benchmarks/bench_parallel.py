@@ -18,10 +18,16 @@ Reported: ms per step (median of CUDA-event-timed calls after warm-up, the slowe
 speedup = 1-GPU ms / parallel ms, scaling efficiency = speedup / W, the share of the parallel
 step's kernel time in communication kernels (NCCL, from torch.profiler, rank 0), peak memory
 per rank (it includes the unsharded model kept for the 1-GPU run: an upper bound), and the
-error of the parallel output against the 1-GPU output. A rank whose case raises records the
-error and goes on, so a failure on some ranks only can leave the others in a collective until
-the process group's timeout. Eager (no CUDA
-graphs: the exchanges check shapes and failures on the host). Targets (issue): Wan 1.8x on
+error of the parallel output against the 1-GPU output. Eager (no CUDA graphs: the exchanges
+check shapes and failures on the host).
+
+Failures: each step of a case (building it, the 1-GPU reference, making the parallel copy,
+its first call, its timing, its profile) ends with the ranks' failure agreement
+(:func:`deepspeed_diffusers_attn.parallel.raise_if_any_failed`), so a step that raises on
+some ranks only is recorded as that row's error on every rank, and all go on to the next row
+together. A rank that fails inside the model's forward between two of its exchanges leaves
+the others in the next exchange until ``--timeout`` (the process group's timeout, also the
+agreement's). Targets (issue): Wan 1.8x on
 2 GPUs and 3.3x on 4, SDXL CFG 1.8x on 2, Flux 1.7x on 2.
 
 The dry run (gloo on CPUs, scaled-down configs, float32) checks the code paths; its numbers
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import datetime
 import json
 import os
 import sys
@@ -47,7 +54,7 @@ import deepspeed_diffusers_attn as dda  # noqa: E402
 from deepspeed_diffusers_attn import context_parallel  # noqa: E402
 from deepspeed_diffusers_attn.configs import SDXL_UNET, scaled_down, sdxl_added_cond_shapes  # noqa: E402
 from deepspeed_diffusers_attn.dit_example import MODELS, build_model, transformer_inputs  # noqa: E402
-from deepspeed_diffusers_attn.parallel import cfg_parallel  # noqa: E402
+from deepspeed_diffusers_attn.parallel import cfg_parallel, raise_if_any_failed  # noqa: E402
 
 CASES = {"wan": ("ulysses", "ring"), "flux": ("ulysses", "ring"), "sdxl": ("cfg",)}
 COMM = ("nccl", "allgather", "all_gather", "alltoall", "sendrecv")  # communication kernel names (lower case)
@@ -65,6 +72,19 @@ def per_rank(value: float, device: torch.device) -> list:
     out = [torch.zeros_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(out, t)
     return [round(float(x.item()), 3) for x in out]
+
+
+def on_every_rank(step, device: torch.device, timeout: datetime.timedelta):
+    """``step()`` on this rank, then the ranks' failure agreement: its result where it succeeded
+    on every rank; else an exception on every rank (the failing rank's own error, RuntimeError
+    naming that rank on the others)."""
+    error, result = None, None
+    try:
+        result = step()
+    except Exception as e:  # noqa: BLE001  (raised below, on every rank)
+        error = e
+    raise_if_any_failed(error, device, None, timeout, "bench_parallel")
+    return result
 
 
 def comm_share(call, cuda: bool) -> float | None:
@@ -114,16 +134,32 @@ def build(case: str, args, device, cuda: bool):
 
 def bench_case(case: str, args, device, cuda: bool) -> list[dict]:
     world = dist.get_world_size()
-    model, _, call = build(case, args, device, cuda)
+    timeout = datetime.timedelta(seconds=args.timeout)
     rows = []
+
+    def report(row: dict) -> None:
+        rows.append(row)
+        if dist.get_rank() == 0:
+            print(_fmt(row), flush=True)
+
+    def error_text(e: BaseException) -> str:
+        return f"{type(e).__name__}: {str(e)[:300]}"
+
     with torch.inference_mode():
-        ref = call(model).clone()
-        single = timing.time_eager(lambda: call(model), warmup=2, iters=args.iters, budget_ms=args.budget_ms,
-                                   use_cuda=cuda)
+        try:
+            model, _, call = on_every_rank(lambda: build(case, args, device, cuda), device, timeout)
+            ref, single = on_every_rank(lambda: (call(model).clone(), timing.time_eager(
+                lambda: call(model), warmup=2, iters=args.iters, budget_ms=args.budget_ms, use_cuda=cuda)),
+                device, timeout)
+        except Exception as e:  # noqa: BLE001  (every rank raised: every mode's row says why)
+            for mode in CASES[case]:
+                report({"case": case, "mode": mode, "world": world, "error": error_text(e)})
+            return rows
         single = slowest(single, device)
         for mode in CASES[case]:
             row = {"case": case, "mode": mode, "world": world, "one_gpu_ms": round(single, 3)}
-            try:
+
+            def parallel_copy():
                 par = copy.deepcopy(model)
                 if cuda:
                     torch.cuda.reset_peak_memory_stats()
@@ -131,18 +167,24 @@ def bench_case(case: str, args, device, cuda: bool) -> list[dict]:
                     cfg_parallel(par)
                 else:
                     context_parallel.enable(par, mode)
-                out = call(par)
-                ms = slowest(timing.time_eager(lambda: call(par), warmup=2, iters=args.iters,
-                                               budget_ms=args.budget_ms, use_cuda=cuda), device)
+                return par
+
+            par = None
+            try:
+                par = on_every_rank(parallel_copy, device, timeout)
+                out = on_every_rank(lambda: call(par), device, timeout)
+                ms = on_every_rank(lambda: timing.time_eager(lambda: call(par), warmup=2, iters=args.iters,
+                                                             budget_ms=args.budget_ms, use_cuda=cuda),
+                                   device, timeout)
+                share = on_every_rank(lambda: comm_share(lambda: call(par), cuda), device, timeout)
+                ms = slowest(ms, device)
                 row.update(ms=round(ms, 3), speedup=round(single / ms, 3), efficiency=round(single / ms / world, 3),
-                           rel_err=timing.rel_err(out, ref), comm_share=comm_share(lambda: call(par), cuda),
+                           rel_err=timing.rel_err(out, ref), comm_share=share,
                            peak_mem_gb=per_rank(torch.cuda.max_memory_allocated() / 2**30, device) if cuda else None)
-                par = None  # the copy goes before the next mode makes its own
-            except Exception as e:  # noqa: BLE001  (every rank records it; the others go on)
-                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-            rows.append(row)
-            if dist.get_rank() == 0:
-                print(_fmt(row), flush=True)
+            except Exception as e:  # noqa: BLE001  (every rank raised the same step: all record it, go on)
+                row["error"] = error_text(e)
+            par = None  # the copy goes before the next mode makes its own
+            report(row)
     return rows
 
 
@@ -163,6 +205,8 @@ def main(argv=None) -> None:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--budget-ms", type=float, default=3000.0)
     p.add_argument("--out", default="bench_parallel_out")
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds any collective may wait (the process group's timeout)")
     p.add_argument("--dry-run", action="store_true", help="CPU, gloo, tiny configs, float32: check the code paths")
     args = p.parse_args(argv)
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
@@ -175,7 +219,7 @@ def main(argv=None) -> None:
         sys.exit("bench_parallel.py: no CUDA device; use --dry-run to check the script on CPUs")
     if args.dry_run:
         args.iters, args.budget_ms = 2, 10.0
-    dist.init_process_group("nccl" if cuda else "gloo")
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=args.timeout))
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     device = torch.device("cuda" if cuda else "cpu")

@@ -304,3 +304,51 @@ def test_bench_parallel_dry_run(tmp_path):
     assert [(r["case"], r["mode"]) for r in rows] == [("flux", "ulysses"), ("flux", "ring"), ("sdxl", "cfg")]
     for r in rows:
         assert "error" not in r and r["world"] == WORLD and r["rel_err"] < 1e-5, r
+
+
+def _bench_rank(rank: int, init: str, out_dir: str) -> None:
+    """A spawned rank running bench_parallel.main (dry run, flux) whose Ulysses copy fails on
+    rank 1 only (context_parallel.enable raises there)."""
+    import functools
+    import sys
+
+    results: dict = {}
+    try:
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+        import bench_parallel
+
+        torch.set_num_threads(1)
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
+        dist.init_process_group = functools.partial(dist.init_process_group, init_method=init, rank=rank,
+                                                    world_size=WORLD)
+        if rank == 1:
+            real_enable = bench_parallel.context_parallel.enable
+
+            def enable(model, mode):
+                if mode == "ulysses":
+                    raise Boom("injected on rank 1")
+                return real_enable(model, mode)
+
+            bench_parallel.context_parallel.enable = enable
+        bench_parallel.main(["--dry-run", "--cases", "flux", "--timeout", "60",
+                             "--out", os.path.join(out_dir, "bench")])
+        results["done"] = True
+    except Exception:  # noqa: BLE001  (reported to the parent)
+        import traceback
+
+        results["crash"] = traceback.format_exc()
+    finally:
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_bench_parallel_failure_on_one_rank_is_every_ranks_row(tmp_path):
+    """bench_parallel: a step that raises on one rank only becomes that row's error on every
+    rank, and the next row runs on both (no rank left waiting in a collective)."""
+    import json
+
+    ranks = spawn_ranks(_bench_rank, tmp_path, WORLD, 240)
+    assert all(r.get("done") for r in ranks)
+    rows = json.load(open(tmp_path / "bench" / "results.json"))["rows"]
+    assert [(r["case"], r["mode"]) for r in rows] == [("flux", "ulysses"), ("flux", "ring")]
+    assert "rank 1 failed: Boom: injected on rank 1" in rows[0]["error"], rows[0]
+    assert "error" not in rows[1] and rows[1]["rel_err"] < 1e-5, rows[1]
