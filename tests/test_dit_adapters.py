@@ -22,7 +22,7 @@ from deepspeed_diffusers_attn.dit_attention import JointAttention, QKNormCrossAt
 
 from conftest import make_attention, requires_cuda
 
-TOL = 1e-5
+TOL = 1e-5  # for two float32 computations of the same small module (attention-level checks)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -142,6 +142,9 @@ def test_transformer_parity_report_and_exact_restore(kind):
     names = attention_names(model)
     ref = run(model, inputs)
     before = state(model)
+    # the tolerance comes from stock's own float32 error against float64 on these inputs
+    ref64 = run(copy.deepcopy(model).double(),
+                {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()})
 
     report = dda.patch(model)
     assert report.names("patched") == names and len(report) == len(names) > 0
@@ -149,7 +152,8 @@ def test_transformer_parity_report_and_exact_restore(kind):
     assert all(isinstance(model.get_submodule(n), STAND_INS[kind.split("-")[0].split(".")[0]]) for n in names)
     assert_state_equal(state(model), before)  # stock keys and values while patched
     out = run(model, inputs)
-    assert rel_err(out, ref) <= TOL, rel_err(out, ref)
+    err, stock_err = rel_err(out, ref64), rel_err(ref, ref64)
+    assert err <= 2 * stock_err + 1e-6, (err, stock_err)
 
     again = dda.patch(model)
     assert again.summary()["already patched"] == len(names)
