@@ -92,7 +92,8 @@ DTYPE = torch.bfloat16
 DRY_SIDE, DRY_FRAMES, DRY_TEXT = 64, 5, 16
 # The ops of ours that attention_removed() replaces; the other dda::attention* ops only answer queries.
 REMOVED_DDA_OPS = ("attention", "attention_out")
-QUERY_DDA_OPS = ("attention_backends", "attention_supported", "attention_kernel_for", "attention_kernel_name")
+QUERY_DDA_OPS = ("attention_backends", "attention_precisions", "attention_supported", "attention_kernel_for",
+                 "attention_kernel_name")
 
 
 # ---------------------------------------------------------------------- attention removed
@@ -120,12 +121,13 @@ def attention_removed(counts: collections.Counter):
         counts["sdpa"] += 1
         return query.new_empty(query.shape[:-1] + value.shape[-1:])
 
-    def no_attention(q, k, v, mask=None, scale=None, return_lse=False, backend="auto"):  # q [B, Sq, H, D]
+    def no_attention(q, k, v, mask=None, scale=None, return_lse=False, backend="auto", precision="exact"):
+        # q [B, Sq, H, D]
         counts["dda.attention"] += 1
         lse_shape = (q.shape[0], q.shape[2], q.shape[1]) if return_lse else (0,)
         return q.new_empty(q.shape[:-1] + v.shape[-1:]), q.new_empty(lse_shape, dtype=torch.float32)
 
-    def no_attention_out(q, k, v, mask, scale, out, lse=None, backend="auto"):
+    def no_attention_out(q, k, v, mask, scale, out, lse=None, backend="auto", precision="exact"):
         counts["dda.attention"] += 1
 
     functional.scaled_dot_product_attention = no_sdpa

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from .precision import AttentionPrecision, precision_problem
 from .workspace import Workspace, get_workspace
 
 __all__ = [
@@ -78,6 +79,8 @@ class DeepSpeedDiffusersAttentionConfig:
     residual_connection: add the (un-normalised) input to the output.
     rescale_output_factor: divide the output (after the residual) by this.
     dtype: the parameters' dtype.
+    attention_precision: ``"exact"`` or an 8-bit scheme of :func:`.ops.attention_precisions`
+        (:mod:`.precision`: where the op cannot run it, the exact kernel runs and says why).
     """
 
     hidden_size: int
@@ -93,6 +96,7 @@ class DeepSpeedDiffusersAttentionConfig:
     residual_connection: bool = False
     rescale_output_factor: float = 1.0
     dtype: torch.dtype = torch.float32
+    attention_precision: str = "exact"
 
     def __post_init__(self):
         problems = []
@@ -113,6 +117,8 @@ class DeepSpeedDiffusersAttentionConfig:
             problems.append("rescale_output_factor must not be 0")
         if self.dtype not in _DTYPES:
             problems.append(f"dtype must be float32, float16 or bfloat16, got {self.dtype}")
+        if precision_problem(self.attention_precision):
+            problems.append(precision_problem(self.attention_precision))
         if problems:
             raise ValueError("DeepSpeedDiffusersAttentionConfig: " + "; ".join(problems))
 
@@ -158,7 +164,7 @@ class DeepSpeedDiffusersAttentionFunction(torch.autograd.Function):
         )
 
 
-class DeepSpeedDiffusersAttention(nn.Module):
+class DeepSpeedDiffusersAttention(AttentionPrecision, nn.Module):
     """A diffusers ``Attention`` block on fused kernels (inference only).
 
     Parameters (torch ``Linear`` layout, ``[out, in]``; only those used are allocated):
@@ -169,6 +175,9 @@ class DeepSpeedDiffusersAttention(nn.Module):
       ``attn_ow`` [C, inner], ``attn_ob`` [C] if the output projection has a bias
       ``norm_w``, ``norm_b`` [C] if group_norm is used with affine
     Parameters do not require grad.
+
+    The attention runs in :attr:`attention_precision` (:mod:`.precision`: the config's, where
+    the op runs it on this device).
 
     Each instance takes the next ``layer_id`` from a class counter;
     :meth:`reset_layer_ids` restarts it at 0. Intermediates live in the workspace shared
@@ -256,6 +265,7 @@ class DeepSpeedDiffusersAttention(nn.Module):
         self.kv_cache_hits = 0
         self.kv_cache_misses = 0
         self.reset_parameters()
+        self._settle_precision()
 
     @classmethod
     def reset_layer_ids(cls) -> None:
@@ -522,6 +532,7 @@ class DeepSpeedDiffusersAttention(nn.Module):
         cfg = self.config
         dtype, device = self.attn_ow.dtype, self.attn_ow.device
         compiling = torch.compiler.is_compiling()
+        self._precision_on(device, dtype)
         x = _check_input(input, "input", dtype, device)
         if x.dim() == 4:
             B, C, Hi, Wi = x.shape
@@ -633,7 +644,7 @@ class DeepSpeedDiffusersAttention(nn.Module):
                 targets = {name: qkv3[..., i * inner : (i + 1) * inner] for i, name in enumerate("qkv")}
                 low_rank.apply("hidden", h, targets)
             q, k, v = qkv.unbind(2)  # [B, Sq, H, D] views with row stride 3*inner
-            ops.attention_out(q, k, v, mask, scale, o)
+            ops.attention_out(q, k, v, mask, scale, o, precision=self._precision)
             return o
 
         # The kv piece is reserved even when the cache serves K/V, so that an eager warm-up
@@ -656,7 +667,7 @@ class DeepSpeedDiffusersAttention(nn.Module):
         if low_rank is not None:
             low_rank.apply("hidden", h, {"q": q.view(B, Sq, inner)})
         k, v = kv.unbind(2)
-        ops.attention_out(q, k, v, mask, scale, o)
+        ops.attention_out(q, k, v, mask, scale, o, precision=self._precision)
         if low_rank is not None:
             for branch in low_rank.image:
                 o.add_(self._image_attention(q, branch), alpha=branch.scale)
@@ -669,7 +680,7 @@ class DeepSpeedDiffusersAttention(nn.Module):
         ctx = _gemm_input(ctx, q.dtype)
         k = ops.linear(ctx, branch.wk).view(B, -1, H, D)
         v = ops.linear(ctx, branch.wv).view(B, -1, H, D)
-        return ops.attention(q, k, v, None, self.config.softmax_scale)[0]
+        return ops.attention(q, k, v, None, self.config.softmax_scale, precision=self._precision)[0]
 
     def _project_kv(self, ctx: torch.Tensor, kv: torch.Tensor) -> None:
         """kv [B, Sk, 2, H, D] (contiguous) = the K and V projections of ctx [B, Sk, Cctx]."""
@@ -703,7 +714,7 @@ class DeepSpeedDiffusersAttention(nn.Module):
                     q = low_rank.apply("hidden", h, {"q": q}, functional=True)["q"]
                     k, v = low_rank.apply("context", src, {"k": k, "v": v}, functional=True).values()
             q, k, v = q.view(B, Sq, H, D), k.view(B, Sk, H, D), v.view(B, Sk, H, D)
-        o, _ = ops.attention(q, k, v, mask, scale)
+        o, _ = ops.attention(q, k, v, mask, scale, precision=self._precision)
         if low_rank is not None:
             for branch in low_rank.image:
                 o = o + branch.scale * self._image_attention(q, branch)
@@ -727,6 +738,7 @@ class DeepSpeedDiffusersAttention(nn.Module):
         return (
             f"layer_id={self.layer_id}, {kind}, hidden_size={c.hidden_size}, heads={c.heads}, "
             f"dim_head={c.dim_head}, dtype={c.dtype}"
+            + (f", attention_precision={self.attention_precision}" if self.attention_precision != "exact" else "")
         )
 
 

@@ -119,10 +119,10 @@ def _global(group: Optional[dist.ProcessGroup], group_rank: int) -> int:
 
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
                       group: Optional[dist.ProcessGroup] = None, timeout: Optional[datetime.timedelta] = None,
-                      check: bool = True) -> torch.Tensor:
+                      check: bool = True, precision: str = "exact") -> torch.Tensor:
     """This rank's rows of attention over the token-sharded sequence, by head-sharding (see the
     module doc). q ``[B, Sq, H, D]``, k/v ``[B, Sk, H, D]``: this rank's tokens; H divisible
-    by the world size W. Returns ``[B, Sq, H, D]``."""
+    by the world size W. Returns ``[B, Sq, H, D]``. ``precision``: the attention op's."""
     name = "ulysses_attention"
     world = dist.get_world_size(group)
     heads = None if q.dim() != 4 or q.shape[2] % world == 0 else ValueError(
@@ -151,7 +151,7 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
 
     buffers = _start(name, q, k, v, heads, allocate, check, group, timeout)
     if buffers is None:
-        return ops.attention(q, k, v, None, scale)[0]
+        return ops.attention(q, k, v, None, scale, precision=precision)[0]
     send, recv, back, out = buffers
     B, Sq, H, D = q.shape
     Sk, Hl = k.shape[1], H // world
@@ -167,7 +167,7 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     try:
         qh, kh, vh = map(whole_sequence, pieces(recv, B, Sq, Sk, Hl, D))
         # written straight into the buffer sent back: row j = rank j's tokens, this head group
-        ops.attention_out(qh, kh, vh, None, scale, back.view(1, world * Sq, B * Hl, D))
+        ops.attention_out(qh, kh, vh, None, scale, back.view(1, world * Sq, B * Hl, D), precision=precision)
     except BaseException as e:  # noqa: BLE001  (the exchange goes on; raised after it, on every rank)
         if not check:
             raise
@@ -181,11 +181,12 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
                    group: Optional[dist.ProcessGroup] = None, timeout: Optional[datetime.timedelta] = None,
-                   check: bool = True) -> torch.Tensor:
+                   check: bool = True, precision: str = "exact") -> torch.Tensor:
     """This rank's rows of attention over the token-sharded sequence, with the K/V shards passed
     around the ring and the partial outputs merged through their log-sum-exp (see the module
     doc). q ``[B, Sq, H, D]``, k/v ``[B, Sk, H, D]``: this rank's tokens; any H. Returns
-    ``[B, Sq, H, D]``."""
+    ``[B, Sq, H, D]``. ``precision``: the attention op's (an 8-bit one smooths each K shard by
+    its own mean; its lse is that of the unsmoothed scores, so the merge holds)."""
     name = "ring_attention"
     world, rank = dist.get_world_size(group), dist.get_rank(group)
 
@@ -195,7 +196,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Opt
 
     buffers = _start(name, q, k, v, None, allocate, check, group, timeout)
     if buffers is None:
-        return ops.attention(q, k, v, None, scale)[0]
+        return ops.attention(q, k, v, None, scale, precision=precision)[0]
     held, spare = buffers
     error: Optional[BaseException] = None
     nxt, prv = _global(group, (rank + 1) % world), _global(group, (rank - 1) % world)
@@ -208,7 +209,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Opt
                                               dist.P2POp(dist.irecv, spare, prv, group)])
         if error is None:
             try:
-                o, part = ops.attention(q, held[0], held[1], None, scale, return_lse=True)
+                o, part = ops.attention(q, held[0], held[1], None, scale, return_lse=True, precision=precision)
                 acc, lse = _merge(acc, lse, o.float(), part)
             except BaseException as e:  # noqa: BLE001  (the ring goes on; raised at the end on every rank)
                 if not check:
@@ -238,8 +239,8 @@ def _merge(acc: Optional[torch.Tensor], lse: Optional[torch.Tensor], o: torch.Te
 def for_parallel_config(parallel_config) -> Optional[Callable]:
     """The attention that serves diffusers' context-parallel ``parallel_config`` (the
     ``ParallelConfig`` that ``enable_parallelism`` puts on a processor), or None when it asks
-    for none: ``attend(q, k, v, scale)`` running :func:`ulysses_attention` over the config's
-    Ulysses mesh, or :func:`ring_attention` over its ring mesh. diffusers' hooks split the
+    for none: ``attend(q, k, v, scale, precision="exact")`` running :func:`ulysses_attention`
+    over the config's Ulysses mesh, or :func:`ring_attention` over its ring mesh. diffusers' hooks split the
     model's inputs and gather its output (the model's ``_cp_plan``); this replaces only the
     attention between them. ValueError for configs it does not run: ring and Ulysses degrees
     both above 1, ``ulysses_anything`` / ``ring_anything`` (uneven shards), a mesh not set up,

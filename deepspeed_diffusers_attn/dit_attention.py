@@ -52,6 +52,7 @@ from torch import nn
 
 from . import ops
 from .attention import unsupported_head_dim
+from .precision import AttentionPrecision, precision_problem
 
 __all__ = [
     "QKNorm",
@@ -136,8 +137,9 @@ class Rope(NamedTuple):
                                  f"([tokens, head_dim / 2]), got {got}")
 
 
-def _check_common(problems: list, heads: int, dim_head: int, dtype: torch.dtype) -> None:
-    """Append to ``problems`` what is wrong with the heads, head dim and dtype shared by both configs."""
+def _check_common(problems: list, heads: int, dim_head: int, dtype: torch.dtype, precision: str) -> None:
+    """Append to ``problems`` what is wrong with the heads, head dim, dtype and attention
+    precision shared by both configs."""
     if heads < 1:
         problems.append(f"heads must be >= 1, got {heads}")
     why = unsupported_head_dim(dim_head)
@@ -145,6 +147,8 @@ def _check_common(problems: list, heads: int, dim_head: int, dtype: torch.dtype)
         problems.append(why)
     if dtype not in _DTYPES:
         problems.append(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    if precision_problem(precision):
+        problems.append(precision_problem(precision))
 
 
 class _HeadsConfig:
@@ -172,6 +176,7 @@ class JointAttentionConfig(_HeadsConfig):
         it decides which RoPE table rows each stream gets and the summation order of the softmax.
     scale: the softmax scale; None means 1/sqrt(dim_head).
     dtype: the parameters' dtype.
+    attention_precision: ``"exact"`` or an 8-bit scheme (:mod:`.precision`).
     """
 
     heads: int
@@ -181,10 +186,11 @@ class JointAttentionConfig(_HeadsConfig):
     context_first: bool = False
     scale: Optional[float] = None
     dtype: torch.dtype = torch.float32
+    attention_precision: str = "exact"
 
     def __post_init__(self):
         problems = []
-        _check_common(problems, self.heads, self.dim_head, self.dtype)
+        _check_common(problems, self.heads, self.dim_head, self.dtype, self.attention_precision)
         for name, s in (("x", self.x), ("context", self.context)):
             if s is not None and (s.in_features < 1 or (s.out_features is not None and s.out_features < 1)):
                 problems.append(f"{name}: in_features and out_features must be >= 1")
@@ -294,11 +300,15 @@ def _normalize_rotate_(qk: torch.Tensor, weight: Optional[torch.Tensor], norm: O
     torch.addcmul(yo * co, ye, so, out=qk[..., 1::2])
 
 
+def _precision_repr(module: AttentionPrecision) -> str:
+    return f", attention_precision={module.attention_precision}" if module.attention_precision != "exact" else ""
+
+
 def _param(*shape, device, dtype) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, device=device, dtype=dtype), requires_grad=False)
 
 
-class JointAttention(nn.Module):
+class JointAttention(AttentionPrecision, nn.Module):
     """Joint attention of one or two token streams on fused kernels (inference only); see the
     module docstring for the data flow and what each step costs.
 
@@ -330,6 +340,7 @@ class JointAttention(nn.Module):
             width = s.qk_norm.width(config.heads, config.dim_head) if affine else 0
             setattr(self, f"{prefix}_normw", _param(2, width, **factory) if affine else None)
         self.reset_parameters()
+        self._settle_precision()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -377,7 +388,7 @@ class JointAttention(nn.Module):
         rope: a :class:`Rope` over all S tokens in the packed order, applied to q and k after
             their RMSNorm, or None.
         project: False returns every stream's attention output unprojected (``[B, S_i, inner]``).
-        parallel: None, or ``attend(q, k, v, scale)`` of :mod:`.context_parallel` when the tokens
+        parallel: None, or ``attend(q, k, v, scale, precision=...)`` of :mod:`.context_parallel` when the tokens
             given are this rank's shard of a context-parallel sequence (no mask then).
         Returns ``(y_x, y_context)``: each stream's output (projected if it has an output
         projection and ``project``), ``y_context`` None without a context. Outputs are new
@@ -390,6 +401,7 @@ class JointAttention(nn.Module):
         cfg = self.config
         H, D, inner = cfg.heads, cfg.dim_head, cfg.inner_dim
         dtype, device = self.attn_qkvw.dtype, self.attn_qkvw.device
+        self._precision_on(device, dtype)
         x = _input(x, "x", cfg.x.in_features, dtype, device)
         streams = [("x", x, cfg.x, "attn")]
         if context is not None:
@@ -420,11 +432,11 @@ class JointAttention(nn.Module):
         q, k, v = qkv.unbind(2)  # [B, S, H, D] views, row stride 3*inner
         if parallel is None:
             o = torch.empty((B, S, H, D), dtype=dtype, device=device)
-            ops.attention_out(q, k, v, _mask(mask, B, S), cfg.softmax_scale, o)
+            ops.attention_out(q, k, v, _mask(mask, B, S), cfg.softmax_scale, o, precision=self._precision)
         elif mask is not None:
             raise ValueError("a mask under context parallelism: the sharded attention takes none")
         else:
-            o = parallel(q, k, v, cfg.softmax_scale)
+            o = parallel(q, k, v, cfg.softmax_scale, precision=self._precision)
         o3 = o.view(B, S, inner)
 
         outputs = {"x": None, "context": None}
@@ -443,7 +455,7 @@ class JointAttention(nn.Module):
         """A one-line summary of the config."""
         c = self.config
         ctx = "none" if c.context is None else ("first" if c.context_first else "after x")
-        return f"heads={c.heads}, dim_head={c.dim_head}, context={ctx}, dtype={c.dtype}"
+        return f"heads={c.heads}, dim_head={c.dim_head}, context={ctx}, dtype={c.dtype}" + _precision_repr(self)
 
 
 @dataclass
@@ -460,6 +472,7 @@ class CrossAttentionConfig(_HeadsConfig):
         is added to the first), or None; image_kv_bias, image_k_norm: its bias and key norm.
     scale: the softmax scale; None means 1/sqrt(dim_head).
     dtype: the parameters' dtype.
+    attention_precision: ``"exact"`` or an 8-bit scheme (:mod:`.precision`).
     """
 
     heads: int
@@ -476,17 +489,18 @@ class CrossAttentionConfig(_HeadsConfig):
     image_k_norm: Optional[QKNorm] = None
     scale: Optional[float] = None
     dtype: torch.dtype = torch.float32
+    attention_precision: str = "exact"
 
     def __post_init__(self):
         problems = []
-        _check_common(problems, self.heads, self.dim_head, self.dtype)
+        _check_common(problems, self.heads, self.dim_head, self.dtype, self.attention_precision)
         if self.hidden_size < 1 or self.context_size < 1 or (self.image_size is not None and self.image_size < 1):
             problems.append("hidden_size, context_size and image_size must be >= 1")
         if problems:
             raise ValueError("CrossAttentionConfig: " + "; ".join(problems))
 
 
-class QKNormCrossAttention(nn.Module):
+class QKNormCrossAttention(AttentionPrecision, nn.Module):
     """Cross-attention with QK RMSNorm and an optional added image K/V set, on fused kernels
     (inference only); see the module docstring.
 
@@ -527,6 +541,7 @@ class QKNormCrossAttention(nn.Module):
         self.image_kvb = _param(2 * inner, **factory) if image and c.image_kv_bias else None
         self.image_norm_kw = norm(c.image_k_norm) if image else None
         self.reset_parameters()
+        self._settle_precision()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -591,6 +606,7 @@ class QKNormCrossAttention(nn.Module):
         c = self.config
         H, D, inner = c.heads, c.dim_head, c.inner_dim
         dtype, device = self.attn_qw.dtype, self.attn_qw.device
+        self._precision_on(device, dtype)
         x = _input(x, "x", c.hidden_size, dtype, device)
         context = _input(context, "context", c.context_size, dtype, device)
         B, Sq = x.shape[:2]
@@ -609,14 +625,15 @@ class QKNormCrossAttention(nn.Module):
         _normalize_rotate_(q.unsqueeze(2), None if self.norm_qw is None else self.norm_qw.unsqueeze(0), c.q_norm, None)
         k, v = self._kv(context, self.attn_kvw, self.attn_kvb, self.norm_kw, c.k_norm)
         o = torch.empty((B, Sq, H, D), dtype=dtype, device=device)
-        ops.attention_out(q, k, v, _mask(mask, B, context.shape[1]), c.softmax_scale, o)
+        ops.attention_out(q, k, v, _mask(mask, B, context.shape[1]), c.softmax_scale, o, precision=self._precision)
         if image is not None:
             ki, vi = self._kv(image, self.image_kvw, self.image_kvb, self.image_norm_kw, c.image_k_norm)
-            o.add_(ops.attention(q, ki, vi, None, c.softmax_scale)[0])
+            o.add_(ops.attention(q, ki, vi, None, c.softmax_scale, precision=self._precision)[0])
         return ops.linear(o.view(B, Sq, inner), self.attn_ow, self.attn_ob)
 
     def extra_repr(self) -> str:
         """A one-line summary of the config."""
         c = self.config
         image = f", image({c.image_size})" if c.image_size is not None else ""
-        return f"heads={c.heads}, dim_head={c.dim_head}, context({c.context_size}){image}, dtype={c.dtype}"
+        return (f"heads={c.heads}, dim_head={c.dim_head}, context({c.context_size}){image}, dtype={c.dtype}"
+                + _precision_repr(self))

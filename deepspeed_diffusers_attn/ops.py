@@ -19,6 +19,7 @@ __all__ = [
     "attention",
     "attention_out",
     "attention_backends",
+    "attention_precisions",
     "attention_kernel_for",
     "attention_kernel_name",
     "attention_supported",
@@ -72,6 +73,7 @@ def attention(
     scale: Optional[float] = None,
     return_lse: bool = False,
     backend: str = "auto",
+    precision: str = "exact",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Fused attention forward: ``softmax(scale * q k^T + mask) v``.
 
@@ -83,10 +85,16 @@ def attention(
     backend: ``"auto"`` (the dispatcher picks) or one of :func:`attention_backends`; a family
     that cannot run the inputs raises, naming why (:func:`attention_supported`), and never
     falls back to another.
+    precision: ``"exact"`` (the inputs multiplied as they are), or an 8-bit scheme of
+    :func:`attention_precisions`: ``"int8-qk"`` (q k^T on an int8 grid per token, K smoothed
+    by its channel means; p v exact) or ``"fp8"`` (the same q k^T; p and v on the e4m3 grid).
+    ``csrc/include/dda.h`` defines them to the rounding; the C reference (CPU) computes them,
+    no CUDA kernel yet, so CUDA tensors with an 8-bit precision raise. An input element that
+    is not finite makes the outputs it reaches NaN under an 8-bit precision.
     """
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    return torch.ops.dda.attention(q, k, v, mask, float(scale), bool(return_lse), str(backend))
+    return torch.ops.dda.attention(q, k, v, mask, float(scale), bool(return_lse), str(backend), str(precision))
 
 
 def attention_out(
@@ -98,11 +106,12 @@ def attention_out(
     out: torch.Tensor,
     lse: Optional[torch.Tensor] = None,
     backend: str = "auto",
+    precision: str = "exact",
 ) -> torch.Tensor:
     """:func:`attention` written into ``out`` ``[B, Sq, H, D]`` (and ``lse``, if given). Returns ``out``."""
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    torch.ops.dda.attention_out(q, k, v, mask, float(scale), out, lse, str(backend))
+    torch.ops.dda.attention_out(q, k, v, mask, float(scale), out, lse, str(backend), str(precision))
     return out
 
 
@@ -113,17 +122,24 @@ def attention_backends() -> Tuple[str, ...]:
     return tuple(torch.ops.dda.attention_backends())
 
 
+def attention_precisions() -> Tuple[str, ...]:
+    """The values of ``precision`` (:func:`attention`): ``"exact"``, then the 8-bit schemes
+    ``"int8-qk"`` and ``"fp8"``."""
+    return tuple(torch.ops.dda.attention_precisions())
+
+
 def attention_supported(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     mask: Optional[torch.Tensor] = None,
     backend: str = "auto",
+    precision: str = "exact",
 ) -> str:
-    """Why :func:`attention` would refuse these inputs with this backend on their device,
-    or ``""`` if it runs them. The op's own checks and the C capability rules
+    """Why :func:`attention` would refuse these inputs with this backend and precision on
+    their device, or ``""`` if it runs them. The op's own checks and the C capability rules
     (``dda_attention_supported_cpu`` / ``_cuda``) answer; nothing is launched."""
-    return torch.ops.dda.attention_supported(q, k, v, mask, str(backend))
+    return torch.ops.dda.attention_supported(q, k, v, mask, str(backend), str(precision))
 
 
 def attention_kernel_name(
@@ -157,13 +173,15 @@ def attention_kernel_for(
     v: torch.Tensor,
     mask: Optional[torch.Tensor] = None,
     backend: str = "auto",
+    precision: str = "exact",
 ) -> str:
-    """The exact kernel :func:`attention` runs for these inputs and backend on their device:
-    the same selection as the launch (compute capability, build, dtype, head dim, alignment
-    of the pointers and strides, grid size, backend).
-    ``"cpu_reference"`` on the CPU. Bad inputs raise the op's own errors; ``"unsupported:
-    <why>"`` where no kernel (of that backend) runs them. Launches nothing."""
-    return torch.ops.dda.attention_kernel_for(q, k, v, mask, str(backend))
+    """The kernel :func:`attention` runs for these inputs, backend and precision on their
+    device: the same selection as the launch (compute capability, build, dtype, head
+    dim, alignment of the pointers and strides, grid size, backend, precision).
+    ``"cpu_reference"`` on the CPU (``"cpu_reference (int8-qk)"`` for an 8-bit precision).
+    Bad inputs raise the op's own errors; ``"unsupported: <why>"`` where no kernel (of that
+    backend) runs them. Launches nothing."""
+    return torch.ops.dda.attention_kernel_for(q, k, v, mask, str(backend), str(precision))
 
 
 def geglu(x: torch.Tensor, approximate: bool = False) -> torch.Tensor:
@@ -256,7 +274,7 @@ def _linear_out_fake(x, weight, bias, residual, alpha, beta, out):
 
 
 @torch.library.register_fake("dda::attention")
-def _attention_fake(q, k, v, mask, scale, return_lse, backend="auto"):
+def _attention_fake(q, k, v, mask, scale, return_lse, backend="auto", precision="exact"):
     torch._check(q.dim() == 4 and k.dim() == 4, lambda: "dda.attention: q, k must be 4-D")
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if return_lse:
@@ -267,7 +285,7 @@ def _attention_fake(q, k, v, mask, scale, return_lse, backend="auto"):
 
 
 @torch.library.register_fake("dda::attention_out")
-def _attention_out_fake(q, k, v, mask, scale, out, lse, backend="auto"):
+def _attention_out_fake(q, k, v, mask, scale, out, lse, backend="auto", precision="exact"):
     return None
 
 

@@ -69,6 +69,7 @@ from . import adapters
 from .attention import DeepSpeedDiffusersAttention
 from .blocks import (ChannelsLastGroupNorm, FusedGEGLU, fusable_reasons, fuse_resnet, keep_output_layout,
                      restore_output_layout, restore_resnet)
+from .precision import AttentionPrecision, check_precision
 from .graphs import (DEFAULT_MAX_GRAPHS, check_not_distributed, check_options, graph_module_forward, graphed_methods,
                      ungraph_module)
 
@@ -346,7 +347,7 @@ def _unfuse_blocks(obj) -> dict:
 @torch.no_grad()
 def patch(obj, *, cuda_graph: bool = False, channels_last: bool = False, kv_cache: bool = False,
           fuse_blocks: bool = True, max_graphs: int = DEFAULT_MAX_GRAPHS,
-          clone_outputs: bool = True) -> PatchReport:
+          clone_outputs: bool = True, attention_precision: str = "exact") -> PatchReport:
     """Replace every supported diffusers attention module in ``obj`` by its adapter's stand-in.
 
     ``obj``: a diffusers pipeline (each nn.Module component is searched: unet, vae,
@@ -374,8 +375,14 @@ def patch(obj, *, cuda_graph: bool = False, channels_last: bool = False, kv_cach
     modules) by :class:`.blocks.ChannelsLastGroupNorm`, and lets each ``Transformer2DModel``
     keep its input's memory format (:func:`.blocks.keep_output_layout`), and lets each
     ``ResnetBlock2D`` run ``GroupNorm -> SiLU`` and ``+ time embedding -> GroupNorm -> SiLU``
-    as one op each (:func:`.blocks.fuse_resnet`); ``report.blocks`` counts them. GEGLU modules with adapter layers, and modules with forward hooks, are left
-    alone and listed in ``report.blocks_declined``.
+    as one op each (:func:`.blocks.fuse_resnet`); ``report.blocks`` counts them. GEGLU modules with
+    adapter layers, and modules with forward hooks, are left alone and listed in
+    ``report.blocks_declined``.
+    ``attention_precision`` (``"exact"``, or an 8-bit scheme of
+    :func:`.ops.attention_precisions`) is asked of every module converted now
+    (:mod:`.precision`); each row says what runs: a module whose device has no kernel of that
+    precision runs the exact one, and its row and a warning say why. Bridged modules run
+    exact attention; an already patched module keeps the precision it was patched with.
     """
     options = {"cuda_graph": cuda_graph, "channels_last": channels_last, "kv_cache": kv_cache,
                "fuse_blocks": fuse_blocks}
@@ -383,18 +390,26 @@ def patch(obj, *, cuda_graph: bool = False, channels_last: bool = False, kv_cach
         if not isinstance(value, bool):
             raise TypeError(f"patch({key}=...) must be a bool, got {value!r}")
     check_options(max_graphs=max_graphs, clone_outputs=clone_outputs)
+    check_precision(attention_precision)
+    if attention_precision != "exact":
+        options["attention_precision"] = attention_precision
     _roots(obj)  # TypeError for an unsupported object, before anything changes
     DeepSpeedDiffusersAttention.reset_layer_ids()  # this call's new layers are numbered from 0
     rows = []
     for places in _sites(obj, want=_is_attention).values():
         name, _, _, module = places[0]
         if adapters.is_bridged(module):
-            rows.append(PatchRow(name, ALREADY_PATCHED, ("bridged",), _family(module)))
+            notes = ("attention precision exact: bridged calls run it",) if attention_precision != "exact" else ()
+            rows.append(PatchRow(name, ALREADY_PATCHED, ("bridged",) + notes, _family(module)))
             continue
         if adapters.is_stand_in(module):
             stock = getattr(module, "stock_reason", "")
-            rows.append(PatchRow(name, ALREADY_PATCHED, (f"runs stock: {stock}",) if stock else (),
-                                 _family(module.original)))
+            notes = (f"runs stock: {stock}",) if stock else ()
+            fused = getattr(module, "dda", None)
+            if isinstance(fused, AttentionPrecision) and fused.config.attention_precision != attention_precision:
+                notes += (f"attention precision {fused.attention_precision} (kept from the first patch; unpatch to "
+                          "change it)",)
+            rows.append(PatchRow(name, ALREADY_PATCHED, notes, _family(module.original)))
             continue
         claimers = adapters.candidates(module)
         if places[0][1] is None:
@@ -414,8 +429,13 @@ def patch(obj, *, cuda_graph: bool = False, channels_last: bool = False, kv_cach
             rows.append(PatchRow(name, DECLINED, tuple(declined[0][1]) if only else earlier, claimers[0].NAME))
             continue
         if stand_in is module:  # converted in place: bridged
-            rows.append(PatchRow(name, BRIDGED, tuple(reasons) + earlier, adapter.NAME))
+            notes = ("attention precision exact: bridged calls run it",) if attention_precision != "exact" else ()
+            rows.append(PatchRow(name, BRIDGED, tuple(reasons) + earlier + notes, adapter.NAME))
             continue
+        fused = getattr(stand_in, "dda", None)
+        if attention_precision != "exact" and isinstance(fused, AttentionPrecision):
+            fused._ask_precision(attention_precision)
+            earlier += (fused.precision_note(),)
         for _, parent, attr, _ in places:
             setattr(parent, attr, stand_in)
         if hasattr(stand_in, "follow_parallel_config"):  # DiT stand-ins: enable_parallelism on the model

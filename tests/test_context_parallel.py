@@ -36,14 +36,15 @@ class Boom(RuntimeError):
     """The failure injected on rank 1."""
 
 
-def shards(rank: int, B=2, Sq=37, Sk=37, H=4, D=16, seed=0):
-    """(q, k, v of this rank's tokens, the single-process output rows, the float64 reference rows)."""
+def shards(rank: int, B=2, Sq=37, Sk=37, H=4, D=16, seed=0, precision="exact"):
+    """(q, k, v of this rank's tokens, the single-process output rows in ``precision``, the float64
+    reference rows)."""
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(B, WORLD * Sq, H, D, generator=gen)
     k = torch.randn(B, WORLD * Sk, H, D, generator=gen)
     v = torch.randn(B, WORLD * Sk, H, D, generator=gen)
     rows = slice(rank * Sq, (rank + 1) * Sq)
-    single = ops.attention(q, k, v)[0][:, rows]
+    single = ops.attention(q, k, v, precision=precision)[0][:, rows]
     s = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) / D ** 0.5
     ref = torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v.double())[:, rows]
     keys = slice(rank * Sk, (rank + 1) * Sk)
@@ -62,6 +63,8 @@ def _scenarios(rank: int, results: dict) -> None:
         own = [dist.new_group([r], backend="gloo") for r in range(WORLD)][rank]
         (q, k, v), _, _ = shards(rank, seed=3)
         results[f"{label}/w1"] = (fn(q, k, v, group=own), ops.attention(q, k, v)[0])
+        (q, k, v), single, ref = shards(rank, seed=8, precision="int8-qk")
+        results[f"{label}/int8-qk"] = (fn(q, k, v, precision="int8-qk"), single, ref)
 
         (q, k, v), _, _ = shards(rank, Sq=37 - rank, seed=4)  # rank 1's shard is one token short
         results[f"{label}/uneven"] = raised(lambda: fn(q, k, v))
@@ -174,6 +177,16 @@ def test_ulysses_is_the_single_process_attention_exactly(ranks):
     for res in ranks:
         out, single, _ = res["ulysses/equal"]
         assert torch.equal(out, single)
+
+
+def test_an_8_bit_precision_runs_on_every_rank(ranks):
+    """Ulysses gives each rank whole heads: the single-process 8-bit result exactly. The ring
+    smooths each K shard by its own mean and merges through the unsmoothed lse: as accurate as
+    the single-process 8-bit attention."""
+    for res in ranks:
+        out, single, _ = res["ulysses/int8-qk"]
+        assert torch.equal(out, single)
+        _close(*res["ring/int8-qk"])
 
 
 def test_ring_takes_head_counts_the_world_does_not_divide(ranks):

@@ -38,6 +38,7 @@ static const char *attention_refusal(const dda_attention_params *p, dda_status *
       return "a negative mask stride";
   }
   if (p->backend < DDA_ATTN_AUTO || p->backend >= DDA_ATTN_NUM_BACKENDS) return "unknown backend";
+  if (p->precision < DDA_PRECISION_EXACT || p->precision >= DDA_PRECISION_NUM) return "unknown precision";
   *st = DDA_OK;
   return 0;
 }
@@ -62,6 +63,14 @@ const char *dda_attention_supported_cpu(const dda_attention_params *p) {
   return 0;
 }
 
+/* The index of name in names[0..n), or -1. */
+static int name_index(const char *const *names, int n, const char *name) {
+  int i;
+  for (i = 0; name && i < n; ++i)
+    if (strcmp(name, names[i]) == 0) return i;
+  return -1;
+}
+
 static const char *const kBackendNames[DDA_ATTN_NUM_BACKENDS] = {
     "auto", "reference", "generic", "mma", "short", "d512", "sm90", "sm90_tma"};
 
@@ -70,14 +79,23 @@ const char *dda_attention_backend_name(dda_attention_backend b) {
 }
 
 dda_status dda_attention_backend_from_name(const char *name, dda_attention_backend *out) {
-  int i;
-  if (!name || !out) return DDA_ERR_INVALID_ARGUMENT;
-  for (i = 0; i < DDA_ATTN_NUM_BACKENDS; ++i)
-    if (strcmp(name, kBackendNames[i]) == 0) {
-      *out = (dda_attention_backend)i;
-      return DDA_OK;
-    }
-  return DDA_ERR_INVALID_ARGUMENT;
+  const int i = name_index(kBackendNames, DDA_ATTN_NUM_BACKENDS, name);
+  if (i < 0 || !out) return DDA_ERR_INVALID_ARGUMENT;
+  *out = (dda_attention_backend)i;
+  return DDA_OK;
+}
+
+static const char *const kPrecisionNames[DDA_PRECISION_NUM] = {"exact", "int8-qk", "fp8"};
+
+const char *dda_attention_precision_name(dda_attention_precision p) {
+  return p >= DDA_PRECISION_EXACT && p < DDA_PRECISION_NUM ? kPrecisionNames[p] : 0;
+}
+
+dda_status dda_attention_precision_from_name(const char *name, dda_attention_precision *out) {
+  const int i = name_index(kPrecisionNames, DDA_PRECISION_NUM, name);
+  if (i < 0 || !out) return DDA_ERR_INVALID_ARGUMENT;
+  *out = (dda_attention_precision)i;
+  return DDA_OK;
 }
 
 dda_status dda_geglu_check(const dda_geglu_params *p) {

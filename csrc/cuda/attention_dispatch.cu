@@ -16,7 +16,8 @@
  *   generic   any dtype and alignment: the fallback
  * The tensor-core families need 16-byte compatible q/k/v/o pointers and strides; for
  * fp32 or misaligned inputs only generic takes them. A forced backend runs that family
- * or is refused with its reason, never replaced by another.
+ * or is refused with its reason, never replaced by another. Every family computes the exact
+ * precision: an 8-bit one (dda_attention_precision) is refused.
  * Every family launches one folded 1-D grid (attention_common.cuh), so B * H has no limit
  * of its own; a family whose grid would pass 2^31 - 1 blocks is refused with the count
  * (DDA_ERR_GRID_LIMIT where that is the only obstacle) and auto tries the next.
@@ -128,6 +129,11 @@ const char *refusal(const Family &f, const dda_attention_params *p, const DevInf
 const Family *select_family(const dda_attention_params *p, const DevInfo &d, const char **why, dda_status *st) {
   *why = nullptr;
   *st = DDA_OK;
+  if (p->precision != DDA_PRECISION_EXACT) {
+    *st = DDA_ERR_UNSUPPORTED;
+    *why = "no CUDA kernel computes the 8-bit precisions (\"int8-qk\", \"fp8\"); the CPU's C reference defines them";
+    return nullptr;
+  }
   if (p->backend == DDA_ATTN_AUTO) {
     for (const Family *f : kAutoOrder)
       if (refusal(*f, p, d, st) == nullptr && f->preferred(p, d)) return f;

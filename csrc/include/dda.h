@@ -113,6 +113,44 @@ const char *dda_attention_backend_name(dda_attention_backend b);
 /* The backend of a name; DDA_OK, or DDA_ERR_INVALID_ARGUMENT for an unknown name. */
 dda_status dda_attention_backend_from_name(const char *name, dda_attention_backend *out);
 
+/* Precision: how q k^T and p v are computed. EXACT (0, what a zeroed params struct asks for)
+ * multiplies the inputs as they are (fp16 / bf16 on tensor cores, fp32 accumulation). The
+ * 8-bit ones quantize on the way (SageAttention's scheme, chosen in benchmarks/NOTES.md "FP8
+ * attention"); the C reference defines them exactly, per (b, h):
+ *   K smoothed: k'[j, :] = k[j, :] - mu, mu[d] = the mean of k[:, d] over the Sk keys, summed
+ *     in double and rounded to fp32 once (exact for the softmax: it shifts every score of a row
+ *     by the same q . mu).
+ *   Q and K' per token (row) on a symmetric int8 grid: a = max_d |x[d]|, x8 = rint(x * (127 / a))
+ *     (fp32, round half to even, |x8| <= 127), dequantization scale a / 127; a row with a below
+ *     DDA_ATTN_QUANT_MIN is all 0 with scale 0 (so 127 / a stays finite; likewise a v block).
+ *   Scores: s = (float)(sum_d q8[d] k8[d]) * sk * (sq * scale) in fp32 (the int sum is exact,
+ *     and so is its conversion: |sum| <= 512 * 127^2 < 2^24).
+ *   INT8_QK: p v as EXACT does. FP8: the keys in blocks of DDA_ATTN_V_BLOCK; v per block on
+ *     the e4m3 grid: a = max |v| over the block's keys and channels, v8 = e4m3(v * (448 / a)),
+ *     scale a / 448; p = exp(s - m), m the row's running max up to the end of the block (the
+ *     online softmax), p' = e4m3(448 p) (round to nearest even, saturating); the block's
+ *     sum_j p'_j v8_j in fp32, times (a / 448) / 448. The row sum l uses the fp32 p.
+ *   lse is that of the scores before smoothing: the smoothed scores' lse plus scale (q . mu)
+ *     (fp32, the unquantized q), so the lse of key ranges attended apart (each smoothed by its
+ *     own mean) merge as exact attention's do.
+ * A non-finite q, k (or, for FP8, v) element cannot be quantized: it makes its row's, its
+ * key's (for k: through mu, every key's) or its v block's scale NaN, so the outputs it
+ * reaches are NaN (torch's exact attention can give a finite result for a -inf score). */
+typedef enum {
+  DDA_PRECISION_EXACT = 0,   /* "exact" */
+  DDA_PRECISION_INT8_QK = 1, /* "int8-qk": int8 q k^T, p v in the inputs' dtype */
+  DDA_PRECISION_FP8 = 2,     /* "fp8":     int8 q k^T, e4m3 p v */
+  DDA_PRECISION_NUM = 3
+} dda_attention_precision;
+
+#define DDA_ATTN_V_BLOCK 128
+#define DDA_ATTN_QUANT_MIN 7.88860905e-31f /* 2^-100 */
+
+/* "exact", "int8-qk", "fp8"; NULL for a value out of range. */
+const char *dda_attention_precision_name(dda_attention_precision p);
+/* The precision of a name; DDA_OK, or DDA_ERR_INVALID_ARGUMENT for an unknown name. */
+dda_status dda_attention_precision_from_name(const char *name, dda_attention_precision *out);
+
 /*
  * o[b, i, h, :] = sum_j p[b, h, i, j] v[b, j, h, :],
  * p = softmax_j(scale * q[b, i, h, :] . k[b, j, h, :] + mask[b, h, i, j])
@@ -159,6 +197,7 @@ typedef struct {
   float scale;
   dda_dtype dtype;
   dda_attention_backend backend; /* DDA_ATTN_AUTO unless the caller forces a family */
+  dda_attention_precision precision; /* DDA_PRECISION_EXACT unless the caller asks for 8 bits */
   float scale_log2;              /* scale * log2(e), for the base-2 softmax: set by
                                     dda_attention_fwd_cuda from scale; callers leave it */
 } dda_attention_params;

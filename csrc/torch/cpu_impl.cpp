@@ -29,8 +29,9 @@ void linear_out_cpu(const at::Tensor &x, const at::Tensor &weight,
 
 void attention_out_cpu(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
                        const std::optional<at::Tensor> &mask, double scale, at::Tensor &out,
-                       const std::optional<at::Tensor> &lse, c10::string_view backend) {
-  const dda_attention_params p = dda_glue::attention_params(q, k, v, mask, scale, out, lse, true, backend);
+                       const std::optional<at::Tensor> &lse, c10::string_view backend,
+                       c10::string_view precision) {
+  const dda_attention_params p = dda_glue::attention_params(q, k, v, mask, scale, out, lse, true, backend, precision);
   if (const char *why = dda_attention_supported_cpu(&p)) dda_glue::throw_unsupported("dda.attention (cpu)", p, why, q);
   std::atomic<int> status{DDA_OK};  // any failing task's status
   // One (b, h) pair per task: offset every pointer, keep the strides.
@@ -60,16 +61,21 @@ void attention_out_cpu(const at::Tensor &q, const at::Tensor &k, const at::Tenso
 // The CPU reference runs every case attention_params and dda_attention_supported_cpu
 // accept; bad inputs raise the same errors as the op itself.
 std::string attention_kernel_for_cpu(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
-                                     const std::optional<at::Tensor> &mask, c10::string_view backend) {
+                                     const std::optional<at::Tensor> &mask, c10::string_view backend,
+                                     c10::string_view precision) {
   const at::Tensor out = dda_glue::attention_query_output(q);
-  const dda_attention_params p = dda_glue::attention_params(q, k, v, mask, 1.0, out, std::nullopt, true, backend);
+  const dda_attention_params p = dda_glue::attention_params(q, k, v, mask, 1.0, out, std::nullopt, true, backend,
+                                                           precision);
   const char *why = dda_attention_supported_cpu(&p);
-  return why ? std::string("unsupported: ") + why : std::string("cpu_reference");
+  if (why) return std::string("unsupported: ") + why;
+  return p.precision == DDA_PRECISION_EXACT ? std::string("cpu_reference")
+                                            : std::string("cpu_reference (") + dda_attention_precision_name(p.precision) + ")";
 }
 
 std::string attention_supported_cpu(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
-                                    const std::optional<at::Tensor> &mask, c10::string_view backend) {
-  return dda_glue::attention_refusal(q, k, v, mask, backend, true, &dda_attention_supported_cpu);
+                                    const std::optional<at::Tensor> &mask, c10::string_view backend,
+                                    c10::string_view precision) {
+  return dda_glue::attention_refusal(q, k, v, mask, backend, precision, true, &dda_attention_supported_cpu);
 }
 
 at::Tensor geglu_cpu(const at::Tensor &x, bool approximate) {

@@ -38,8 +38,9 @@ void linear_out_cuda(const at::Tensor &x, const at::Tensor &weight,
 
 void attention_out_cuda(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
                         const std::optional<at::Tensor> &mask, double scale, at::Tensor &out,
-                        const std::optional<at::Tensor> &lse, c10::string_view backend) {
-  const dda_attention_params p = dda_glue::attention_params(q, k, v, mask, scale, out, lse, false, backend);
+                        const std::optional<at::Tensor> &lse, c10::string_view backend,
+                        c10::string_view precision) {
+  const dda_attention_params p = dda_glue::attention_params(q, k, v, mask, scale, out, lse, false, backend, precision);
   const c10::cuda::CUDAGuard guard(q.device());
   const dda_status st = dda_attention_fwd_cuda(&p, c10::cuda::getCurrentCUDAStream().stream());
   // The selection refused (no family, or the grid beyond 2^31 - 1 blocks): ask it why, with
@@ -50,17 +51,20 @@ void attention_out_cuda(const at::Tensor &q, const at::Tensor &k, const at::Tens
 }
 
 std::string attention_kernel_for_cuda(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
-                                      const std::optional<at::Tensor> &mask, c10::string_view backend) {
+                                      const std::optional<at::Tensor> &mask, c10::string_view backend,
+                                      c10::string_view precision) {
   const at::Tensor out = dda_glue::attention_query_output(q);  // aligned like the op's own output
-  const dda_attention_params p = dda_glue::attention_params(q, k, v, mask, 1.0, out, std::nullopt, false, backend);
+  const dda_attention_params p = dda_glue::attention_params(q, k, v, mask, 1.0, out, std::nullopt, false, backend,
+                                                           precision);
   const c10::cuda::CUDAGuard guard(q.device());
   return dda_attention_kernel_for(&p);
 }
 
 std::string attention_supported_cuda(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
-                                     const std::optional<at::Tensor> &mask, c10::string_view backend) {
+                                     const std::optional<at::Tensor> &mask, c10::string_view backend,
+                                     c10::string_view precision) {
   const c10::cuda::CUDAGuard guard(q.device());
-  return dda_glue::attention_refusal(q, k, v, mask, backend, false, &dda_attention_supported_cuda);
+  return dda_glue::attention_refusal(q, k, v, mask, backend, precision, false, &dda_attention_supported_cuda);
 }
 
 at::Tensor geglu_cuda(const at::Tensor &x, bool approximate) {

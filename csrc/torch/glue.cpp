@@ -188,20 +188,30 @@ dda_linear_params linear_params(const at::Tensor &x, const at::Tensor &weight,
   return p;
 }
 
+// The value of an attention enum (backend, precision) that `name` names, or a c10::Error that
+// lists the `count` names.
+template <typename E>
+E named_value(c10::string_view name, const char *what, int count, dda_status (*from_name)(const char *, E *),
+              const char *(*name_of)(E)) {
+  const std::string s(name.data(), name.size());
+  E value{};
+  if (from_name(s.c_str(), &value) == DDA_OK) return value;
+  std::string names;
+  for (int i = 0; i < count; ++i) names += cat(i ? ", \"" : "\"", name_of(static_cast<E>(i)), "\"");
+  DDA_CHECK(false, "dda.attention: unknown ", what, " \"", s, "\"; the ", what, "s are ", names);
+  return value;
+}
+
 dda_attention_params attention_params(const at::Tensor &q, const at::Tensor &k,
                                       const at::Tensor &v, const std::optional<at::Tensor> &mask,
                                       double scale, const at::Tensor &out,
                                       const std::optional<at::Tensor> &lse, bool cpu,
-                                      c10::string_view backend) {
+                                      c10::string_view backend, c10::string_view precision) {
   const char *op = "dda.attention";
-  const std::string backend_name(backend.data(), backend.size());
-  dda_attention_backend backend_value = DDA_ATTN_AUTO;
-  if (dda_attention_backend_from_name(backend_name.c_str(), &backend_value) != DDA_OK) {
-    std::string names;
-    for (int b = 0; b < DDA_ATTN_NUM_BACKENDS; ++b)
-      names += cat(b ? ", \"" : "\"", dda_attention_backend_name(static_cast<dda_attention_backend>(b)), "\"");
-    DDA_CHECK(false, op, ": unknown backend \"", backend_name, "\"; the backends are ", names);
-  }
+  const dda_attention_backend backend_value = named_value(backend, "backend", DDA_ATTN_NUM_BACKENDS,
+                                                          &dda_attention_backend_from_name, &dda_attention_backend_name);
+  const dda_attention_precision precision_value = named_value(
+      precision, "precision", DDA_PRECISION_NUM, &dda_attention_precision_from_name, &dda_attention_precision_name);
   check_dtype(q, op, "q", cpu);
   check_same(q, "q", k, "k", op);
   check_same(q, "q", v, "v", op);
@@ -286,6 +296,7 @@ dda_attention_params attention_params(const at::Tensor &q, const at::Tensor &k,
   p.scale = static_cast<float>(scale);
   p.dtype = to_dda_dtype(q.scalar_type());
   p.backend = backend_value;
+  p.precision = precision_value;
   const char *why = dda_attention_check_reason(&p);
   DDA_CHECK(why == nullptr, op, ": ", why ? why : "", "; got q ", describe(q), " and k ", describe(k));
   return p;
@@ -301,11 +312,12 @@ void throw_unsupported(const char *op, const dda_attention_params &p, const char
 }
 
 std::string attention_refusal(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
-                              const std::optional<at::Tensor> &mask, c10::string_view backend, bool cpu,
+                              const std::optional<at::Tensor> &mask, c10::string_view backend,
+                              c10::string_view precision, bool cpu,
                               const char *(*supported)(const dda_attention_params *)) {
   try {
     const at::Tensor out = attention_query_output(q);
-    const dda_attention_params p = attention_params(q, k, v, mask, 1.0, out, std::nullopt, cpu, backend);
+    const dda_attention_params p = attention_params(q, k, v, mask, 1.0, out, std::nullopt, cpu, backend, precision);
     const char *why = supported(&p);
     return why ? why : "";
   } catch (const c10::Error &e) {

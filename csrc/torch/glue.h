@@ -23,13 +23,13 @@ dda_linear_params linear_params(const at::Tensor &x, const at::Tensor &weight,
                                 double beta, const at::Tensor &out, bool cpu);
 
 // Checks q [B, Sq, H, D], k/v [B, Sk, H, D], mask (broadcastable to [B, H, Sq, Sk]),
-// out [B, Sq, H, D], lse [B, H, Sq] fp32 and the backend name, and fills the params;
+// out [B, Sq, H, D], lse [B, H, Sq] fp32 and the backend and precision names, and fills the params;
 // the rules every backend shares are dda_attention_check_reason's.
 dda_attention_params attention_params(const at::Tensor &q, const at::Tensor &k,
                                       const at::Tensor &v, const std::optional<at::Tensor> &mask,
                                       double scale, const at::Tensor &out,
                                       const std::optional<at::Tensor> &lse, bool cpu,
-                                      c10::string_view backend);
+                                      c10::string_view backend, c10::string_view precision);
 
 // Raises "<op>: backend '<name>' cannot run these inputs: <why>" (or, for "auto", that no
 // kernel runs them), naming q's shape, strides and dtype.
@@ -39,7 +39,8 @@ dda_attention_params attention_params(const at::Tensor &q, const at::Tensor &k,
 // The reason an attention op would refuse these inputs ("" if it takes them): the op's
 // own checks, then `supported` (dda_attention_supported_cpu / _cuda) on the params.
 std::string attention_refusal(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
-                              const std::optional<at::Tensor> &mask, c10::string_view backend, bool cpu,
+                              const std::optional<at::Tensor> &mask, c10::string_view backend,
+                              c10::string_view precision, bool cpu,
                               const char *(*supported)(const dda_attention_params *));
 
 // Checks x [..., 2N] (rows collapsible), out [..., N] and fills the params.
@@ -84,7 +85,7 @@ using LinearOut = void (*)(const at::Tensor &, const at::Tensor &, const std::op
                            const std::optional<at::Tensor> &, double, double, at::Tensor &);
 using AttentionOut = void (*)(const at::Tensor &, const at::Tensor &, const at::Tensor &,
                               const std::optional<at::Tensor> &, double, at::Tensor &,
-                              const std::optional<at::Tensor> &, c10::string_view);
+                              const std::optional<at::Tensor> &, c10::string_view, c10::string_view);
 
 // The functional ops of a backend: allocate the outputs, then run its *_out impl.
 template <LinearOut out_impl>
@@ -98,10 +99,12 @@ at::Tensor linear(const at::Tensor &x, const at::Tensor &weight, const std::opti
 template <AttentionOut out_impl>
 std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor &q, const at::Tensor &k,
                                              const at::Tensor &v, const std::optional<at::Tensor> &mask,
-                                             double scale, bool return_lse, c10::string_view backend) {
+                                             double scale, bool return_lse, c10::string_view backend,
+                                             c10::string_view precision) {
   at::Tensor out = attention_output(q);
   at::Tensor lse = attention_lse(q, return_lse);
-  out_impl(q, k, v, mask, scale, out, return_lse ? std::optional<at::Tensor>(lse) : std::nullopt, backend);
+  out_impl(q, k, v, mask, scale, out, return_lse ? std::optional<at::Tensor>(lse) : std::nullopt, backend,
+           precision);
   return {out, lse};
 }
 

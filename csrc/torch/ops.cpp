@@ -28,6 +28,13 @@ std::string attention_kernel_name(int64_t cc_major, int64_t cc_minor, at::Scalar
                                    static_cast<int>(head_dim), static_cast<int>(seq_k));
 }
 
+std::vector<std::string> attention_precisions() {
+  std::vector<std::string> names;
+  for (int i = 0; i < DDA_PRECISION_NUM; ++i)
+    names.emplace_back(dda_attention_precision_name(static_cast<dda_attention_precision>(i)));
+  return names;
+}
+
 std::vector<std::string> attention_backends() {
   std::vector<std::string> names;
   for (int b = 0; b < DDA_ATTN_NUM_BACKENDS; ++b)
@@ -50,17 +57,20 @@ TORCH_LIBRARY(dda, m) {
   m.def("linear(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, float alpha, float beta) -> Tensor");
   m.def("linear_out(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, float alpha, float beta, Tensor(a!) out) -> ()");
   // out[B, Sq, H, D] = softmax(scale * q k^T + mask) v; lse [B, H, Sq] fp32 (empty unless asked);
-  // backend: "auto" or one kernel family (attention_backends()), refused if it cannot run the inputs
-  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool return_lse, str backend=\"auto\") -> (Tensor, Tensor)");
-  m.def("attention_out(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, Tensor(a!) out, Tensor(b!)? lse, str backend=\"auto\") -> ()");
+  // backend: "auto" or one kernel family (attention_backends()), refused if it cannot run the inputs;
+  // precision: "exact" or an 8-bit scheme (attention_precisions(), dda.h), refused where no kernel has it
+  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool return_lse, str backend=\"auto\", str precision=\"exact\") -> (Tensor, Tensor)");
+  m.def("attention_out(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, Tensor(a!) out, Tensor(b!)? lse, str backend=\"auto\", str precision=\"exact\") -> ()");
   m.def("attention_kernel_name(int cc_major, int cc_minor, ScalarType dtype, int head_dim, int seq_k) -> str",
         &attention_kernel_name);
   // the kernel attention would run for these inputs (backend impls: cpu_impl.cpp, cuda_impl.cpp)
-  m.def("attention_kernel_for(Tensor q, Tensor k, Tensor v, Tensor? mask, str backend=\"auto\") -> str");
+  m.def("attention_kernel_for(Tensor q, Tensor k, Tensor v, Tensor? mask, str backend=\"auto\", str precision=\"exact\") -> str");
   // why attention would refuse these inputs with this backend ("" if it runs them)
-  m.def("attention_supported(Tensor q, Tensor k, Tensor v, Tensor? mask, str backend=\"auto\") -> str");
+  m.def("attention_supported(Tensor q, Tensor k, Tensor v, Tensor? mask, str backend=\"auto\", str precision=\"exact\") -> str");
   // "auto", "reference" (the CPU's C reference), then the CUDA kernel families
   m.def("attention_backends() -> str[]", &attention_backends);
+  // "exact", then the 8-bit schemes (dda.h: dda_attention_precision)
+  m.def("attention_precisions() -> str[]", &attention_precisions);
   // y[..., N] = x[..., :N] * gelu(x[..., N:]) (diffusers GEGLU); approximate: tanh form
   m.def("geglu(Tensor x, bool approximate) -> Tensor");
   // GroupNorm (+ SiLU) of a channels-last [N, C, H, W] x; the result is channels-last
