@@ -154,6 +154,9 @@ def parse_args(argv=None):
     p.add_argument("--calls-per-graph", type=int, default=20, help="calls captured per CUDA graph (default 20)")
     p.add_argument("--replays", type=int, default=20, help="timed replays per graph (default 20)")
     p.add_argument("--no-check", action="store_true", help="skip the fp32 reference check")
+    p.add_argument("--precision", default="exact", choices=ops.attention_precisions(),
+                   help="our attention's precision; the rows name it, and where the device cannot run it, "
+                        "ours' error says why")
     p.add_argument("--dry-run", action="store_true",
                    help="CPU, fp32, tiny shapes: run every non-CUDA code path once")
     args = p.parse_args(argv)
@@ -283,11 +286,11 @@ def bench_shape(shape, values, args, card, device):
     fl = timing.floors(flops, nbytes, card)
     rot = timing.Rotation(lambda i: make_set(shape, values, dtype, device, 1000 + i),
                           int(nbytes), max_sets=2 if args.dry_run else 16)
-    kernel = ops.attention_kernel_for(*rot.sets[0]["ours"][:3])  # the exact kernel for these tensors
+    kernel = ops.attention_kernel_for(*rot.sets[0]["ours"][:3], precision=args.precision)  # for these tensors
     res = {
         "name": shape.name, "group": shape.group, "desc": shape.desc,
         "dtype": shape.dtype, "run_dtype": str(dtype).replace("torch.", ""),  # float32 in a dry run
-        "values": values, "B": B, "H": H, "Sq": Sq, "Sk": Sk, "D": D,
+        "values": values, "B": B, "H": H, "Sq": Sq, "Sk": Sk, "D": D, "precision": args.precision,
         "layout": "packed qkv [B,S,3,H,D]" if is_self else "q [B,Sq,H,D] + packed kv [B,Sk,2,H,D]",
         "gflop": flops / 1e9, "mbytes": nbytes / 1e6, "floor": fl, "kernel": kernel,
         "input_sets": rot.n, "ref_s": None, "impls": {},
@@ -301,7 +304,7 @@ def bench_shape(shape, values, args, card, device):
         res["ref_s"] = time.perf_counter() - t0
 
     def ours_fn():
-        return ops.attention(*rot.next()["ours"])
+        return ops.attention(*rot.next()["ours"], precision=args.precision)
 
     def sdpa_fn():
         return F.scaled_dot_product_attention(*rot.next()["sdpa"])
@@ -320,7 +323,8 @@ def bench_shape(shape, values, args, card, device):
             continue
         with ctx:
             if impl == "ours":
-                out, err = probe(lambda: ops.attention(*rot.sets[0]["ours"])[0].transpose(1, 2))
+                out, err = probe(lambda: ops.attention(*rot.sets[0]["ours"], precision=args.precision)[0]
+                                 .transpose(1, 2))
             else:
                 out, err = probe(lambda: F.scaled_dot_product_attention(*rot.sets[0]["sdpa"]))
             if err is not None:

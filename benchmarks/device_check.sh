@@ -22,6 +22,8 @@ t0=$(date +%s)
   $NV /tmp/ho/*.o csrc/cpu/attention_fwd.c $CPU_SRC -o /tmp/attn_harness; cat /tmp/ho/*.log ) > "$OUT/harness_build.log" 2>&1 &
 $NV -I $CU/include csrc/tests/linear_harness.cu csrc/cuda/linear.cu csrc/cpu/linear.c $CPU_SRC -L $CU/lib64 -lcublasLt -o /tmp/lin_harness >> "$OUT/harness_build.log" 2>&1 &
 $NV csrc/tests/wgmma_probe.cu -o /tmp/wgmma_probe >> "$OUT/harness_build.log" 2>&1 &
+$NV -I $CU/include csrc/tests/low_rank_harness.cu csrc/cuda/low_rank.cu csrc/cuda/linear.cu csrc/cpu/low_rank.c \
+    csrc/cpu/linear.c $CPU_SRC -L $CU/lib64 -lcublasLt -o /tmp/low_rank_harness >> "$OUT/harness_build.log" 2>&1 &
 if [ "${SANITIZE:-1}" != only ]; then
   python3 setup.py build_ext --inplace >> "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
   echo "extension build: $(( $(date +%s) - t0 )) s"
@@ -36,6 +38,7 @@ for b in generic mma short d512 sm90 sm90_tma; do
   /tmp/attn_harness --big --backend $b >> "$H" 2>&1; echo "rc=$?"; tail -1 "$H"
 done
 echo "== linear harness"; /tmp/lin_harness >> "$H" 2>&1; echo "rc=$?"; tail -3 "$H"
+echo "== low-rank harness (LoRA B kernels)"; /tmp/low_rank_harness >> "$H" 2>&1; echo "rc=$?"; tail -3 "$H"
 if [ "${SANITIZE:-1}" != 0 ]; then
   S="$OUT/sanitizer.log"; : > "$S"
   # backends: automatic dispatch (TMA kernel for the unmasked cases), the cp.async sm_90a kernel
@@ -55,8 +58,10 @@ if [ "${SANITIZE:-1}" != 0 ]; then
     timeout ${SAN_TIMEOUT:-240} compute-sanitizer --tool $tool --error-exitcode 9 python3 -m pytest -q -x -p no:cacheprovider \
       tests/test_blocks.py -k "cuda and not unet" >> "$S" 2>&1; echo "rc=$?" | tee -a "$S"; tail -2 "$S"
   done
-  echo "== compute-sanitizer memcheck (linear harness)" | tee -a "$S"
-  timeout ${SAN_TIMEOUT:-120} compute-sanitizer --tool memcheck --error-exitcode 9 /tmp/lin_harness --no-bench >> "$S" 2>&1; echo "rc=$?" | tee -a "$S"; tail -2 "$S"
+  for h in lin_harness low_rank_harness; do
+    echo "== compute-sanitizer memcheck ($h)" | tee -a "$S"
+    timeout ${SAN_TIMEOUT:-120} compute-sanitizer --tool memcheck --error-exitcode 9 /tmp/$h --no-bench >> "$S" 2>&1; echo "rc=$?" | tee -a "$S"; tail -2 "$S"
+  done
 fi
 [ "${SANITIZE:-1}" = only ] && exit 0
 echo "== pytest"
