@@ -378,7 +378,8 @@ def bench_shape(shape, values, args, card, device):
 def print_shape(res):
     fl = res["floor"]
     ref = "" if res["ref_s"] is None else f"; ref {res['ref_s']:.1f} s"
-    print(f"\n== {res['desc']} {res['dtype']}, {res['values']} inputs  ({res['gflop']:.2f} GFLOP, "
+    precision = "" if res["precision"] == "exact" else f", ours in {res['precision']}"
+    print(f"\n== {res['desc']} {res['dtype']}, {res['values']} inputs{precision}  ({res['gflop']:.2f} GFLOP, "
           f"{res['mbytes']:.1f} MB, floor {fl['floor_us']:.1f} us {fl['bound']}-bound; {res['input_sets']} "
           f"input sets{ref}) kernel: {res['kernel']}")
     for impl, r in res["impls"].items():
@@ -491,16 +492,19 @@ def write_outputs(results, card, args, out_dir):
                        "reasons sampled every 50 ms during the measurement and once right after it",
         "shapes": results,
     }
-    path = os.path.join(out_dir, "bench_attention.json")
+    suffix = "" if args.precision == "exact" else f"_{args.precision}"  # runs of each precision side by side
+    path = os.path.join(out_dir, f"bench_attention{suffix}.json")
     with open(path, "w") as fh:
         json.dump(doc, fh, indent=1)
     print(f"wrote {path}")
-    for mode, fname in (("eager", "bench_attention.png"), ("graph", "bench_attention_graph.png")):
+    for mode, fname in (("eager", f"bench_attention{suffix}.png"), ("graph", f"bench_attention{suffix}_graph.png")):
         rows = [r for r in results if mode == "eager" or r["impls"]["ours"]["graph_ms"]]
         if not rows:
             continue
         series = {impl: [r["impls"][impl][f"{mode}_tflops"] for r in rows] for impl in args.impls}
         title = f"attention forward TFLOP/s ({mode}), {card['name']}, torch {card['torch']}, cuDNN {card['cudnn']}"
+        if args.precision != "exact":
+            title += f", ours in {args.precision}"
         print(timing.bar_chart(os.path.join(out_dir, fname), title, [label(r) for r in rows], series, "TFLOP/s"))
 
 

@@ -229,6 +229,7 @@ class DeepSpeedDiffusersAttention(AttentionPrecision, nn.Module):
     """
 
     _next_layer_id = 0
+    _precision_reference = "attn_ow"
 
     def __init__(self, config: DeepSpeedDiffusersAttentionConfig, device=None, *, kv_cache: bool = False):
         super().__init__()

@@ -323,6 +323,8 @@ class JointAttention(AttentionPrecision, nn.Module):
     require grad; a backward through the module raises.
     """
 
+    _precision_reference = "attn_qkvw"
+
     def __init__(self, config: JointAttentionConfig, device=None):
         super().__init__()
         self.config = config
@@ -516,6 +518,8 @@ class QKNormCrossAttention(AttentionPrecision, nn.Module):
     norms as torch ops over q and k, one attention per context (the image one's output is
     added to the text one's: one B·Sq·inner add), and the output GEMM with its bias.
     """
+
+    _precision_reference = "attn_qw"
 
     def __init__(self, config: CrossAttentionConfig, device=None):
         super().__init__()

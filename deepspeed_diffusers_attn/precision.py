@@ -7,9 +7,10 @@ where the attention op runs that precision for the module's device, dtype and he
 (:func:`refusal`, the op's own capability rule), else the exact kernel, with one warning
 naming why, and the patch report's row says the same (:meth:`AttentionPrecision.precision_note`).
 It is settled when the module is built, whenever it moves (``.to()``, ``.half()``), when it is
-unpickled, and by a forward on another device or dtype than it was settled for (parameters
-moved or cast through ``.data``), so a forward reads a plain string (nothing for ``torch.compile`` to trace, nothing a
-CUDA graph could freeze stale).
+unpickled, and by an eager forward on another device or dtype than it was settled for
+(parameters moved or cast through ``.data``), so a forward reads a plain string (nothing for
+``torch.compile`` to trace, nothing a CUDA graph could freeze stale). A traced forward reads what
+was settled; if that precision cannot run there, the attention op raises with the reason.
 """
 from __future__ import annotations
 
@@ -53,9 +54,12 @@ def refusal(precision: str, device: torch.device, dtype: torch.dtype, head_dim: 
 
 class AttentionPrecision:
     """Mixin of the fused attention modules (before ``nn.Module`` in the bases). A subclass has
-    a ``config`` with ``attention_precision`` and ``dim_head``, calls :meth:`_settle_precision`
-    at the end of ``__init__``, and in its forward calls :meth:`_precision_on` with its
-    parameters' device and dtype, then passes ``precision=self._precision`` to the attention op."""
+    a ``config`` with ``attention_precision`` and ``dim_head``, names in ``_precision_reference``
+    the parameter whose device and dtype its forward runs in, calls :meth:`_settle_precision` at
+    the end of ``__init__``, and in its forward calls :meth:`_precision_on` with that parameter's
+    device and dtype, then passes ``precision=self._precision`` to the attention op."""
+
+    _precision_reference = ""  # the parameter whose device and dtype decide
 
     _precision = "exact"  # what runs
     _precision_refusal = ""  # why the asked precision does not run ("" if it does)
@@ -86,17 +90,17 @@ class AttentionPrecision:
     def _precision_on(self, device: torch.device, dtype: torch.dtype) -> str:
         """The precision that runs for a call with parameters on ``device`` in ``dtype`` (settled
         again if they moved or were cast without ``_apply``)."""
-        if (device, dtype) != self._precision_for:
+        if (device, dtype) != self._precision_for and not torch.compiler.is_compiling():
             self._settle_precision(device, dtype)
         return self._precision
 
     def _settle_precision(self, device=None, dtype=None) -> None:
-        """Decide what runs for parameters on ``device`` in ``dtype`` (default: the first
-        parameter's)."""
+        """Decide what runs for parameters on ``device`` in ``dtype`` (default: those of the
+        ``_precision_reference`` parameter)."""
         asked = self.config.attention_precision
         if device is None:
-            p = next(iter(self.parameters()), None)
-            device, dtype = (p.device, p.dtype) if p is not None else (torch.device("cpu"), self.config.dtype)
+            p = getattr(self, self._precision_reference)
+            device, dtype = p.device, p.dtype
         self._precision_for = (device, dtype)
         if device.type == "meta":  # no kernel to ask; settled again when materialised (to_empty)
             self._precision, self._precision_refusal = asked, ""

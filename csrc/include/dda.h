@@ -135,7 +135,8 @@ dda_status dda_attention_backend_from_name(const char *name, dda_attention_backe
  *     own mean) merge as exact attention's do.
  * A non-finite q, k (or, for FP8, v) element cannot be quantized: it makes its row's, its
  * key's (for k: through mu, every key's) or its v block's scale NaN, so the outputs it
- * reaches are NaN (torch's exact attention can give a finite result for a -inf score). */
+ * reaches are NaN (torch's exact attention can give a finite result for a -inf score). So
+ * does a k' = k - mu that overflows fp32 (finite keys near +-FLT_MAX of both signs). */
 typedef enum {
   DDA_PRECISION_EXACT = 0,   /* "exact" */
   DDA_PRECISION_INT8_QK = 1, /* "int8-qk": int8 q k^T, p v in the inputs' dtype */
