@@ -139,7 +139,10 @@ def _model_scenarios(rank: int, results: dict) -> None:
                     context_parallel.enable(model, mode)
                 bridge_stats(reset=True)
                 with torch.no_grad():
-                    out = model(**inputs)[0]
+                    # diffusers gathers the output with an async functional collective: clone()
+                    # waits for it; torch.save alone would write whatever the gather had
+                    # written by then
+                    out = model(**inputs)[0].clone()
                 results[f"{key}/{mode}/{how}"] = (out, ref, summary, bridge_stats())
 
 
