@@ -29,7 +29,7 @@ import deepspeed_diffusers_attn as dda  # noqa: E402
 from deepspeed_diffusers_attn import configs, dit_example, ops  # noqa: E402
 
 GATE = 2.0
-UNETS = {"sd15": configs.SD15_UNET, "sdxl": configs.SDXL_UNET}
+UNETS = {"sd15": configs.SD15_UNET, "sd21": configs.SD21_UNET, "sdxl": configs.SDXL_UNET}
 
 
 def _cast(value, dtype, device):
@@ -66,7 +66,7 @@ def dit_case(key: str, full: bool):
     return model, inputs, lambda m, x: m(**x)[0]
 
 
-CASES = {"sd15": unet_case, "sdxl": unet_case, "sd3": dit_case, "flux": dit_case, "wan": dit_case}
+CASES = {"sd15": unet_case, "sd21": unet_case, "sdxl": unet_case, "sd3": dit_case, "flux": dit_case, "wan": dit_case}
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
