@@ -117,8 +117,9 @@ class DeepSpeedDiffusersAttentionConfig:
             problems.append("rescale_output_factor must not be 0")
         if self.dtype not in _DTYPES:
             problems.append(f"dtype must be float32, float16 or bfloat16, got {self.dtype}")
-        if precision_problem(self.attention_precision):
-            problems.append(precision_problem(self.attention_precision))
+        why = precision_problem(self.attention_precision)
+        if why:
+            problems.append(why)
         if problems:
             raise ValueError("DeepSpeedDiffusersAttentionConfig: " + "; ".join(problems))
 
@@ -739,7 +740,7 @@ class DeepSpeedDiffusersAttention(AttentionPrecision, nn.Module):
         return (
             f"layer_id={self.layer_id}, {kind}, hidden_size={c.hidden_size}, heads={c.heads}, "
             f"dim_head={c.dim_head}, dtype={c.dtype}"
-            + (f", attention_precision={self.attention_precision}" if self.attention_precision != "exact" else "")
+            + self._precision_repr()
         )
 
 

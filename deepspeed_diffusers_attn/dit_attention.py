@@ -147,8 +147,9 @@ def _check_common(problems: list, heads: int, dim_head: int, dtype: torch.dtype,
         problems.append(why)
     if dtype not in _DTYPES:
         problems.append(f"dtype must be float32, float16 or bfloat16, got {dtype}")
-    if precision_problem(precision):
-        problems.append(precision_problem(precision))
+    why = precision_problem(precision)
+    if why:
+        problems.append(why)
 
 
 class _HeadsConfig:
@@ -298,10 +299,6 @@ def _normalize_rotate_(qk: torch.Tensor, weight: Optional[torch.Tensor], norm: O
         return
     torch.addcmul(ye * ce, yo, se, value=-1, out=qk[..., 0::2])
     torch.addcmul(yo * co, ye, so, out=qk[..., 1::2])
-
-
-def _precision_repr(module: AttentionPrecision) -> str:
-    return f", attention_precision={module.attention_precision}" if module.attention_precision != "exact" else ""
 
 
 def _param(*shape, device, dtype) -> nn.Parameter:
@@ -457,7 +454,7 @@ class JointAttention(AttentionPrecision, nn.Module):
         """A one-line summary of the config."""
         c = self.config
         ctx = "none" if c.context is None else ("first" if c.context_first else "after x")
-        return f"heads={c.heads}, dim_head={c.dim_head}, context={ctx}, dtype={c.dtype}" + _precision_repr(self)
+        return f"heads={c.heads}, dim_head={c.dim_head}, context={ctx}, dtype={c.dtype}" + self._precision_repr()
 
 
 @dataclass
@@ -640,4 +637,4 @@ class QKNormCrossAttention(AttentionPrecision, nn.Module):
         c = self.config
         image = f", image({c.image_size})" if c.image_size is not None else ""
         return (f"heads={c.heads}, dim_head={c.dim_head}, context({c.context_size}){image}, dtype={c.dtype}"
-                + _precision_repr(self))
+                + self._precision_repr())

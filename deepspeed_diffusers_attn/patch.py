@@ -180,6 +180,11 @@ def _root_of(obj, name: str) -> nn.Module:
                 roots[0][1])
 
 
+def _bridged_notes(attention_precision: str) -> tuple[str, ...]:
+    """A bridged row's note on the precision asked: bridged calls run exact attention."""
+    return ("attention precision exact: bridged calls run it",) if attention_precision != "exact" else ()
+
+
 def _sites(obj, kinds=(), *, want=None, stop=()) -> dict[int, list[tuple[str, nn.Module, str, nn.Module]]]:
     """Every place a module of ``kinds`` (or one ``want(module)`` picks) is held:
     id -> [(qualified name, parent, attribute, module)].
@@ -399,8 +404,8 @@ def patch(obj, *, cuda_graph: bool = False, channels_last: bool = False, kv_cach
     for places in _sites(obj, want=_is_attention).values():
         name, _, _, module = places[0]
         if adapters.is_bridged(module):
-            notes = ("attention precision exact: bridged calls run it",) if attention_precision != "exact" else ()
-            rows.append(PatchRow(name, ALREADY_PATCHED, ("bridged",) + notes, _family(module)))
+            rows.append(PatchRow(name, ALREADY_PATCHED, ("bridged",) + _bridged_notes(attention_precision),
+                                 _family(module)))
             continue
         if adapters.is_stand_in(module):
             stock = getattr(module, "stock_reason", "")
@@ -429,8 +434,8 @@ def patch(obj, *, cuda_graph: bool = False, channels_last: bool = False, kv_cach
             rows.append(PatchRow(name, DECLINED, tuple(declined[0][1]) if only else earlier, claimers[0].NAME))
             continue
         if stand_in is module:  # converted in place: bridged
-            notes = ("attention precision exact: bridged calls run it",) if attention_precision != "exact" else ()
-            rows.append(PatchRow(name, BRIDGED, tuple(reasons) + earlier + notes, adapter.NAME))
+            rows.append(PatchRow(name, BRIDGED, tuple(reasons) + earlier + _bridged_notes(attention_precision),
+                                 adapter.NAME))
             continue
         fused = getattr(stand_in, "dda", None)
         if attention_precision != "exact" and isinstance(fused, AttentionPrecision):

@@ -81,6 +81,10 @@ class AttentionPrecision:
             return f"attention precision exact: {asked!r} cannot run here: {self._precision_refusal}"
         return f"attention precision {asked}"
 
+    def _precision_repr(self) -> str:
+        """``extra_repr``'s part: ", attention_precision=<what runs>" unless that is exact."""
+        return f", attention_precision={self._precision}" if self._precision != "exact" else ""
+
     def _ask_precision(self, precision: str) -> None:
         """Ask for ``precision`` (patch, before the module's first call): a copy of the config
         with it (a config another module shares is left alone)."""

@@ -23,15 +23,11 @@ from deepspeed_diffusers_attn.attention import DeepSpeedDiffusersAttention, Deep
 from conftest import requires_cuda
 from test_dit_adapters import MODELS
 from test_dit_adapters import run as run_dit
+from test_ops import rel_err, sdpa_ref
 from test_patch import make_unet, run_unet
 
 QUANT_MIN = 2.0 ** -100  # DDA_ATTN_QUANT_MIN
 V_BLOCK = 128  # DDA_ATTN_V_BLOCK
-
-
-def rel_err(a, ref):
-    a, ref = a.double(), ref.double()
-    return ((a - ref).norm() / ref.norm()).item()
 
 
 def quantize_int8(x, mu=None):
@@ -116,12 +112,8 @@ def emulate(q, k, v, mask, scale, precision):
 
 
 def exact64(q, k, v, mask=None, scale=None):
-    m = mask
-    if m is not None and m.dtype != torch.bool:
-        m = m.double()
-    o = F.scaled_dot_product_attention(q.double().transpose(1, 2), k.double().transpose(1, 2),
-                                       v.double().transpose(1, 2), attn_mask=m, scale=scale)
-    return o.transpose(1, 2)
+    """Exact attention in float64 (test_ops' SDPA reference on float64 inputs)."""
+    return sdpa_ref(q.double(), k.double(), v.double(), mask, scale)
 
 
 def inputs(B, Sq, Sk, H, D, gen, packed=False):

@@ -83,24 +83,28 @@ static float round_e4m3(float x) {
   return copysignf(r, x);
 }
 
-/* x[0..D) (minus mu, if given) on the symmetric int8 grid into x8; returns the
- * dequantization scale max|x| / 127: 0 for a row whose max |x| is below DDA_ATTN_QUANT_MIN
- * (x8 all 0), NaN when an element is not finite. */
-static float quantize_int8(const float *x, const float *mu, int D, int8_t *x8) {
+/* max |x - mu| over `rows` rows of D elements (row stride `stride`; mu NULL for 0): NaN when an
+ * element is not finite, 0 when the max is below DDA_ATTN_QUANT_MIN (quantized as all zero). */
+static float quant_amax(const float *x, int rows, int64_t stride, int D, const float *mu) {
   float a = 0.0f;
   int finite = 1;
-  for (int d = 0; d < D; ++d) {
-    const float y = mu ? x[d] - mu[d] : x[d];
-    finite &= isfinite(y) != 0;
-    if (fabsf(y) > a) a = fabsf(y);
-  }
-  if (!finite) {
+  for (int r = 0; r < rows; ++r)
+    for (int d = 0; d < D; ++d) {
+      const float y = mu ? x[r * stride + d] - mu[d] : x[r * stride + d];
+      finite &= isfinite(y) != 0;
+      if (fabsf(y) > a) a = fabsf(y);
+    }
+  return !finite ? NAN : a < DDA_ATTN_QUANT_MIN ? 0.0f : a;
+}
+
+/* x[0..D) (minus mu, if given) on the symmetric int8 grid into x8; returns the
+ * dequantization scale max|x| / 127: 0 for a row whose max |x| is below DDA_ATTN_QUANT_MIN
+ * (x8 all 0), NaN when an element is not finite (x8 all 0). */
+static float quantize_int8(const float *x, const float *mu, int D, int8_t *x8) {
+  const float a = quant_amax(x, 1, 0, D, mu);
+  if (!(a > 0.0f)) { /* 0 or NaN */
     memset(x8, 0, (size_t)D);
-    return NAN;
-  }
-  if (a < DDA_ATTN_QUANT_MIN) {
-    memset(x8, 0, (size_t)D);
-    return 0.0f;
+    return a;
   }
   const float inv = 127.0f / a;
   for (int d = 0; d < D; ++d) {
@@ -133,19 +137,11 @@ static void quantize_head(const dda_attention_params *p, const float *q0, const 
   if (p->precision != DDA_PRECISION_FP8) return;
   for (int j0 = 0; j0 < p->Sk; j0 += DDA_ATTN_V_BLOCK) {
     const int nj = p->Sk - j0 < DDA_ATTN_V_BLOCK ? p->Sk - j0 : DDA_ATTN_V_BLOCK;
-    float a = 0.0f;
-    int finite = 1;
-    for (int j = j0; j < j0 + nj; ++j)
-      for (int d = 0; d < D; ++d) {
-        const float x = v0[j * p->v_stride_s + d];
-        finite &= isfinite(x) != 0;
-        if (fabsf(x) > a) a = fabsf(x);
-      }
-    if (a < DDA_ATTN_QUANT_MIN) a = 0.0f; /* all zero, scale 0 */
+    const float a = quant_amax(v0 + j0 * p->v_stride_s, nj, p->v_stride_s, D, 0); /* 0: all zero; NaN */
     const float inv = a > 0.0f ? 448.0f / a : 0.0f;
-    w->vs[j0 / DDA_ATTN_V_BLOCK] = finite ? a / 448.0f : NAN;
+    w->vs[j0 / DDA_ATTN_V_BLOCK] = a / 448.0f;
     for (int j = j0; j < j0 + nj; ++j)
-      for (int d = 0; d < D; ++d) w->v8[(int64_t)j * D + d] = finite ? round_e4m3(v0[j * p->v_stride_s + d] * inv) : 0.0f;
+      for (int d = 0; d < D; ++d) w->v8[(int64_t)j * D + d] = a > 0.0f ? round_e4m3(v0[j * p->v_stride_s + d] * inv) : 0.0f;
   }
 }
 
